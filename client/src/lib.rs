@@ -1,0 +1,1 @@
+//! The crosswire browser client (placeholder until the client issue lands).

@@ -1,0 +1,458 @@
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{DecodeError, ErrorCode, Topic};
+
+/// A peer's id as the server assigned it: opaque, unique within one server run.
+pub type PeerId = String;
+
+/// Where a subscriber left off in a topic: the topic's history `epoch` and the
+/// last `seq` it saw. Sent with `subscribe` to recover what was missed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Since {
+    /// The topic history's epoch the subscriber saw.
+    pub epoch: String,
+    /// The last sequence number the subscriber saw in that epoch.
+    pub seq: u64,
+}
+
+/// One subscriber of a topic, as listed by presence.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    /// The subscriber's peer id.
+    pub peer: PeerId,
+    /// The authenticated user id (the token's `sub`), when the server uses auth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// A frame the client sends to the server.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ClientFrame {
+    /// Subscribe to a topic; idempotent. With `since`, ask the server to replay
+    /// what was published after that point. With `presence`, also receive
+    /// `join`/`leave` events for the topic.
+    Subscribe {
+        /// The topic.
+        topic: Topic,
+        /// Where the client left off, to recover missed messages.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<Since>,
+        /// Opt in to `join`/`leave` events.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        presence: bool,
+    },
+    /// Stop receiving a topic's messages.
+    Unsubscribe {
+        /// The topic.
+        topic: Topic,
+    },
+    /// Publish `data` to every other subscriber of `topic`.
+    Publish {
+        /// The topic.
+        topic: Topic,
+        /// Any JSON value, passed through verbatim.
+        data: Box<RawValue>,
+        /// A client-chosen id: the server answers with `ack` (or an `error`
+        /// carrying it).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ack: Option<u64>,
+    },
+    /// An application-level ping; browsers cannot see WebSocket pings.
+    Ping {
+        /// Echoed back in `pong`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    /// Ask who is subscribed to a topic.
+    Presence {
+        /// The topic.
+        topic: Topic,
+        /// Echoed back in the reply.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+}
+
+/// A frame the server sends to the client.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ServerFrame {
+    /// The first frame on every connection.
+    Welcome {
+        /// The id the server gave this connection.
+        peer: PeerId,
+        /// How often the client should send `ping`.
+        heartbeat_ms: u64,
+        /// The protocol version, [`crate::PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// A subscribe took effect.
+    Subscribed {
+        /// The topic.
+        topic: Topic,
+        /// The topic history's current epoch.
+        epoch: String,
+        /// The topic's last seq at the time of subscribing (0 if none yet).
+        seq: u64,
+        /// Whether the `since` given was honoured: the missed messages follow.
+        recovered: bool,
+    },
+    /// An unsubscribe took effect.
+    Unsubscribed {
+        /// The topic.
+        topic: Topic,
+    },
+    /// A message published to a topic.
+    Message {
+        /// The topic.
+        topic: Topic,
+        /// The message's sequence number within the topic.
+        seq: u64,
+        /// The publishing peer's id (`"server"` for server-side publishes).
+        from: PeerId,
+        /// The published JSON value, verbatim.
+        data: Box<RawValue>,
+    },
+    /// A publish with an `ack` id was accepted and got `seq`.
+    Ack {
+        /// The client's ack id.
+        ack: u64,
+        /// The seq the message got.
+        seq: u64,
+    },
+    /// The answer to `ping`.
+    Pong {
+        /// The ping's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    /// Something the client sent was refused; the connection stays open.
+    Error {
+        /// What kind of error.
+        code: ErrorCode,
+        /// A human-readable explanation.
+        message: String,
+        /// The ack id of the publish this answers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ack: Option<u64>,
+        /// The topic of the request this answers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        topic: Option<Topic>,
+    },
+    /// The answer to a presence request.
+    Presence {
+        /// The topic.
+        topic: Topic,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Who is subscribed.
+        peers: Vec<PresenceEntry>,
+    },
+    /// A peer subscribed to a topic this client watches presence of.
+    Join {
+        /// The topic.
+        topic: Topic,
+        /// Who joined.
+        #[serde(flatten)]
+        who: PresenceEntry,
+    },
+    /// A peer left a topic this client watches presence of.
+    Leave {
+        /// The topic.
+        topic: Topic,
+        /// Who left.
+        #[serde(flatten)]
+        who: PresenceEntry,
+    },
+}
+
+/// The `data` field kept apart from `Option<&RawValue>`, because an `Option`
+/// would read a literal `null` as "missing", and `null` is valid data.
+#[derive(Default)]
+enum Data<'a> {
+    #[default]
+    Missing,
+    Present(&'a RawValue),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(Data::Present)
+    }
+}
+
+/// Every field any frame may carry, all optional. Frames are decoded through
+/// this flat envelope rather than serde's internally tagged enums because those
+/// buffer the input and cannot borrow `data` as a raw, unparsed slice: the
+/// server passes published data through without ever building a JSON tree.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+    since: Option<Since>,
+    presence: Option<bool>,
+    #[serde(default, borrow)]
+    data: Data<'a>,
+    ack: Option<u64>,
+    id: Option<u64>,
+    #[serde(borrow)]
+    peer: Option<Cow<'a, str>>,
+    heartbeat_ms: Option<u64>,
+    version: Option<u32>,
+    epoch: Option<String>,
+    seq: Option<u64>,
+    recovered: Option<bool>,
+    #[serde(borrow)]
+    from: Option<Cow<'a, str>>,
+    code: Option<ErrorCode>,
+    message: Option<String>,
+    peers: Option<Vec<PresenceEntry>>,
+    user: Option<String>,
+}
+
+impl<'a> Envelope<'a> {
+    fn parse(text: &'a str) -> Result<Self, DecodeError> {
+        serde_json::from_str(text).map_err(|e| {
+            if e.is_data() {
+                DecodeError::bad_request(format!("malformed frame: {e}"))
+            } else {
+                DecodeError::bad_request(format!("invalid JSON: {e}"))
+            }
+        })
+    }
+
+    fn kind(&mut self) -> Result<Cow<'a, str>, DecodeError> {
+        self.ty.take().ok_or_else(|| DecodeError::bad_request("frame has no \"type\" field"))
+    }
+
+    fn missing(&self, ty: &str, field: &str) -> DecodeError {
+        DecodeError {
+            code: ErrorCode::BadRequest,
+            message: format!("a {ty} frame needs a \"{field}\" field"),
+            ack: self.ack,
+            topic: self.topic.as_deref().and_then(|t| Topic::new(t).ok()),
+        }
+    }
+
+    fn topic(&self, ty: &str) -> Result<Topic, DecodeError> {
+        let name = self.topic.as_deref().ok_or_else(|| self.missing(ty, "topic"))?;
+        Topic::new(name).map_err(|e| DecodeError {
+            code: ErrorCode::InvalidTopic,
+            message: format!("invalid topic {:?}: {e}", truncate(name)),
+            ack: self.ack,
+            topic: None,
+        })
+    }
+
+    fn data(&self, ty: &str) -> Result<Box<RawValue>, DecodeError> {
+        match self.data {
+            Data::Present(raw) => Ok(raw.to_owned()),
+            Data::Missing => Err(self.missing(ty, "data")),
+        }
+    }
+
+    fn field<T>(&self, ty: &str, name: &str, value: Option<T>) -> Result<T, DecodeError> {
+        value.ok_or_else(|| self.missing(ty, name))
+    }
+}
+
+/// Keeps error messages short when a client sends a huge bogus name.
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+impl ClientFrame {
+    /// Decodes one text frame; the error says what to answer with.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        let mut env = Envelope::parse(text)?;
+        let ty = env.kind()?;
+        Ok(match &*ty {
+            "subscribe" => ClientFrame::Subscribe {
+                topic: env.topic("subscribe")?,
+                since: env.since.take(),
+                presence: env.presence.unwrap_or(false),
+            },
+            "unsubscribe" => ClientFrame::Unsubscribe { topic: env.topic("unsubscribe")? },
+            "publish" => ClientFrame::Publish {
+                topic: env.topic("publish")?,
+                data: env.data("publish")?,
+                ack: env.ack,
+            },
+            "ping" => ClientFrame::Ping { id: env.id },
+            "presence" => ClientFrame::Presence { topic: env.topic("presence")?, id: env.id },
+            other => {
+                return Err(DecodeError {
+                    ack: env.ack,
+                    ..DecodeError::bad_request(format!("unknown frame type {:?}", truncate(other)))
+                })
+            }
+        })
+    }
+
+    /// Encodes the frame as the JSON text of one WebSocket text frame.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("client frames always serialize")
+    }
+}
+
+impl ServerFrame {
+    /// Decodes one text frame from the server.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        let mut env = Envelope::parse(text)?;
+        let ty = env.kind()?;
+        let peer = |env: &Envelope<'_>, ty| env.field(ty, "peer", env.peer.as_deref().map(str::to_owned));
+        Ok(match &*ty {
+            "welcome" => ServerFrame::Welcome {
+                peer: peer(&env, "welcome")?,
+                heartbeat_ms: env.field("welcome", "heartbeat_ms", env.heartbeat_ms)?,
+                version: env.field("welcome", "version", env.version)?,
+            },
+            "subscribed" => ServerFrame::Subscribed {
+                topic: env.topic("subscribed")?,
+                epoch: env.epoch.clone().ok_or_else(|| env.missing("subscribed", "epoch"))?,
+                seq: env.field("subscribed", "seq", env.seq)?,
+                recovered: env.recovered.unwrap_or(false),
+            },
+            "unsubscribed" => ServerFrame::Unsubscribed { topic: env.topic("unsubscribed")? },
+            "message" => ServerFrame::Message {
+                topic: env.topic("message")?,
+                seq: env.field("message", "seq", env.seq)?,
+                from: env.field("message", "from", env.from.as_deref().map(str::to_owned))?,
+                data: env.data("message")?,
+            },
+            "ack" => ServerFrame::Ack {
+                ack: env.field("ack", "ack", env.ack)?,
+                seq: env.field("ack", "seq", env.seq)?,
+            },
+            "pong" => ServerFrame::Pong { id: env.id },
+            "error" => ServerFrame::Error {
+                code: env.code.unwrap_or(ErrorCode::Unknown),
+                message: env.message.take().unwrap_or_default(),
+                ack: env.ack,
+                topic: env.topic.as_deref().and_then(|t| Topic::new(t).ok()),
+            },
+            "presence" => ServerFrame::Presence {
+                topic: env.topic("presence")?,
+                id: env.id,
+                peers: env.peers.clone().ok_or_else(|| env.missing("presence", "peers"))?,
+            },
+            "join" | "leave" => {
+                let who = PresenceEntry { peer: peer(&env, &ty)?, user: env.user.take() };
+                let topic = env.topic(&ty)?;
+                if &*ty == "join" {
+                    ServerFrame::Join { topic, who }
+                } else {
+                    ServerFrame::Leave { topic, who }
+                }
+            }
+            other => return Err(DecodeError::bad_request(format!("unknown frame type {:?}", truncate(other)))),
+        })
+    }
+
+    /// Encodes the frame as the JSON text of one WebSocket text frame.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> DecodeError {
+        ClientFrame::decode(text).unwrap_err()
+    }
+
+    #[test]
+    fn client_frames_round_trip() {
+        let frames = [
+            r#"{"type":"subscribe","topic":"a"}"#,
+            r#"{"type":"subscribe","topic":"a","since":{"epoch":"e1","seq":4},"presence":true}"#,
+            r#"{"type":"unsubscribe","topic":"a"}"#,
+            r#"{"type":"publish","topic":"a","data":{"x":[1,2]},"ack":9}"#,
+            r#"{"type":"publish","topic":"a","data":null}"#,
+            r#"{"type":"ping","id":3}"#,
+            r#"{"type":"ping"}"#,
+            r#"{"type":"presence","topic":"a","id":1}"#,
+        ];
+        for text in frames {
+            let frame = ClientFrame::decode(text).unwrap();
+            assert_eq!(frame.encode(), text, "round trip of {text}");
+        }
+    }
+
+    #[test]
+    fn server_frames_round_trip() {
+        let frames = [
+            r#"{"type":"welcome","peer":"p1","heartbeat_ms":25000,"version":1}"#,
+            r#"{"type":"subscribed","topic":"a","epoch":"e","seq":3,"recovered":true}"#,
+            r#"{"type":"unsubscribed","topic":"a"}"#,
+            r#"{"type":"message","topic":"a","seq":3,"from":"p2","data":"hi"}"#,
+            r#"{"type":"ack","ack":1,"seq":2}"#,
+            r#"{"type":"pong","id":1}"#,
+            r#"{"type":"error","code":"forbidden","message":"no","ack":4,"topic":"a"}"#,
+            r#"{"type":"presence","topic":"a","id":2,"peers":[{"peer":"p1","user":"u"},{"peer":"p2"}]}"#,
+            r#"{"type":"join","topic":"a","peer":"p1","user":"u"}"#,
+            r#"{"type":"leave","topic":"a","peer":"p1"}"#,
+        ];
+        for text in frames {
+            let frame = ServerFrame::decode(text).unwrap();
+            assert_eq!(frame.encode(), text, "round trip of {text}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let f = ClientFrame::decode(r#"{"x":1,"type":"unsubscribe","topic":"t","nested":{"a":[]}}"#).unwrap();
+        assert!(matches!(f, ClientFrame::Unsubscribe { .. }));
+    }
+
+    #[test]
+    fn data_is_kept_verbatim() {
+        let f = ClientFrame::decode(r#"{"type":"publish","topic":"t","data": { "a" : 1.50 } }"#).unwrap();
+        let ClientFrame::Publish { data, .. } = f else { panic!() };
+        assert_eq!(data.get(), r#"{ "a" : 1.50 }"#);
+    }
+
+    #[test]
+    fn bad_input_errors() {
+        assert_eq!(err("not json").code, ErrorCode::BadRequest);
+        assert!(err("not json").message.starts_with("invalid JSON"));
+        assert_eq!(err("[1]").code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"topic":"a"}"#).message, "frame has no \"type\" field");
+        assert_eq!(err(r#"{"type":"nope"}"#).message, "unknown frame type \"nope\"");
+        assert_eq!(err(r#"{"type":"subscribe"}"#).message, "a subscribe frame needs a \"topic\" field");
+        let e = err(r#"{"type":"publish","topic":"a","ack":5}"#);
+        assert_eq!((e.code, e.ack, e.topic.unwrap().as_str()), (ErrorCode::BadRequest, Some(5), "a"));
+        let e = err(r#"{"type":"publish","topic":"a b","data":1,"ack":6}"#);
+        assert_eq!((e.code, e.ack), (ErrorCode::InvalidTopic, Some(6)));
+        assert_eq!(err(r#"{"type":"subscribe","topic":""}"#).code, ErrorCode::InvalidTopic);
+        assert_eq!(err(r#"{"type":"ping","id":"x"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"type":5}"#).code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn escaped_strings_decode() {
+        let f = ClientFrame::decode(r#"{"type":"sub\u0073cribe","topic":"a\/b"}"#).unwrap();
+        let ClientFrame::Subscribe { topic, .. } = f else { panic!() };
+        assert_eq!(topic.as_str(), "a/b");
+    }
+
+    #[test]
+    fn unknown_error_codes_decode() {
+        let f = ServerFrame::decode(r#"{"type":"error","code":"brand_new","message":"m"}"#).unwrap();
+        assert!(matches!(f, ServerFrame::Error { code: ErrorCode::Unknown, .. }));
+    }
+}
