@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what crosswire's run and test commands need, only where it is missing:
+#   - the wasm32-unknown-unknown Rust target
+#   - wasm-bindgen-cli at exactly the version the workspace pins (trunk would
+#     otherwise try to download it, and this machine reaches only package registries)
+#   - trunk 0.21.14 (0.22 needs a newer rustc)
+#   - Node packages from package.json (binaryen's wasm-opt, playwright-core)
+# With --browser it also installs Debian's chromium and chromium-driver.
+# Cold installs take minutes each (trunk ~10-15, wasm-bindgen-cli ~5-8); warm runs are instant.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+WASM_BINDGEN_VERSION=$(sed -n 's/^wasm-bindgen = "=\([0-9.]*\)".*/\1/p' Cargo.toml)
+TRUNK_VERSION=0.21.14
+
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  say "adding the wasm32-unknown-unknown target"
+  rustup target add wasm32-unknown-unknown
+fi
+
+if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$WASM_BINDGEN_VERSION" ]; then
+  say "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION (cold: ~5-8 minutes)"
+  # Not --locked: its lock file names a crate version the registry here lacks.
+  cargo install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --force
+fi
+
+if [ "$(trunk --version 2>/dev/null | awk '{print $2}')" != "$TRUNK_VERSION" ]; then
+  say "installing trunk $TRUNK_VERSION (cold: ~10-15 minutes)"
+  cargo install --locked trunk --version "$TRUNK_VERSION" --force
+fi
+
+if [ ! -x node_modules/.bin/wasm-opt ] || [ ! -d node_modules/playwright-core ]; then
+  say "installing Node packages (binaryen's wasm-opt, playwright-core) with npm ci"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+if [ "${1:-}" = "--browser" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  say "installing Debian's chromium and chromium-driver"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
