@@ -1,1 +1,323 @@
-//! x
+//! crosswire's server: WebSocket pub/sub on bare hyper 1.x and tokio.
+//!
+//! The WebSocket handshake is validated by hand ([`handshake`]), frames go
+//! through tungstenite, and topic fan-out is done here: one encoded frame per
+//! publish, shared by every subscriber, each with a bounded queue so a slow
+//! reader never holds anyone else up.
+//!
+//! Two ways to use it:
+//! - implement [`Hooks`] (crossws style: `upgrade`, `open`, `message`,
+//!   `close`, `error`) and drive [`Peer`]s yourself, as the `seed` and `echo`
+//!   examples do;
+//! - run [`PubSub`], the typed protocol v1 of `crosswire-shared` that the
+//!   `crosswire-server` binary and the `crosswire-client` browser library speak.
+//!
+//! ```no_run
+//! use crosswire_server::{Config, PubSub, Server};
+//!
+//! # async fn run() -> Result<(), crosswire_server::ServerError> {
+//! let config = Config::default();
+//! let server = Server::new(config.clone(), PubSub::new(&config)).bind().await?;
+//! println!("listening on {}", server.local_addr());
+//! let handle = server.handle();
+//! handle.publish(&"news".parse().unwrap(), &serde_json::json!({"headline": "hello"}))?;
+//! server.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod connection;
+pub mod handshake;
+mod hooks;
+mod listener;
+mod peer;
+mod pubsub;
+mod routes;
+mod shutdown;
+mod statics;
+mod topics;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use crosswire_shared::{PresenceEntry, RawValue, Topic};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+pub use config::{Args, Config, ConfigError};
+pub use crosswire_shared as protocol;
+pub use hooks::{CloseDetails, Hooks, Message, PeerError, UpgradeRequest};
+pub use peer::{Peer, SendError, Subscription};
+pub use pubsub::PubSub;
+pub use routes::text_response;
+pub use shutdown::shutdown_signal;
+
+use peer::Outbox;
+use shutdown::ShutdownController;
+use topics::{Payload, Topics};
+
+/// The HTTP response type hooks answer a refused upgrade with.
+pub type HttpResponse = http::Response<http_body_util::Full<Bytes>>;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A server not yet listening: a [`Config`] and the [`Hooks`] to run.
+#[derive(Debug)]
+pub struct Server<H> {
+    config: Config,
+    hooks: H,
+}
+
+impl<H: Hooks> Server<H> {
+    /// A server running `hooks` with `config`.
+    pub fn new(config: Config, hooks: H) -> Self {
+        Self { config, hooks }
+    }
+
+    /// Binds the listening socket and starts accepting connections.
+    pub async fn bind(self) -> Result<RunningServer, ServerError> {
+        self.config.validate()?;
+        let addr = self.config.addr;
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+        let shutdown = ShutdownController::new();
+        let state = Arc::new(ServerState {
+            topics: Topics::new(self.config.history_size, self.config.history_ttl),
+            peers: Mutex::new(HashMap::new()),
+            limit: Arc::new(Semaphore::new(self.config.max_connections)),
+            config: self.config,
+        });
+        let accept = listener::Listener {
+            listener,
+            state: Arc::clone(&state),
+            hooks: Arc::new(self.hooks),
+            limit: Arc::clone(&state.limit),
+            shutdown: shutdown.handles(),
+        };
+        let accept = tokio::spawn(accept.run());
+        let sweeper = tokio::spawn(sweep(Arc::clone(&state), shutdown.handles()));
+        tracing::info!(addr = %local_addr, path = %state.config.path, "crosswire listening");
+        Ok(RunningServer { local_addr, handle: ServerHandle { state }, shutdown, tasks: vec![accept, sweeper] })
+    }
+}
+
+/// Expires topic history in the background, so topics nobody touches again
+/// are still forgotten.
+async fn sweep(state: Arc<ServerState>, shutdown: shutdown::ShutdownHandles) {
+    let (mut shutdown, _guard) = shutdown.split();
+    let every = (state.config.history_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => { state.topics.sweep(); }
+            _ = shutdown.recv() => return,
+        }
+    }
+}
+
+/// A listening server.
+#[derive(Debug)]
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    handle: ServerHandle,
+    shutdown: ShutdownController,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle to publish and inspect peers from outside the hooks.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until `signal` resolves, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+
+    /// Stops accepting, closes every peer with 1001 and waits for them to
+    /// finish, at most `shutdown_grace`.
+    pub async fn shutdown(self) {
+        let grace = self.handle.state.config.shutdown_grace;
+        let peers = self.handle.state.peer_count();
+        tracing::info!(peers, "shutting down");
+        if tokio::time::timeout(grace, self.shutdown.drain()).await.is_err() {
+            tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections");
+        }
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Shared state of one server: configuration, topics and the peer list.
+pub(crate) struct ServerState {
+    pub(crate) config: Config,
+    pub(crate) topics: Topics,
+    peers: Mutex<HashMap<Arc<str>, PeerEntry>>,
+    limit: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").field("addr", &self.config.addr).finish_non_exhaustive()
+    }
+}
+
+struct PeerEntry {
+    remote: SocketAddr,
+    outbox: Outbox,
+    topics: Arc<Mutex<BTreeSet<Topic>>>,
+    user: Option<Arc<str>>,
+}
+
+impl ServerState {
+    pub(crate) fn ws_config(&self) -> WebSocketConfig {
+        let limit = self.config.max_message_size;
+        WebSocketConfig::default()
+            .read_buffer_size(self.config.read_buffer_size)
+            .write_buffer_size(self.config.write_buffer_size)
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit))
+    }
+
+    /// Adds a peer under a fresh random id.
+    pub(crate) fn register_peer(
+        &self,
+        remote: SocketAddr,
+        outbox: Outbox,
+        user: Option<Arc<str>>,
+    ) -> (Arc<str>, Arc<Mutex<BTreeSet<Topic>>>) {
+        let topics = Arc::new(Mutex::new(BTreeSet::new()));
+        let mut peers = self.peers.lock().expect("peer list lock");
+        let id: Arc<str> = loop {
+            // Random rather than sequential: ids are visible to other peers
+            // (`from`, presence) and should not reveal connection counts.
+            let id: Arc<str> = format!("{:012x}", rand::random::<u64>() >> 16).into();
+            if !peers.contains_key(&id) {
+                break id;
+            }
+        };
+        peers.insert(id.clone(), PeerEntry { remote, outbox, topics: Arc::clone(&topics), user });
+        (id, topics)
+    }
+
+    pub(crate) fn unregister_peer(&self, id: &str) {
+        self.peers.lock().expect("peer list lock").remove(id);
+    }
+
+    fn peer_count(&self) -> usize {
+        self.peers.lock().expect("peer list lock").len()
+    }
+}
+
+/// Publishes and inspects peers from outside the hooks. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    state: Arc<ServerState>,
+}
+
+/// A connected peer, as [`ServerHandle::peers`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer's id.
+    pub id: String,
+    /// The client's address.
+    pub remote_addr: SocketAddr,
+    /// The authenticated user, if any.
+    pub user: Option<String>,
+    /// The topics it is subscribed to.
+    pub topics: Vec<Topic>,
+}
+
+impl ServerHandle {
+    /// Publishes `data` to every subscriber of `topic` as a protocol `message`
+    /// frame from `"server"`; returns the seq it got.
+    pub fn publish(&self, topic: &Topic, data: &impl serde::Serialize) -> Result<u64, serde_json::Error> {
+        let raw = serde_json::value::to_raw_value(data)?;
+        Ok(self.publish_raw_value(topic, &raw))
+    }
+
+    /// Like [`publish`](Self::publish), for data that is already JSON text.
+    pub fn publish_raw_value(&self, topic: &Topic, data: &RawValue) -> u64 {
+        self.state.topics.publish(topic, None, Payload::Data { from: "server", data }).seq
+    }
+
+    /// Sends `message` verbatim to every subscriber of `topic` (no protocol
+    /// framing, as crossws's `publish`); returns how many it was queued for.
+    pub fn publish_message(&self, topic: &Topic, message: impl Into<Message>) -> usize {
+        self.state.topics.publish(topic, None, Payload::Raw(message.into().0)).delivered
+    }
+
+    /// Every connected peer, in id order.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let peers = self.state.peers.lock().expect("peer list lock");
+        let mut list: Vec<_> = peers
+            .iter()
+            .map(|(id, p)| PeerInfo {
+                id: id.to_string(),
+                remote_addr: p.remote,
+                user: p.user.as_deref().map(str::to_owned),
+                topics: p.topics.lock().expect("topic set lock").iter().cloned().collect(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// Who is subscribed to `topic`.
+    pub fn presence(&self, topic: &Topic) -> Vec<PresenceEntry> {
+        self.state.topics.presence(topic)
+    }
+
+    /// How many topics exist (with subscribers or retained history).
+    pub fn topic_count(&self) -> usize {
+        self.state.topics.len()
+    }
+
+    /// Closes a peer's connection; false if no such peer is connected.
+    pub fn disconnect(&self, peer: &str, code: u16, reason: &str) -> bool {
+        let peers = self.state.peers.lock().expect("peer list lock");
+        match peers.get(peer) {
+            Some(entry) => {
+                entry.outbox.close(code, reason);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<C> Peer<C> {
+    /// Who is subscribed to `topic`.
+    pub fn presence(&self, topic: &Topic) -> Vec<PresenceEntry> {
+        self.state().topics.presence(topic)
+    }
+}

@@ -1,0 +1,41 @@
+//! Echoes every text and binary message verbatim; the WebSocket conformance
+//! suite (Autobahn|Testsuite, `scripts/autobahn.sh`) runs against it. Messages
+//! up to 16 MiB are accepted, because the suite sends messages that large.
+//!
+//! `cargo run -p crosswire-server --example echo -- --port 9001`
+
+use clap::Parser;
+use crosswire_server::{shutdown_signal, Args, Hooks, HttpResponse, Message, Peer, Server, UpgradeRequest};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+struct Echo;
+
+impl Hooks for Echo {
+    type Context = ();
+
+    async fn upgrade(&self, _request: &UpgradeRequest) -> Result<(), HttpResponse> {
+        Ok(())
+    }
+
+    async fn message(&self, peer: &Peer<()>, message: Message) {
+        let _ = peer.send(message);
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let mut config = Cli::parse().args.into_config()?;
+    config.max_message_size = 16 * 1024 * 1024;
+    // Room for the suite's bursts of many small messages.
+    config.outbound_queue = 65_536;
+    let server = Server::new(config, Echo).bind().await?;
+    println!("echo listening on ws://{}/_ws", server.local_addr());
+    server.run_until(shutdown_signal()).await;
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The crossws-style lifecycle hooks a library user implements, and the types
+//! they receive.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Uri};
+use tokio_tungstenite::tungstenite::{self, Utf8Bytes};
+
+use crate::{HttpResponse, Peer};
+
+/// What a server does at each point of a WebSocket's life, in the spirit of
+/// crossws: `upgrade` (auth), `open`, `message`, `close`, `error`.
+///
+/// Hooks for one peer run one at a time and in order, on that peer's own task:
+/// a slow `message` hook delays only its own peer. Every method but `upgrade`
+/// has a default that does nothing.
+///
+/// ```no_run
+/// use crosswire_server::{Config, Hooks, HttpResponse, Message, Peer, Server, UpgradeRequest};
+///
+/// struct Chat;
+///
+/// impl Hooks for Chat {
+///     type Context = String; // the user's name, from the upgrade request
+///
+///     async fn upgrade(&self, req: &UpgradeRequest) -> Result<String, HttpResponse> {
+///         req.query_param("name")
+///             .map(str::to_owned)
+///             .ok_or_else(|| crosswire_server::text_response(http::StatusCode::UNAUTHORIZED, "who are you?"))
+///     }
+///
+///     async fn open(&self, peer: &Peer<String>) {
+///         let topic = "chat".parse().unwrap();
+///         peer.subscribe(&topic);
+///         peer.publish(&topic, format!("{} joined", peer.context()));
+///     }
+///
+///     async fn message(&self, peer: &Peer<String>, message: Message) {
+///         if let Some(text) = message.text() {
+///             peer.publish(&"chat".parse().unwrap(), format!("{}: {text}", peer.context()));
+///         }
+///     }
+/// }
+///
+/// # async fn run() -> Result<(), crosswire_server::ServerError> {
+/// let server = Server::new(Config::default(), Chat).bind().await?;
+/// server.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
+/// # Ok(()) }
+/// ```
+pub trait Hooks: Send + Sync + 'static {
+    /// What `upgrade` attaches to the peer, available as [`Peer::context`].
+    type Context: Send + Sync + 'static;
+
+    /// Decides on a valid WebSocket upgrade request: `Ok` accepts it with the
+    /// peer's context, `Err` answers with any HTTP response instead (a 401 for
+    /// a missing login, say).
+    fn upgrade(
+        &self,
+        request: &UpgradeRequest,
+    ) -> impl Future<Output = Result<Self::Context, HttpResponse>> + Send;
+
+    /// The user id presence shows for a peer with this context; `None` by default.
+    fn user(&self, context: &Self::Context) -> Option<Arc<str>> {
+        let _ = context;
+        None
+    }
+
+    /// The connection is open; the peer can be sent to and subscribed.
+    fn open(&self, peer: &Peer<Self::Context>) -> impl Future<Output = ()> + Send {
+        let _ = peer;
+        async {}
+    }
+
+    /// A text or binary message arrived from the peer.
+    fn message(&self, peer: &Peer<Self::Context>, message: Message) -> impl Future<Output = ()> + Send {
+        let _ = (peer, message);
+        async {}
+    }
+
+    /// The connection ended. The peer has already left all its topics.
+    fn close(&self, peer: &Peer<Self::Context>, details: CloseDetails) -> impl Future<Output = ()> + Send {
+        let _ = (peer, details);
+        async {}
+    }
+
+    /// The connection failed (a protocol violation, an oversize message, an
+    /// I/O error); `close` follows.
+    fn error(&self, peer: &Peer<Self::Context>, error: &PeerError) -> impl Future<Output = ()> + Send {
+        let _ = (peer, error);
+        async {}
+    }
+}
+
+/// The HTTP request asking to upgrade, as the `upgrade` hook sees it.
+#[derive(Debug, Clone)]
+pub struct UpgradeRequest {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) headers: HeaderMap,
+    pub(crate) remote_addr: SocketAddr,
+}
+
+impl UpgradeRequest {
+    /// The request method (always GET once validated).
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request URI, with its query.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// The request headers.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The client's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote_addr
+    }
+
+    /// A header's value as text, when present and valid ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The first query parameter called `name`, undecoded except for `%XX` and `+`.
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.uri.query()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then_some(v)
+        })
+    }
+
+    /// The cookie called `name`, from any `Cookie` header.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then_some(v)
+            })
+    }
+}
+
+/// A WebSocket data message: text or binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message(pub(crate) tungstenite::Message);
+
+impl Message {
+    /// A text message.
+    pub fn text(&self) -> Option<&str> {
+        match &self.0 {
+            tungstenite::Message::Text(t) => Some(t.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The payload bytes, text or binary.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            tungstenite::Message::Text(t) => t.as_bytes(),
+            tungstenite::Message::Binary(b) => b,
+            _ => &[],
+        }
+    }
+
+    /// Whether this is a binary message.
+    pub fn is_binary(&self) -> bool {
+        matches!(self.0, tungstenite::Message::Binary(_))
+    }
+
+    /// A binary message.
+    pub fn binary(data: impl Into<Bytes>) -> Self {
+        Self(tungstenite::Message::Binary(data.into()))
+    }
+}
+
+impl From<&str> for Message {
+    fn from(text: &str) -> Self {
+        Self(tungstenite::Message::Text(text.into()))
+    }
+}
+
+impl From<String> for Message {
+    fn from(text: String) -> Self {
+        Self(tungstenite::Message::Text(text.into()))
+    }
+}
+
+impl From<Utf8Bytes> for Message {
+    fn from(text: Utf8Bytes) -> Self {
+        Self(tungstenite::Message::Text(text))
+    }
+}
+
+impl From<Bytes> for Message {
+    fn from(data: Bytes) -> Self {
+        Self(tungstenite::Message::Binary(data))
+    }
+}
+
+impl From<Vec<u8>> for Message {
+    fn from(data: Vec<u8>) -> Self {
+        Self(tungstenite::Message::Binary(data.into()))
+    }
+}
+
+/// How a connection ended, for the `close` hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseDetails {
+    /// The close code, from whichever side closed first; 1006 when the
+    /// connection dropped without a close frame.
+    pub code: u16,
+    /// The close reason (may be empty).
+    pub reason: String,
+}
+
+/// Why a connection failed, for the `error` hook.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// A message exceeded the configured size limit; closed with 1009.
+    #[error("message of {size} bytes exceeds the limit of {limit}")]
+    MessageTooBig {
+        /// The size seen so far.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The peer broke the WebSocket protocol; closed with 1002 (or 1007 for bad UTF-8).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The peer did not read and its outbound queue overflowed; closed with 1013.
+    #[error("slow consumer: outbound queue of {0} frames is full")]
+    SlowConsumer(usize),
+    /// The peer was silent past the heartbeat timeout; closed with 3008.
+    #[error("no traffic from the peer for {0:?}")]
+    HeartbeatTimeout(std::time::Duration),
+    /// The socket failed.
+    #[error("connection error: {0}")]
+    Io(String),
+}

@@ -1,0 +1,104 @@
+//! The accept loop: one task per TCP connection, at most `max_connections` at
+//! once, each served by hyper with upgrades enabled and shut down gracefully.
+
+use std::{sync::Arc, time::Duration};
+
+use http::StatusCode;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+
+use crate::{
+    hooks::Hooks,
+    routes::{self, text_response, ConnCtx},
+    shutdown::ShutdownHandles,
+    ServerState,
+};
+
+/// How long a connection over the limit is given to read its 503.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) struct Listener<H> {
+    pub(crate) listener: TcpListener,
+    pub(crate) state: Arc<ServerState>,
+    pub(crate) hooks: Arc<H>,
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) shutdown: ShutdownHandles,
+}
+
+impl<H: Hooks> Listener<H> {
+    pub(crate) async fn run(self) {
+        let (mut shutdown, _guard) = self.shutdown.split();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = shutdown.recv() => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: wait for some to free up
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+                tracing::warn!(%remote, "connection limit reached; answering 503");
+                tokio::spawn(refuse(stream));
+                continue;
+            };
+            let ctx = Arc::new(ConnCtx {
+                state: Arc::clone(&self.state),
+                hooks: Arc::clone(&self.hooks),
+                remote,
+                shutdown: self.shutdown.clone(),
+                permit: Arc::new(permit),
+            });
+            tokio::spawn(serve_http(stream, ctx));
+        }
+    }
+}
+
+async fn serve_http<H: Hooks>(stream: TcpStream, ctx: Arc<ConnCtx<H>>) {
+    let (mut shutdown, _guard) = ctx.shutdown.split();
+    let remote = ctx.remote;
+    let service = service_fn(move |req| routes::route(req, Arc::clone(&ctx)));
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.recv() => {
+            // Finish the request in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "http connection error");
+    }
+}
+
+async fn refuse(stream: TcpStream) {
+    let service = service_fn(|_req| async {
+        let mut res = text_response(StatusCode::SERVICE_UNAVAILABLE, "server is at its connection limit; retry later\n");
+        res.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let conn = http1::Builder::new().keep_alive(false).serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, conn).await;
+}

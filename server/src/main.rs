@@ -1,0 +1,29 @@
+//! The `crosswire-server` binary: protocol v1 pub/sub over WebSocket, plus
+//! the demo app's static files when given `--static dist`.
+
+use clap::Parser;
+use crosswire_server::{shutdown_signal, Args, PubSub, Server};
+use tracing_subscriber::EnvFilter;
+
+/// crosswire: WebSocket pub/sub server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Cli::parse().args.into_config()?;
+    let server = Server::new(config.clone(), PubSub::new(&config)).bind().await?;
+    // One line on stdout, so scripts (and tests using port 0) learn the address.
+    println!("crosswire listening on http://{}", server.local_addr());
+    server.run_until(shutdown_signal()).await;
+    Ok(())
+}
+

@@ -1,0 +1,263 @@
+//! A connected peer: its identity, its bounded outbound queue, and the
+//! send / publish / subscribe operations hooks call on it.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use crosswire_shared::{close_code, RawValue, ServerFrame, Since, Topic};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::{
+    self,
+    protocol::{frame::coding::CloseCode, CloseFrame},
+};
+
+use crate::{topics::Payload, Message, ServerState};
+
+/// Why a frame could not be queued for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The peer's outbound queue was full: the peer is being closed as a slow consumer (1013).
+    #[error("the peer's outbound queue is full; it is being closed as a slow consumer")]
+    QueueFull,
+    /// The peer's connection has ended.
+    #[error("the peer's connection is closed")]
+    Closed,
+}
+
+/// The sending side of one peer's connection: a bounded queue drained by its
+/// write loop, plus a close signal that overtakes the queue.
+///
+/// Publishers only ever `try_send` into it, so a peer that stops reading can
+/// fill its own queue but never make a publisher (or any other peer) wait.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    tx: mpsc::Sender<tungstenite::Message>,
+    close: Arc<watch::Sender<Option<CloseFrame>>>,
+}
+
+/// The write loop's ends of an [`Outbox`].
+pub(crate) struct OutboxReceiver {
+    pub(crate) frames: mpsc::Receiver<tungstenite::Message>,
+    pub(crate) close: watch::Receiver<Option<CloseFrame>>,
+}
+
+impl Outbox {
+    pub(crate) fn new(capacity: usize) -> (Self, OutboxReceiver) {
+        let (tx, frames) = mpsc::channel(capacity);
+        let (close, close_rx) = watch::channel(None);
+        (Self { tx, close: Arc::new(close) }, OutboxReceiver { frames, close: close_rx })
+    }
+
+    pub(crate) fn push(&self, frame: tungstenite::Message) -> Result<(), SendError> {
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                Err(SendError::QueueFull)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+        }
+    }
+
+    /// Asks the write loop to close the connection; the first reason wins.
+    pub(crate) fn close(&self, code: u16, reason: &str) {
+        self.close.send_if_modified(|slot| {
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() });
+            true
+        });
+    }
+}
+
+/// One connected WebSocket peer, as the hooks see it. Cheap to clone.
+///
+/// `C` is the context the `upgrade` hook attached.
+pub struct Peer<C> {
+    inner: Arc<PeerInner<C>>,
+}
+
+impl<C> Clone for Peer<C> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner) }
+    }
+}
+
+struct PeerInner<C> {
+    id: Arc<str>,
+    remote: SocketAddr,
+    context: C,
+    outbox: Outbox,
+    /// Shared with the server's peer list, so `ServerHandle::peers` can show it.
+    topics: Arc<Mutex<BTreeSet<Topic>>>,
+    /// The authenticated user, shown in presence.
+    user: Option<Arc<str>>,
+    state: Arc<ServerState>,
+}
+
+impl<C> std::fmt::Debug for Peer<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("id", &self.inner.id).field("remote", &self.inner.remote).finish()
+    }
+}
+
+impl<C> std::fmt::Display for Peer<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.inner.id)
+    }
+}
+
+/// What a protocol-level subscribe did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The topic history's epoch.
+    pub epoch: Arc<str>,
+    /// The topic's last seq when subscribing.
+    pub seq: u64,
+    /// Whether the `since` given was honoured and the missed messages were queued.
+    pub recovered: bool,
+}
+
+impl<C> Peer<C> {
+    pub(crate) fn new(
+        id: Arc<str>,
+        remote: SocketAddr,
+        context: C,
+        outbox: Outbox,
+        topics: Arc<Mutex<BTreeSet<Topic>>>,
+        user: Option<Arc<str>>,
+        state: Arc<ServerState>,
+    ) -> Self {
+        Self { inner: Arc::new(PeerInner { id, remote, context, outbox, topics, user, state }) }
+    }
+
+    /// The peer's id, unique within this server run.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The client's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.inner.remote
+    }
+
+    /// What the `upgrade` hook attached.
+    pub fn context(&self) -> &C {
+        &self.inner.context
+    }
+
+    /// The authenticated user id, when the connection was authenticated.
+    pub fn user(&self) -> Option<&str> {
+        self.inner.user.as_deref()
+    }
+
+    /// Queues a message to this peer. Never waits: a full queue closes the
+    /// peer as a slow consumer and returns [`SendError::QueueFull`].
+    pub fn send(&self, message: impl Into<Message>) -> Result<(), SendError> {
+        self.inner.outbox.push(message.into().0)
+    }
+
+    /// Queues a protocol frame to this peer.
+    pub fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
+        self.inner.outbox.push(tungstenite::Message::Text(frame.encode().into()))
+    }
+
+    /// Sends `message` verbatim to every other subscriber of `topic` (crossws
+    /// semantics: the sender is excluded, and need not be subscribed). Returns
+    /// how many peers it was queued for.
+    pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
+        self.inner.state.topics.publish(topic, Some(&self.inner.id), Payload::Raw(message.into().0)).delivered
+    }
+
+    /// Publishes `data` as a protocol `message` frame from this peer to every
+    /// other subscriber of `topic`: it gets the topic's next seq, which is
+    /// returned, and is kept in the topic's history for recovery.
+    pub fn publish_data(&self, topic: &Topic, data: &RawValue) -> u64 {
+        let payload = Payload::Data { from: &self.inner.id, data };
+        self.inner.state.topics.publish(topic, Some(&self.inner.id), payload).seq
+    }
+
+    /// Subscribes to `topic` for raw messages; returns false if already subscribed.
+    pub fn subscribe(&self, topic: &Topic) -> bool {
+        self.subscribe_with(topic, None, false, |_| None).1
+    }
+
+    /// Subscribes to `topic` as the protocol does: queues the `subscribed`
+    /// frame, then (when `since` is recoverable) every missed message, all
+    /// before any live message, and opts into `join`/`leave` events when
+    /// `presence` is set. Idempotent.
+    pub fn subscribe_protocol(&self, topic: &Topic, since: Option<&Since>, presence: bool) -> Subscription {
+        self.subscribe_with(topic, since, presence, |sub| {
+            Some(ServerFrame::Subscribed {
+                topic: topic.clone(),
+                epoch: sub.epoch.to_string(),
+                seq: sub.seq,
+                recovered: sub.recovered,
+            })
+        })
+        .0
+    }
+
+    fn subscribe_with(
+        &self,
+        topic: &Topic,
+        since: Option<&Since>,
+        presence: bool,
+        reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
+    ) -> (Subscription, bool) {
+        let sub = crate::topics::Subscriber {
+            outbox: self.inner.outbox.clone(),
+            user: self.inner.user.clone(),
+            presence,
+        };
+        let result = self.inner.state.topics.subscribe(topic, &self.inner.id, sub, since, reply);
+        let newly = self.inner.topics.lock().expect("topic set lock").insert(topic.clone());
+        (result, newly)
+    }
+
+    /// Leaves `topic`; returns false if the peer was not subscribed.
+    pub fn unsubscribe(&self, topic: &Topic) -> bool {
+        let was = self.inner.topics.lock().expect("topic set lock").remove(topic);
+        if was {
+            self.inner.state.topics.unsubscribe(topic, &self.inner.id);
+        }
+        was
+    }
+
+    /// Whether the peer is subscribed to `topic`.
+    pub fn is_subscribed(&self, topic: &Topic) -> bool {
+        self.inner.topics.lock().expect("topic set lock").contains(topic)
+    }
+
+    /// The topics the peer is subscribed to, in name order.
+    pub fn topics(&self) -> Vec<Topic> {
+        self.inner.topics.lock().expect("topic set lock").iter().cloned().collect()
+    }
+
+    /// Closes the connection with `code` and `reason`, after the frames
+    /// already queued.
+    pub fn close(&self, code: u16, reason: &str) {
+        self.inner.outbox.close(code, reason);
+    }
+
+    /// Leaves every topic; called once when the connection ends.
+    pub(crate) fn leave_all(&self) {
+        let topics = std::mem::take(&mut *self.inner.topics.lock().expect("topic set lock"));
+        for topic in &topics {
+            self.inner.state.topics.unsubscribe(topic, &self.inner.id);
+        }
+    }
+
+    pub(crate) fn state(&self) -> &ServerState {
+        &self.inner.state
+    }
+
+    pub(crate) fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+}

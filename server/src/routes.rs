@@ -1,0 +1,95 @@
+//! Request routing for one HTTP connection: `/healthz`, the WebSocket path
+//! (handshake, the `upgrade` hook, then the hand-off to [`crate::connection`]),
+//! and the static files.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::{
+    connection, handshake,
+    hooks::{Hooks, UpgradeRequest},
+    peer::Outbox,
+    shutdown::ShutdownHandles,
+    statics, HttpResponse, Peer, ServerState,
+};
+
+/// What every request on one TCP connection shares.
+pub(crate) struct ConnCtx<H> {
+    pub(crate) state: Arc<ServerState>,
+    pub(crate) hooks: Arc<H>,
+    pub(crate) remote: SocketAddr,
+    pub(crate) shutdown: ShutdownHandles,
+    /// The connection's slot under `max_connections`, carried over into the
+    /// WebSocket task when the connection upgrades.
+    pub(crate) permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// A plain-text response, the shape of every error this server answers with.
+pub fn text_response(status: StatusCode, text: impl Into<String>) -> HttpResponse {
+    let mut res = Response::new(Full::new(Bytes::from(text.into())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    res
+}
+
+pub(crate) async fn route<H: Hooks>(req: Request<Incoming>, ctx: Arc<ConnCtx<H>>) -> Result<HttpResponse, Infallible> {
+    let path = req.uri().path();
+    let res = if path == ctx.state.config.path {
+        websocket(req, &ctx).await
+    } else if path == "/healthz" {
+        text_response(StatusCode::OK, "ok\n")
+    } else if let (Some(dir), true) = (&ctx.state.config.static_dir, matches!(*req.method(), Method::GET | Method::HEAD)) {
+        statics::serve(dir, path, req.method() == Method::HEAD).await
+    } else {
+        text_response(StatusCode::NOT_FOUND, "not found\n")
+    };
+    Ok(res)
+}
+
+async fn websocket<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) -> HttpResponse {
+    let accept = match handshake::validate_upgrade(&req) {
+        Ok(accept) => accept,
+        Err(rejection) => {
+            tracing::debug!(remote = %ctx.remote, %rejection, "upgrade rejected");
+            return rejection.response();
+        }
+    };
+    let upgrade_req = UpgradeRequest {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        headers: req.headers().clone(),
+        remote_addr: ctx.remote,
+    };
+    let context = match ctx.hooks.upgrade(&upgrade_req).await {
+        Ok(context) => context,
+        Err(response) => return response,
+    };
+    let state = Arc::clone(&ctx.state);
+    let (outbox, outbox_rx) = Outbox::new(state.config.outbound_queue);
+    let user = ctx.hooks.user(&context);
+    let (id, topics) = state.register_peer(ctx.remote, outbox.clone(), user.clone());
+    let peer = Peer::new(id, ctx.remote, context, outbox, topics, user, Arc::clone(&state));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let hooks = Arc::clone(&ctx.hooks);
+    let (shutdown, guard) = ctx.shutdown.split();
+    let permit = Arc::clone(&ctx.permit);
+    // hyper sends the 101 only once this handler returns, so the socket is
+    // taken over in a task of its own.
+    tokio::spawn(async move {
+        let _guard = guard;
+        let _permit = permit;
+        match on_upgrade.await {
+            Ok(upgraded) => connection::serve(state, hooks, upgraded, peer, outbox_rx, shutdown).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed after the 101");
+                state.unregister_peer(peer.id());
+            }
+        }
+    });
+    accept.response()
+}

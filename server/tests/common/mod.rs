@@ -1,0 +1,144 @@
+//! Helpers shared by the integration tests: a real server on 127.0.0.1:0 and
+//! a protocol-speaking WebSocket client over a real socket.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use crosswire_server::{Config, Hooks, PubSub, RunningServer, Server};
+use crosswire_shared::ServerFrame;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    tungstenite::{protocol::CloseFrame, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+
+/// How long a test waits for something that should happen at once; a bound
+/// against hanging, never a delay the test relies on.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn config() -> Config {
+    Config { addr: "127.0.0.1:0".parse().unwrap(), ..Config::default() }
+}
+
+pub async fn start_with<H: Hooks>(config: Config, hooks: H) -> RunningServer {
+    Server::new(config, hooks).bind().await.expect("server binds")
+}
+
+pub async fn start_pubsub(config: Config) -> RunningServer {
+    let hooks = PubSub::new(&config);
+    start_with(config, hooks).await
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub peer: String,
+}
+
+pub async fn connect_raw(addr: SocketAddr) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/_ws")).await.expect("connects");
+    ws
+}
+
+impl Client {
+    /// Connects and reads the `welcome` frame.
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let ws = connect_raw(addr).await;
+        let mut client = Client { ws, peer: String::new() };
+        match client.recv().await {
+            ServerFrame::Welcome { peer, version, .. } => {
+                assert_eq!(version, 1);
+                client.peer = peer;
+            }
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        client
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.ws.send(Message::text(value.to_string())).await.expect("send");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next protocol frame (skipping pings).
+    pub async fn recv(&mut self) -> ServerFrame {
+        let text = self.recv_text().await;
+        ServerFrame::decode(&text).unwrap_or_else(|e| panic!("undecodable frame {text}: {e}"))
+    }
+
+    pub async fn recv_json(&mut self) -> Value {
+        serde_json::from_str(&self.recv_text().await).unwrap()
+    }
+
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("stream open")
+                .expect("no error");
+            match msg {
+                Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the connection to end and returns the close frame, if any.
+    pub async fn closed(&mut self) -> Option<CloseFrame> {
+        closed(&mut self.ws).await
+    }
+
+    pub async fn subscribe(&mut self, topic: &str) -> ServerFrame {
+        self.send(json!({"type": "subscribe", "topic": topic})).await;
+        let frame = self.recv().await;
+        assert!(matches!(&frame, ServerFrame::Subscribed { topic: t, .. } if t.as_str() == topic), "{frame:?}");
+        frame
+    }
+
+    /// Publishes with an ack id and returns the seq from the ack.
+    pub async fn publish(&mut self, topic: &str, data: Value, ack: u64) -> u64 {
+        self.send(json!({"type": "publish", "topic": topic, "data": data, "ack": ack})).await;
+        match self.recv().await {
+            ServerFrame::Ack { ack: a, seq } if a == ack => seq,
+            other => panic!("expected ack {ack}, got {other:?}"),
+        }
+    }
+
+    /// Round-trips a ping: proves the connection is open and that everything
+    /// sent before it was processed.
+    pub async fn ping(&mut self, id: u64) {
+        self.send(json!({"type": "ping", "id": id})).await;
+        match self.recv().await {
+            ServerFrame::Pong { id: Some(i) } if i == id => {}
+            other => panic!("expected pong {id}, got {other:?}"),
+        }
+    }
+
+    /// Asserts nothing is waiting on this connection (after a ping round trip).
+    pub async fn assert_quiet(&mut self) {
+        self.ping(u64::MAX).await;
+    }
+}
+
+pub async fn closed(ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>) -> Option<CloseFrame> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("closes within the wait") {
+            Some(Ok(Message::Close(frame))) => return frame,
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+pub fn message_data(frame: &ServerFrame) -> (u64, String, Value) {
+    match frame {
+        ServerFrame::Message { seq, from, data, .. } => (*seq, from.clone(), serde_json::from_str(data.get()).unwrap()),
+        other => panic!("expected message, got {other:?}"),
+    }
+}
