@@ -97,6 +97,9 @@ pub(crate) async fn serve<H: Hooks>(
     let mut peer_close: Option<CloseDetails> = None;
     let mut writer_exit: Option<WriterExit> = None;
     let mut deadline: Option<Instant> = None;
+    // `Shutdown::recv` returns at once after it has fired, so the branch must
+    // switch itself off or the loop would spin.
+    let mut shutting_down = false;
     loop {
         let until_deadline = async {
             match deadline {
@@ -151,7 +154,8 @@ pub(crate) async fn serve<H: Hooks>(
                 // Wait (bounded) for the peer's close reply, then let the socket go.
                 deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
             }
-            _ = shutdown.recv(), if writer_exit.is_none() && deadline.is_none() => {
+            _ = shutdown.recv(), if !shutting_down => {
+                shutting_down = true;
                 peer.outbox().close(close_code::GOING_AWAY, "server shutting down");
             }
             _ = until_deadline => break,
