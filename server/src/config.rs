@@ -24,8 +24,10 @@ pub struct Config {
     /// The largest message accepted, counted across fragments; larger ones
     /// close the connection with 1009. Default 64 KiB.
     pub max_message_size: usize,
-    /// Frames that may wait in one peer's outbound queue; a peer whose queue
-    /// overflows is closed with 1013 (slow consumer). Default 1024.
+    /// Live frames that may wait in one peer's outbound queue; a peer whose
+    /// queue overflows is closed with 1013 (slow consumer). Default 128: kept
+    /// below `history_size` so that a slow consumer's lag stays recoverable.
+    /// Answers and recovery replays use room reserved above this limit.
     pub outbound_queue: usize,
     /// Open TCP connections at once; further ones get 503. Default 10 000.
     pub max_connections: usize,
@@ -35,6 +37,19 @@ pub struct Config {
     pub history_size: usize,
     /// How long a message is kept for recovery. Default 5 minutes.
     pub history_ttl: Duration,
+    /// The HS256 secret tokens are verified with; `None` (the default) turns
+    /// built-in authentication off.
+    pub jwt_secret: Option<String>,
+    /// Browser origins allowed besides the server's own and loopback ones; `*` allows all.
+    pub allowed_origins: Vec<String>,
+    /// Topics one peer may be subscribed to at once. Default 100.
+    pub max_topics_per_peer: usize,
+    /// Open connections from one IP address; further ones get 429. Default 256.
+    pub max_connections_per_ip: usize,
+    /// Publishes per second one peer may make, sustained. Default 100.
+    pub publish_rate: u32,
+    /// Publishes one peer may make in a burst. Default 200.
+    pub publish_burst: u32,
     /// tungstenite's read buffer per connection. Default 16 KiB: its own
     /// default of 128 KiB is eagerly allocated and costly across many idle peers.
     pub read_buffer_size: usize,
@@ -50,11 +65,17 @@ impl Default for Config {
             static_dir: None,
             heartbeat: Duration::from_secs(25),
             max_message_size: 64 * 1024,
-            outbound_queue: 1024,
+            outbound_queue: 128,
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(5),
             history_size: 256,
             history_ttl: Duration::from_secs(300),
+            jwt_secret: None,
+            allowed_origins: Vec::new(),
+            max_topics_per_peer: 100,
+            max_connections_per_ip: 256,
+            publish_rate: 100,
+            publish_burst: 200,
             read_buffer_size: 16 * 1024,
             write_buffer_size: 16 * 1024,
         }
@@ -71,14 +92,9 @@ pub enum ConfigError {
     /// A value that must be positive was zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
-    /// The outbound queue cannot hold a full history replay.
-    #[error("outbound_queue ({queue}) must exceed history_size ({history}) so a recovery replay fits")]
-    QueueSmallerThanHistory {
-        /// The configured queue length.
-        queue: usize,
-        /// The configured history size.
-        history: usize,
-    },
+    /// The JWT secret is too short to be safe.
+    #[error("the JWT secret must be at least 16 bytes long")]
+    WeakSecret,
 }
 
 impl Config {
@@ -92,18 +108,23 @@ impl Config {
             ("max_message_size", self.max_message_size == 0),
             ("outbound_queue", self.outbound_queue == 0),
             ("max_connections", self.max_connections == 0),
+            ("max_connections_per_ip", self.max_connections_per_ip == 0),
+            ("max_topics_per_peer", self.max_topics_per_peer == 0),
+            ("publish_burst", self.publish_burst == 0),
         ] {
             if zero {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.outbound_queue <= self.history_size {
-            return Err(ConfigError::QueueSmallerThanHistory {
-                queue: self.outbound_queue,
-                history: self.history_size,
-            });
+        if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::WeakSecret);
         }
         Ok(())
+    }
+
+    /// Queue room above `outbound_queue` for answers and a full recovery replay.
+    pub(crate) fn outbox_reserve(&self) -> usize {
+        self.history_size + 64
     }
 }
 
@@ -130,7 +151,7 @@ pub struct Args {
     #[arg(long, env = "CROSSWIRE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
     /// Frames a peer's outbound queue holds before it is closed as a slow consumer.
-    #[arg(long, env = "CROSSWIRE_OUTBOUND_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "CROSSWIRE_OUTBOUND_QUEUE", default_value_t = 128)]
     pub outbound_queue: usize,
     /// Open connections at once, server-wide.
     #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS", default_value_t = 10_000)]
@@ -144,6 +165,25 @@ pub struct Args {
     /// Seconds a message is kept for recovery.
     #[arg(long, env = "CROSSWIRE_HISTORY_TTL_SECS", default_value_t = 300)]
     pub history_ttl_secs: u64,
+    /// HS256 secret for JWT authentication (at least 16 bytes); unset means no auth.
+    #[arg(long, env = "CROSSWIRE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// A browser origin allowed to connect besides the server's own and loopback
+    /// ones (repeatable; `*` allows every origin).
+    #[arg(long = "allowed-origin", env = "CROSSWIRE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Topics one peer may be subscribed to at once.
+    #[arg(long, env = "CROSSWIRE_MAX_TOPICS_PER_PEER", default_value_t = 100)]
+    pub max_topics_per_peer: usize,
+    /// Open connections from one IP address.
+    #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+    /// Sustained publishes per second per peer.
+    #[arg(long, env = "CROSSWIRE_PUBLISH_RATE", default_value_t = 100)]
+    pub publish_rate: u32,
+    /// Burst of publishes per peer.
+    #[arg(long, env = "CROSSWIRE_PUBLISH_BURST", default_value_t = 200)]
+    pub publish_burst: u32,
 }
 
 impl Args {
@@ -160,6 +200,12 @@ impl Args {
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             history_size: self.history_size,
             history_ttl: Duration::from_secs(self.history_ttl_secs),
+            jwt_secret: self.jwt_secret,
+            allowed_origins: self.allowed_origins,
+            max_topics_per_peer: self.max_topics_per_peer,
+            max_connections_per_ip: self.max_connections_per_ip,
+            publish_rate: self.publish_rate,
+            publish_burst: self.publish_burst,
             ..Config::default()
         };
         config.validate()?;

@@ -26,7 +26,7 @@ use tokio_tungstenite::{
 
 use crate::{
     hooks::{CloseDetails, Hooks, Message, PeerError},
-    peer::OutboxReceiver,
+    peer::{FrameReceiver, OutboxReceiver},
     shutdown::Shutdown,
     Peer, ServerState,
 };
@@ -84,13 +84,8 @@ pub(crate) async fn serve<H: Hooks>(
     let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(state.ws_config())).await;
     let (sink, mut stream) = socket.split();
     let activity = Arc::new(Activity::new());
-    let mut writer = tokio::spawn(write_loop(
-        sink,
-        outbox_rx,
-        peer.outbox().clone(),
-        state.config.heartbeat,
-        Arc::clone(&activity),
-    ));
+    let mut writer =
+        tokio::spawn(write_loop(sink, outbox_rx, peer.outbox().clone(), state.config.heartbeat, Arc::clone(&activity)));
     tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
     hooks.open(&peer).await;
 
@@ -257,7 +252,7 @@ async fn write_loop(
     let frame = rx.close.borrow().clone().unwrap_or(CloseFrame { code: CloseCode::Normal, reason: "".into() });
     // Whatever was queued before the close still goes out first, within bounds.
     let _ = timeout(CLOSE_TIMEOUT, async {
-        while let Ok(queued) = rx.frames.try_recv() {
+        while let Some(queued) = rx.frames.try_recv() {
             sink.feed(queued).await?;
         }
         sink.send(tungstenite::Message::Close(Some(frame.clone()))).await
@@ -269,13 +264,13 @@ async fn write_loop(
 async fn write_batch(
     sink: &mut SplitSink<Socket, tungstenite::Message>,
     first: tungstenite::Message,
-    frames: &mut tokio::sync::mpsc::Receiver<tungstenite::Message>,
+    frames: &mut FrameReceiver,
 ) -> Result<(), WsError> {
     sink.feed(first).await?;
     for _ in 1..WRITE_BATCH {
         match frames.try_recv() {
-            Ok(frame) => sink.feed(frame).await?,
-            Err(_) => break,
+            Some(frame) => sink.feed(frame).await?,
+            None => break,
         }
     }
     sink.flush().await

@@ -68,10 +68,9 @@ impl Rejection {
         match self {
             Self::MethodNotGet(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpgradeRequired | Self::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
-            Self::InvalidUpgradeHeader
-            | Self::InvalidConnectionHeader
-            | Self::MissingKey
-            | Self::MalformedKey => StatusCode::BAD_REQUEST,
+            Self::InvalidUpgradeHeader | Self::InvalidConnectionHeader | Self::MissingKey | Self::MalformedKey => {
+                StatusCode::BAD_REQUEST
+            }
         }
     }
 
@@ -188,7 +187,10 @@ mod tests {
     #[test]
     fn rules() {
         assert!(validate_upgrade(&req(&GOOD)).is_ok());
-        assert_eq!(validate_upgrade(&with("upgrade", Some("WebSocket"))).unwrap().accept_key, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            validate_upgrade(&with("upgrade", Some("WebSocket"))).unwrap().accept_key,
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
         assert_eq!(validate_upgrade(&with("upgrade", None)), Err(Rejection::UpgradeRequired));
         assert_eq!(validate_upgrade(&with("upgrade", Some("h2c"))), Err(Rejection::InvalidUpgradeHeader));
         assert_eq!(validate_upgrade(&with("connection", Some("keep-alive"))), Err(Rejection::InvalidConnectionHeader));

@@ -55,10 +55,7 @@ pub trait Hooks: Send + Sync + 'static {
     /// Decides on a valid WebSocket upgrade request: `Ok` accepts it with the
     /// peer's context, `Err` answers with any HTTP response instead (a 401 for
     /// a missing login, say).
-    fn upgrade(
-        &self,
-        request: &UpgradeRequest,
-    ) -> impl Future<Output = Result<Self::Context, HttpResponse>> + Send;
+    fn upgrade(&self, request: &UpgradeRequest) -> impl Future<Output = Result<Self::Context, HttpResponse>> + Send;
 
     /// The user id presence shows for a peer with this context; `None` by default.
     fn user(&self, context: &Self::Context) -> Option<Arc<str>> {

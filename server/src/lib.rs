@@ -15,7 +15,7 @@
 //! ```no_run
 //! use crosswire_server::{Config, PubSub, Server};
 //!
-//! # async fn run() -> Result<(), crosswire_server::ServerError> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::default();
 //! let server = Server::new(config.clone(), PubSub::new(&config)).bind().await?;
 //! println!("listening on {}", server.local_addr());
@@ -25,11 +25,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 mod config;
 mod connection;
 pub mod handshake;
 mod hooks;
+mod limits;
 mod listener;
+mod origin;
 mod peer;
 mod pubsub;
 mod routes;
@@ -54,7 +57,7 @@ pub use config::{Args, Config, ConfigError};
 pub use crosswire_shared as protocol;
 pub use hooks::{CloseDetails, Hooks, Message, PeerError, UpgradeRequest};
 pub use peer::{Peer, SendError, Subscription};
-pub use pubsub::PubSub;
+pub use pubsub::{PubSub, Session};
 pub use routes::text_response;
 pub use shutdown::shutdown_signal;
 
@@ -106,6 +109,8 @@ impl<H: Hooks> Server<H> {
             topics: Topics::new(self.config.history_size, self.config.history_ttl),
             peers: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(self.config.max_connections)),
+            per_ip: limits::IpLimiter::new(self.config.max_connections_per_ip),
+            origins: origin::OriginPolicy::new(&self.config.allowed_origins),
             config: self.config,
         });
         let accept = listener::Listener {
@@ -183,6 +188,8 @@ pub(crate) struct ServerState {
     pub(crate) topics: Topics,
     peers: Mutex<HashMap<Arc<str>, PeerEntry>>,
     limit: Arc<Semaphore>,
+    pub(crate) per_ip: Arc<limits::IpLimiter>,
+    pub(crate) origins: origin::OriginPolicy,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -255,6 +262,8 @@ pub struct PeerInfo {
     pub user: Option<String>,
     /// The topics it is subscribed to.
     pub topics: Vec<Topic>,
+    /// Whether the server has started closing it (slow consumer, shutdown, …).
+    pub closing: bool,
 }
 
 impl ServerHandle {
@@ -286,6 +295,7 @@ impl ServerHandle {
                 remote_addr: p.remote,
                 user: p.user.as_deref().map(str::to_owned),
                 topics: p.topics.lock().expect("topic set lock").iter().cloned().collect(),
+                closing: p.outbox.is_closing(),
             })
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));

@@ -13,7 +13,7 @@ use tokio::{
 
 use crate::{
     hooks::Hooks,
-    routes::{self, text_response, ConnCtx},
+    routes::{self, text_response, ConnCtx, ConnSlot},
     shutdown::ShutdownHandles,
     ServerState,
 };
@@ -55,7 +55,20 @@ impl<H: Hooks> Listener<H> {
             let _ = stream.set_nodelay(true);
             let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
                 tracing::warn!(%remote, "connection limit reached; answering 503");
-                tokio::spawn(refuse(stream));
+                tokio::spawn(refuse(
+                    stream,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server is at its connection limit; retry later\n",
+                ));
+                continue;
+            };
+            let Some(ip_slot) = self.state.per_ip.try_acquire(remote.ip()) else {
+                tracing::warn!(%remote, "per-address connection limit reached; answering 429");
+                tokio::spawn(refuse(
+                    stream,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from your address; retry later\n",
+                ));
                 continue;
             };
             let ctx = Arc::new(ConnCtx {
@@ -63,7 +76,7 @@ impl<H: Hooks> Listener<H> {
                 hooks: Arc::clone(&self.hooks),
                 remote,
                 shutdown: self.shutdown.clone(),
-                permit: Arc::new(permit),
+                slot: Arc::new(ConnSlot { _permit: permit, _ip: ip_slot }),
             });
             tokio::spawn(serve_http(stream, ctx));
         }
@@ -93,9 +106,10 @@ async fn serve_http<H: Hooks>(stream: TcpStream, ctx: Arc<ConnCtx<H>>) {
     }
 }
 
-async fn refuse(stream: TcpStream) {
-    let service = service_fn(|_req| async {
-        let mut res = text_response(StatusCode::SERVICE_UNAVAILABLE, "server is at its connection limit; retry later\n");
+/// Answers every request on a connection over a limit with `status`, then closes it.
+async fn refuse(stream: TcpStream, status: StatusCode, text: &'static str) {
+    let service = service_fn(move |_req| async move {
+        let mut res = text_response(status, text);
         res.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         Ok::<_, std::convert::Infallible>(res)
     });

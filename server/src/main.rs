@@ -26,4 +26,3 @@ async fn main() -> anyhow::Result<()> {
     server.run_until(shutdown_signal()).await;
     Ok(())
 }
-

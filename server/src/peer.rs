@@ -4,7 +4,10 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use crosswire_shared::{close_code, RawValue, ServerFrame, Since, Topic};
@@ -33,27 +36,94 @@ pub enum SendError {
 ///
 /// Publishers only ever `try_send` into it, so a peer that stops reading can
 /// fill its own queue but never make a publisher (or any other peer) wait.
+///
+/// Live traffic may fill the queue only up to `limit`; the room above it is
+/// reserved for answers (`subscribed`, acks, errors) and recovery replays. A
+/// replay is as long as the history, while the history must outlast a slow
+/// consumer's lag to let it recover: one bound could not serve both.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    tx: mpsc::Sender<tungstenite::Message>,
+    tx: mpsc::Sender<Queued>,
     close: Arc<watch::Sender<Option<CloseFrame>>>,
+    limit: usize,
+    /// Reserved frames (answers, replays) still in the queue: the live limit
+    /// counts only what is queued beyond them.
+    reserved: Arc<AtomicUsize>,
+}
+
+/// A frame in a peer's queue, marked with the room it took.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    frame: tungstenite::Message,
+    reserved: bool,
 }
 
 /// The write loop's ends of an [`Outbox`].
 pub(crate) struct OutboxReceiver {
-    pub(crate) frames: mpsc::Receiver<tungstenite::Message>,
+    pub(crate) frames: FrameReceiver,
     pub(crate) close: watch::Receiver<Option<CloseFrame>>,
 }
 
-impl Outbox {
-    pub(crate) fn new(capacity: usize) -> (Self, OutboxReceiver) {
-        let (tx, frames) = mpsc::channel(capacity);
-        let (close, close_rx) = watch::channel(None);
-        (Self { tx, close: Arc::new(close) }, OutboxReceiver { frames, close: close_rx })
+/// The queue's receiving end.
+pub(crate) struct FrameReceiver {
+    frames: mpsc::Receiver<Queued>,
+    reserved: Arc<AtomicUsize>,
+}
+
+impl FrameReceiver {
+    fn take(&self, queued: Queued) -> tungstenite::Message {
+        if queued.reserved {
+            self.reserved.fetch_sub(1, Ordering::Relaxed);
+        }
+        queued.frame
     }
 
+    /// The next frame, waiting for one; `None` once every sender is gone.
+    pub(crate) async fn recv(&mut self) -> Option<tungstenite::Message> {
+        let queued = self.frames.recv().await?;
+        Some(self.take(queued))
+    }
+
+    /// The next frame if one is queued now.
+    pub(crate) fn try_recv(&mut self) -> Option<tungstenite::Message> {
+        let queued = self.frames.try_recv().ok()?;
+        Some(self.take(queued))
+    }
+}
+
+impl Outbox {
+    /// A queue taking `limit` live frames, plus `reserve` more for answers and replays.
+    pub(crate) fn new(limit: usize, reserve: usize) -> (Self, OutboxReceiver) {
+        let (tx, frames) = mpsc::channel(limit + reserve);
+        let (close, close_rx) = watch::channel(None);
+        let reserved = Arc::new(AtomicUsize::new(0));
+        let rx = OutboxReceiver { frames: FrameReceiver { frames, reserved: Arc::clone(&reserved) }, close: close_rx };
+        (Self { tx, close: Arc::new(close), limit, reserved }, rx)
+    }
+
+    /// Queues live traffic (a publish, a hook's `send`), up to the limit.
     pub(crate) fn push(&self, frame: tungstenite::Message) -> Result<(), SendError> {
-        match self.tx.try_send(frame) {
+        let queued = self.tx.max_capacity() - self.tx.capacity();
+        let live = queued.saturating_sub(self.reserved.load(Ordering::Relaxed));
+        if live >= self.limit && !self.tx.is_closed() {
+            self.close(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
+            return Err(SendError::QueueFull);
+        }
+        self.enqueue(Queued { frame, reserved: false })
+    }
+
+    /// Queues an answer or a replayed message, using the reserved room too.
+    pub(crate) fn push_reserved(&self, frame: tungstenite::Message) -> Result<(), SendError> {
+        self.reserved.fetch_add(1, Ordering::Relaxed);
+        let result = self.enqueue(Queued { frame, reserved: true });
+        if result.is_err() {
+            self.reserved.fetch_sub(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn enqueue(&self, queued: Queued) -> Result<(), SendError> {
+        match self.tx.try_send(queued) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
@@ -61,6 +131,11 @@ impl Outbox {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
         }
+    }
+
+    /// Whether a close has been asked for.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.close.borrow().is_some()
     }
 
     /// Asks the write loop to close the connection; the first reason wins.
@@ -162,9 +237,10 @@ impl<C> Peer<C> {
         self.inner.outbox.push(message.into().0)
     }
 
-    /// Queues a protocol frame to this peer.
+    /// Queues a protocol frame answering the peer (it may use the room
+    /// reserved above the live-traffic limit).
     pub fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
-        self.inner.outbox.push(tungstenite::Message::Text(frame.encode().into()))
+        self.inner.outbox.push_reserved(tungstenite::Message::Text(frame.encode().into()))
     }
 
     /// Sends `message` verbatim to every other subscriber of `topic` (crossws
@@ -210,11 +286,8 @@ impl<C> Peer<C> {
         presence: bool,
         reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
     ) -> (Subscription, bool) {
-        let sub = crate::topics::Subscriber {
-            outbox: self.inner.outbox.clone(),
-            user: self.inner.user.clone(),
-            presence,
-        };
+        let sub =
+            crate::topics::Subscriber { outbox: self.inner.outbox.clone(), user: self.inner.user.clone(), presence };
         let result = self.inner.state.topics.subscribe(topic, &self.inner.id, sub, since, reply);
         let newly = self.inner.topics.lock().expect("topic set lock").insert(topic.clone());
         (result, newly)

@@ -1,12 +1,20 @@
 //! [`PubSub`]: the [`Hooks`] implementation that speaks protocol v1, run by
-//! the `crosswire-server` binary and spoken by the browser client.
+//! the `crosswire-server` binary and spoken by the browser client. With a JWT
+//! secret configured it authenticates every connection and enforces each
+//! token's topic permissions; it always enforces the per-peer limits.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use crosswire_shared::{ClientFrame, DecodeError, ErrorCode, ServerFrame, Topic, PROTOCOL_VERSION};
+use crosswire_shared::{close_code, ClientFrame, DecodeError, ErrorCode, ServerFrame, Topic, PROTOCOL_VERSION};
+use tokio::task::AbortHandle;
 
 use crate::{
-    hooks::{Hooks, Message, PeerError, UpgradeRequest},
+    auth::{Claims, JwtAuth},
+    hooks::{CloseDetails, Hooks, Message, PeerError, UpgradeRequest},
+    limits::TokenBucket,
     Config, HttpResponse, Peer,
 };
 
@@ -16,17 +24,61 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct PubSub {
     heartbeat: Duration,
+    auth: Option<JwtAuth>,
+    max_topics: usize,
+    publish_rate: u32,
+    publish_burst: u32,
+}
+
+/// One connection's state under [`PubSub`]: who it is, what it may do, and
+/// its publish budget.
+#[derive(Debug)]
+pub struct Session {
+    claims: Option<Claims>,
+    user: Option<Arc<str>>,
+    bucket: Mutex<TokenBucket>,
+    expiry: Mutex<Option<AbortHandle>>,
+}
+
+impl Session {
+    /// The verified token's claims, when the server authenticates.
+    pub fn claims(&self) -> Option<&Claims> {
+        self.claims.as_ref()
+    }
+
+    fn may_subscribe(&self, topic: &Topic) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.may_subscribe(topic))
+    }
+
+    fn may_publish(&self, topic: &Topic) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.may_publish(topic))
+    }
 }
 
 impl PubSub {
-    /// The protocol with the heartbeat `config` announces in `welcome`.
+    /// The protocol as `config` sets it up: its heartbeat, its JWT secret (if
+    /// any) and its per-peer limits.
     pub fn new(config: &Config) -> Self {
-        Self { heartbeat: config.heartbeat }
+        Self {
+            heartbeat: config.heartbeat,
+            auth: config.jwt_secret.as_deref().map(|s| JwtAuth::new(s.as_bytes())),
+            max_topics: config.max_topics_per_peer,
+            publish_rate: config.publish_rate,
+            publish_burst: config.publish_burst,
+        }
     }
 
-    fn handle(&self, peer: &Peer<()>, frame: ClientFrame) {
+    fn handle(&self, peer: &Peer<Session>, frame: ClientFrame) {
+        let session = peer.context();
         match frame {
             ClientFrame::Subscribe { topic, since, presence } => {
+                if !session.may_subscribe(&topic) {
+                    return forbidden(peer, "subscribe to", topic, None);
+                }
+                if !peer.is_subscribed(&topic) && peer.topics().len() >= self.max_topics {
+                    let message = format!("a peer may be subscribed to at most {} topics", self.max_topics);
+                    return error(peer, ErrorCode::TooManyTopics, message, None, Some(topic));
+                }
                 peer.subscribe_protocol(&topic, since.as_ref(), presence);
             }
             ClientFrame::Unsubscribe { topic } => {
@@ -34,6 +86,21 @@ impl PubSub {
                 reply(peer, ServerFrame::Unsubscribed { topic });
             }
             ClientFrame::Publish { topic, data, ack } => {
+                if !session.may_publish(&topic) {
+                    return forbidden(peer, "publish to", topic, ack);
+                }
+                let mut bucket = session.bucket.lock().expect("bucket lock");
+                if !bucket.try_take() {
+                    let message = format!(
+                        "publish rate limit of {}/s (burst {}) exceeded; retry in {} ms",
+                        self.publish_rate,
+                        self.publish_burst,
+                        bucket.retry_after().as_millis().max(1)
+                    );
+                    drop(bucket);
+                    return error(peer, ErrorCode::RateLimited, message, ack, Some(topic));
+                }
+                drop(bucket);
                 let seq = peer.publish_data(&topic, &data);
                 if let Some(ack) = ack {
                     reply(peer, ServerFrame::Ack { ack, seq });
@@ -41,34 +108,59 @@ impl PubSub {
             }
             ClientFrame::Ping { id } => reply(peer, ServerFrame::Pong { id }),
             ClientFrame::Presence { topic, id } => {
+                // Who is in a topic is as private as the topic itself.
+                if !session.may_subscribe(&topic) {
+                    return forbidden(peer, "see presence of", topic, None);
+                }
                 let peers = peer.presence(&topic);
                 reply(peer, ServerFrame::Presence { topic, id, peers });
             }
-            // ClientFrame is non-exhaustive for other crates, not this workspace's
-            // decoder, which only yields the variants above.
+            // ClientFrame is non-exhaustive for other crates, not for this
+            // workspace's decoder, which only yields the variants above.
             #[allow(unreachable_patterns)]
             _ => error(peer, ErrorCode::BadRequest, "unsupported frame", None, None),
         }
     }
 }
 
-fn reply(peer: &Peer<()>, frame: ServerFrame) {
+fn reply(peer: &Peer<Session>, frame: ServerFrame) {
     // A full queue already closes the peer (1013); nothing more to do here.
     let _ = peer.send_frame(&frame);
 }
 
-fn error(peer: &Peer<()>, code: ErrorCode, message: impl Into<String>, ack: Option<u64>, topic: Option<Topic>) {
+fn error(peer: &Peer<Session>, code: ErrorCode, message: impl Into<String>, ack: Option<u64>, topic: Option<Topic>) {
     reply(peer, ServerFrame::Error { code, message: message.into(), ack, topic });
 }
 
-impl Hooks for PubSub {
-    type Context = ();
+fn forbidden(peer: &Peer<Session>, what: &str, topic: Topic, ack: Option<u64>) {
+    let message = format!("your token does not allow you to {what} {topic:?}");
+    error(peer, ErrorCode::Forbidden, message, ack, Some(topic));
+}
 
-    async fn upgrade(&self, _request: &UpgradeRequest) -> Result<(), HttpResponse> {
-        Ok(())
+impl Hooks for PubSub {
+    type Context = Session;
+
+    async fn upgrade(&self, request: &UpgradeRequest) -> Result<Session, HttpResponse> {
+        let claims = match &self.auth {
+            Some(auth) => Some(auth.authenticate(request).map_err(|e| {
+                tracing::debug!(remote = %request.remote_addr(), error = %e, "authentication failed");
+                e.response()
+            })?),
+            None => None,
+        };
+        Ok(Session {
+            user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
+            claims,
+            bucket: Mutex::new(TokenBucket::new(self.publish_rate, self.publish_burst)),
+            expiry: Mutex::new(None),
+        })
     }
 
-    async fn open(&self, peer: &Peer<()>) {
+    fn user(&self, session: &Session) -> Option<Arc<str>> {
+        session.user.clone()
+    }
+
+    async fn open(&self, peer: &Peer<Session>) {
         reply(
             peer,
             ServerFrame::Welcome {
@@ -77,11 +169,22 @@ impl Hooks for PubSub {
                 version: PROTOCOL_VERSION,
             },
         );
+        if let Some(claims) = peer.context().claims() {
+            // A token stops being valid mid-connection too.
+            let expires_in = claims.expires_in();
+            let closer = peer.clone();
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(expires_in).await;
+                closer.close(close_code::UNAUTHORIZED, "token expired");
+            });
+            *peer.context().expiry.lock().expect("expiry lock") = Some(task.abort_handle());
+        }
     }
 
-    async fn message(&self, peer: &Peer<()>, message: Message) {
+    async fn message(&self, peer: &Peer<Session>, message: Message) {
         let Some(text) = message.text() else {
-            return error(peer, ErrorCode::BadRequest, "binary frames are not part of protocol v1: send JSON text frames", None, None);
+            let message = "binary frames are not part of protocol v1: send JSON text frames";
+            return error(peer, ErrorCode::BadRequest, message, None, None);
         };
         match ClientFrame::decode(text) {
             Ok(frame) => self.handle(peer, frame),
@@ -89,9 +192,16 @@ impl Hooks for PubSub {
         }
     }
 
-    async fn error(&self, peer: &Peer<()>, err: &PeerError) {
+    async fn close(&self, peer: &Peer<Session>, _details: CloseDetails) {
+        if let Some(task) = peer.context().expiry.lock().expect("expiry lock").take() {
+            task.abort();
+        }
+    }
+
+    async fn error(&self, peer: &Peer<Session>, err: &PeerError) {
         if let PeerError::MessageTooBig { limit, .. } = err {
-            error(peer, ErrorCode::TooLarge, format!("message exceeds the limit of {limit} bytes; closing (1009)"), None, None);
+            let message = format!("message exceeds the limit of {limit} bytes; closing (1009)");
+            error(peer, ErrorCode::TooLarge, message, None, None);
         }
     }
 }

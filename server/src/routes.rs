@@ -10,6 +10,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::limits::IpSlot;
+
 use crate::{
     connection, handshake,
     hooks::{Hooks, UpgradeRequest},
@@ -24,9 +26,17 @@ pub(crate) struct ConnCtx<H> {
     pub(crate) hooks: Arc<H>,
     pub(crate) remote: SocketAddr,
     pub(crate) shutdown: ShutdownHandles,
-    /// The connection's slot under `max_connections`, carried over into the
-    /// WebSocket task when the connection upgrades.
-    pub(crate) permit: Arc<OwnedSemaphorePermit>,
+    /// The connection's place under the connection limits, carried over into
+    /// the WebSocket task when the connection upgrades.
+    pub(crate) slot: Arc<ConnSlot>,
+}
+
+/// A connection's place under `max_connections` and `max_connections_per_ip`,
+/// released when dropped.
+#[derive(Debug)]
+pub(crate) struct ConnSlot {
+    pub(crate) _permit: OwnedSemaphorePermit,
+    pub(crate) _ip: IpSlot,
 }
 
 /// A plain-text response, the shape of every error this server answers with.
@@ -43,7 +53,9 @@ pub(crate) async fn route<H: Hooks>(req: Request<Incoming>, ctx: Arc<ConnCtx<H>>
         websocket(req, &ctx).await
     } else if path == "/healthz" {
         text_response(StatusCode::OK, "ok\n")
-    } else if let (Some(dir), true) = (&ctx.state.config.static_dir, matches!(*req.method(), Method::GET | Method::HEAD)) {
+    } else if let (Some(dir), true) =
+        (&ctx.state.config.static_dir, matches!(*req.method(), Method::GET | Method::HEAD))
+    {
         statics::serve(dir, path, req.method() == Method::HEAD).await
     } else {
         text_response(StatusCode::NOT_FOUND, "not found\n")
@@ -51,14 +63,27 @@ pub(crate) async fn route<H: Hooks>(req: Request<Incoming>, ctx: Arc<ConnCtx<H>>
     Ok(res)
 }
 
-async fn websocket<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) -> HttpResponse {
-    let accept = match handshake::validate_upgrade(&req) {
-        Ok(accept) => accept,
-        Err(rejection) => {
-            tracing::debug!(remote = %ctx.remote, %rejection, "upgrade rejected");
-            return rejection.response();
-        }
-    };
+/// The WebSocket path, checked in this order: the Origin (403), the
+/// `upgrade` hook (auth: 401 or whatever it answers), the handshake rules,
+/// then the 101. Auth comes before the handshake rules so that a plain GET
+/// carrying a token learns whether it is accepted: browsers hide the status
+/// of a refused WebSocket handshake, and the client probes with such a GET.
+async fn websocket<H: Hooks>(req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) -> HttpResponse {
+    if !ctx.state.origins.allows(req.headers()) {
+        tracing::debug!(remote = %ctx.remote, origin = ?req.headers().get(header::ORIGIN), "origin refused");
+        return text_response(StatusCode::FORBIDDEN, "this origin may not connect\n");
+    }
+    let allow_origin = req.headers().get(header::ORIGIN).cloned();
+    let mut res = upgrade(req, ctx).await;
+    // The client's probe is a cross-origin fetch in development: let it read the status.
+    if let Some(origin) = allow_origin {
+        res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        res.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    res
+}
+
+async fn upgrade<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) -> HttpResponse {
     let upgrade_req = UpgradeRequest {
         method: req.method().clone(),
         uri: req.uri().clone(),
@@ -69,20 +94,27 @@ async fn websocket<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) 
         Ok(context) => context,
         Err(response) => return response,
     };
+    let accept = match handshake::validate_upgrade(&req) {
+        Ok(accept) => accept,
+        Err(rejection) => {
+            tracing::debug!(remote = %ctx.remote, %rejection, "upgrade rejected");
+            return rejection.response();
+        }
+    };
     let state = Arc::clone(&ctx.state);
-    let (outbox, outbox_rx) = Outbox::new(state.config.outbound_queue);
+    let (outbox, outbox_rx) = Outbox::new(state.config.outbound_queue, state.config.outbox_reserve());
     let user = ctx.hooks.user(&context);
     let (id, topics) = state.register_peer(ctx.remote, outbox.clone(), user.clone());
     let peer = Peer::new(id, ctx.remote, context, outbox, topics, user, Arc::clone(&state));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hooks = Arc::clone(&ctx.hooks);
     let (shutdown, guard) = ctx.shutdown.split();
-    let permit = Arc::clone(&ctx.permit);
+    let slot = Arc::clone(&ctx.slot);
     // hyper sends the 101 only once this handler returns, so the socket is
     // taken over in a task of its own.
     tokio::spawn(async move {
         let _guard = guard;
-        let _permit = permit;
+        let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => connection::serve(state, hooks, upgraded, peer, outbox_rx, shutdown).await,
             Err(e) => {

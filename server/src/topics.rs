@@ -42,6 +42,10 @@ struct TopicState {
     seq: u64,
     subscribers: HashMap<Arc<str>, Subscriber>,
     history: VecDeque<Retained>,
+    /// Last publish, subscribe or unsubscribe. An idle topic keeps its epoch
+    /// and seq for the history TTL, so a subscriber that was its only one can
+    /// still come back and recover what was published meanwhile.
+    touched: Instant,
 }
 
 /// One subscriber's entry in a topic.
@@ -88,12 +92,13 @@ struct MessageFrame<'a> {
 }
 
 impl TopicState {
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         Self {
             epoch: format!("{:016x}", rand::random::<u64>()).into(),
             seq: 0,
             subscribers: HashMap::new(),
             history: VecDeque::new(),
+            touched: now,
         }
     }
 
@@ -111,8 +116,12 @@ impl TopicState {
         since.seq == self.seq || self.history.front().is_some_and(|r| r.seq <= since.seq + 1)
     }
 
-    fn is_dead(&self) -> bool {
-        self.subscribers.is_empty() && self.history.is_empty()
+    /// Nobody is subscribed, nothing is retained, and (unless there is no
+    /// history at all, so nothing to recover) it has been idle for the TTL.
+    fn is_dead(&self, now: Instant, ttl: Duration, history_size: usize) -> bool {
+        self.subscribers.is_empty()
+            && self.history.is_empty()
+            && (history_size == 0 || now.duration_since(self.touched) > ttl)
     }
 
     /// Sends a presence event about `who` to every other subscriber that opted in.
@@ -163,7 +172,8 @@ impl Topics {
                 None => return Published { seq: 0, delivered: 0 },
             },
             Payload::Data { from, data } => {
-                let state = shard.entry(topic.clone()).or_insert_with(TopicState::new);
+                let state = shard.entry(topic.clone()).or_insert_with(|| TopicState::new(now));
+                state.touched = now;
                 state.seq += 1;
                 let seq = state.seq;
                 let text = serde_json::to_string(&MessageFrame { topic, seq, from, data })
@@ -188,7 +198,7 @@ impl Topics {
                 delivered += 1;
             }
         }
-        if state.is_dead() {
+        if state.is_dead(now, self.history_ttl, self.history_size) {
             shard.remove(topic);
         }
         Published { seq, delivered }
@@ -204,16 +214,17 @@ impl Topics {
     ) -> Subscription {
         let now = Instant::now();
         let mut shard = self.shard(topic);
-        let state = shard.entry(topic.clone()).or_insert_with(TopicState::new);
+        let state = shard.entry(topic.clone()).or_insert_with(|| TopicState::new(now));
+        state.touched = now;
         state.expire(now, self.history_ttl);
         let recovered = since.is_some_and(|s| state.can_recover(s));
         let result = Subscription { epoch: state.epoch.clone(), seq: state.seq, recovered };
         if let Some(frame) = reply(&result) {
-            let _ = sub.outbox.push(WsMessage::Text(frame.encode().into()));
+            let _ = sub.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
         }
         if let (true, Some(since)) = (recovered, since) {
             for r in state.history.iter().filter(|r| r.seq > since.seq) {
-                let _ = sub.outbox.push(r.frame.clone());
+                let _ = sub.outbox.push_reserved(r.frame.clone());
             }
         }
         let is_new = match state.subscribers.entry(peer.clone()) {
@@ -233,13 +244,15 @@ impl Topics {
     }
 
     pub(crate) fn unsubscribe(&self, topic: &Topic, peer: &str) {
+        let now = Instant::now();
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else { return };
         if state.subscribers.contains_key(peer) {
             state.announce(topic, peer, false);
             state.subscribers.remove(peer);
+            state.touched = now;
         }
-        if state.is_dead() {
+        if state.is_dead(now, self.history_ttl, self.history_size) {
             shard.remove(topic);
         }
     }
@@ -270,7 +283,7 @@ impl Topics {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.retain(|_, state| {
                 state.expire(now, self.history_ttl);
-                !state.is_dead()
+                !state.is_dead(now, self.history_ttl, self.history_size)
             });
             remaining += shard.len();
         }
@@ -292,13 +305,13 @@ mod tests {
     }
 
     fn sub(capacity: usize) -> (Subscriber, crate::peer::OutboxReceiver) {
-        let (outbox, rx) = Outbox::new(capacity);
+        let (outbox, rx) = Outbox::new(capacity, 16);
         (Subscriber { outbox, user: None, presence: false }, rx)
     }
 
     fn texts(rx: &mut crate::peer::OutboxReceiver) -> Vec<String> {
         let mut out = vec![];
-        while let Ok(m) = rx.frames.try_recv() {
+        while let Some(m) = rx.frames.try_recv() {
             out.push(m.into_text().unwrap().to_string());
         }
         out
@@ -351,9 +364,15 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(topics.sweep(), 0);
         let (s, _rx) = sub(4);
-        topics.subscribe(&t, &"a".into(), s, None, |_| None);
+        let epoch = topics.subscribe(&t, &"a".into(), s, None, |_| None).epoch;
         topics.unsubscribe(&t, "a");
-        assert_eq!(topics.len(), 0);
+        // Idle but within the TTL: kept, so its only subscriber can come back to the same epoch.
+        assert_eq!(topics.sweep(), 1);
+        let back = Since { epoch: epoch.to_string(), seq: 0 };
+        assert!(topics.subscribe(&t, &"a".into(), sub(4).0, Some(&back), |_| None).recovered);
+        topics.unsubscribe(&t, "a");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(topics.sweep(), 0);
         // Raw publishes to a topic nobody is in create nothing.
         topics.publish(&t, None, Payload::Raw(WsMessage::text("x")));
         assert_eq!(topics.len(), 0);

@@ -36,11 +36,8 @@ fn upgrade_request(method: &str, headers: &[(&str, &str)]) -> String {
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 fn good_but(skip: &str, replace: Option<(&'static str, &'static str)>) -> Vec<(&'static str, &'static str)> {
-    let mut h: Vec<(&str, &str)> = vec![
-        ("Upgrade", "websocket"),
-        ("Sec-WebSocket-Key", KEY),
-        ("Sec-WebSocket-Version", "13"),
-    ];
+    let mut h: Vec<(&str, &str)> =
+        vec![("Upgrade", "websocket"), ("Sec-WebSocket-Key", KEY), ("Sec-WebSocket-Version", "13")];
     h.retain(|(k, _)| *k != skip);
     h.extend(replace);
     h
@@ -58,7 +55,12 @@ async fn each_rejection_has_its_status() {
         ("GET", good_but("Sec-WebSocket-Key", None), 400, None),
         ("GET", good_but("Sec-WebSocket-Key", Some(("Sec-WebSocket-Key", "c2hvcnQ="))), 400, None),
         ("GET", good_but("Sec-WebSocket-Key", Some(("Sec-WebSocket-Key", "%%%"))), 400, None),
-        ("GET", good_but("Sec-WebSocket-Version", Some(("Sec-WebSocket-Version", "8"))), 426, Some("sec-websocket-version: 13")),
+        (
+            "GET",
+            good_but("Sec-WebSocket-Version", Some(("Sec-WebSocket-Version", "8"))),
+            426,
+            Some("sec-websocket-version: 13"),
+        ),
         ("GET", good_but("Sec-WebSocket-Version", None), 426, Some("sec-websocket-version: 13")),
     ];
     for (method, headers, status, header) in cases {
@@ -79,7 +81,8 @@ async fn each_rejection_has_its_status() {
 #[tokio::test]
 async fn accept_key_is_correct() {
     let server = start_pubsub(config()).await;
-    let req = upgrade_request("GET", &good_but("", None)).replace("Connection: close", "Connection: keep-alive, Upgrade");
+    let req =
+        upgrade_request("GET", &good_but("", None)).replace("Connection: close", "Connection: keep-alive, Upgrade");
     let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1024];
@@ -99,7 +102,8 @@ async fn accept_key_is_correct() {
 #[tokio::test]
 async fn healthz_and_unknown_paths() {
     let server = start_pubsub(config()).await;
-    let (status, _, body) = raw(server.local_addr(), "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let (status, _, body) =
+        raw(server.local_addr(), "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, _, _) = raw(server.local_addr(), "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert_eq!(status, 404);

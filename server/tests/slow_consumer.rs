@@ -54,3 +54,55 @@ async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
     }
     assert_eq!(server.handle().peers().len(), 2, "the slow peer is gone, the others stay");
 }
+
+#[tokio::test]
+async fn a_slow_consumer_reconnects_and_recovers_what_it_missed() {
+    let mut config = config();
+    config.outbound_queue = 32;
+    config.history_size = 256;
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let mut slow = Client::connect(addr).await;
+    let epoch = match slow.subscribe("feed").await {
+        crosswire_shared::ServerFrame::Subscribed { epoch, .. } => epoch,
+        _ => unreachable!(),
+    };
+    let mut publisher = Client::connect(addr).await;
+    let blob = "y".repeat(16 * 1024);
+    // Publish until the server gives up on the slow peer, then stop.
+    let mut published = 0u64;
+    while !handle.peers().iter().any(|p| p.id == slow.peer && p.closing) {
+        published += 1;
+        publisher.publish("feed", json!({ "blob": blob }), published).await;
+        assert!(published < 100_000, "the slow consumer was never cut off");
+    }
+    // It reads what reached it before the cut, in order.
+    let mut last = 0;
+    loop {
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut slow.ws)).await.expect("ends") {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let (seq, _, _) = message_data(&crosswire_shared::ServerFrame::decode(&t).unwrap());
+                assert_eq!(seq, last + 1);
+                last = seq;
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    assert!(last < published, "it missed something ({last} of {published})");
+    // Reconnect with `since` and get exactly the rest.
+    let mut back = Client::connect(addr).await;
+    back.send(json!({"type": "subscribe", "topic": "feed", "since": {"epoch": epoch, "seq": last}})).await;
+    match back.recv().await {
+        crosswire_shared::ServerFrame::Subscribed { recovered, seq, .. } => {
+            assert!(recovered, "lag of {} within a window of 256", published - last);
+            assert_eq!(seq, published);
+        }
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    for expected in last + 1..=published {
+        assert_eq!(message_data(&back.recv().await).0, expected);
+    }
+    back.assert_quiet().await;
+}

@@ -285,11 +285,9 @@ impl ClientFrame {
                 presence: env.presence.unwrap_or(false),
             },
             "unsubscribe" => ClientFrame::Unsubscribe { topic: env.topic("unsubscribe")? },
-            "publish" => ClientFrame::Publish {
-                topic: env.topic("publish")?,
-                data: env.data("publish")?,
-                ack: env.ack,
-            },
+            "publish" => {
+                ClientFrame::Publish { topic: env.topic("publish")?, data: env.data("publish")?, ack: env.ack }
+            }
             "ping" => ClientFrame::Ping { id: env.id },
             "presence" => ClientFrame::Presence { topic: env.topic("presence")?, id: env.id },
             other => {
@@ -332,10 +330,9 @@ impl ServerFrame {
                 from: env.field("message", "from", env.from.as_deref().map(str::to_owned))?,
                 data: env.data("message")?,
             },
-            "ack" => ServerFrame::Ack {
-                ack: env.field("ack", "ack", env.ack)?,
-                seq: env.field("ack", "seq", env.seq)?,
-            },
+            "ack" => {
+                ServerFrame::Ack { ack: env.field("ack", "ack", env.ack)?, seq: env.field("ack", "seq", env.seq)? }
+            }
             "pong" => ServerFrame::Pong { id: env.id },
             "error" => ServerFrame::Error {
                 code: env.code.unwrap_or(ErrorCode::Unknown),

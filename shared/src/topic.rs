@@ -116,9 +116,16 @@ impl<'de> Deserialize<'de> for Topic {
 
 /// A pattern over topic names, used by permissions: a topic name in which `*`
 /// matches any run of characters (including none), e.g. `chat:*` or `*`.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct TopicPattern(String);
+
+impl<'de> Deserialize<'de> for TopicPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let pattern = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        TopicPattern::new(&pattern).map_err(serde::de::Error::custom)
+    }
+}
 
 impl TopicPattern {
     /// Makes a pattern; every character other than `*` must be allowed in a topic.

@@ -19,7 +19,13 @@ use tokio_tungstenite::{
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn config() -> Config {
-    Config { addr: "127.0.0.1:0".parse().unwrap(), ..Config::default() }
+    Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        // Tests that are not about the rate limit publish as fast as they can.
+        publish_rate: 1_000_000,
+        publish_burst: 1_000_000,
+        ..Config::default()
+    }
 }
 
 pub async fn start_with<H: Hooks>(config: Config, hooks: H) -> RunningServer {

@@ -1,0 +1,238 @@
+//! Built-in authentication, per-topic permissions, the Origin check and the
+//! per-peer and per-address limits, over real sockets.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use common::*;
+use crosswire_shared::{close_code, ErrorCode, ServerFrame};
+use futures_util::SinkExt;
+use jsonwebtoken::{encode, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+
+const SECRET: &str = "test-secret-0123456789";
+
+fn auth_config() -> crosswire_server::Config {
+    let mut config = config();
+    config.jwt_secret = Some(SECRET.into());
+    config
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn token_with(secret: &str, claims: Value) -> String {
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+fn token(sub: &str, extra: Value) -> String {
+    let mut claims = json!({"sub": sub, "exp": now() + 3600});
+    claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    token_with(SECRET, claims)
+}
+
+/// Connects with `request` customisations; returns the HTTP status of a refusal.
+async fn try_connect(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Result<Client, u16> {
+    let mut req = format!("ws://{addr}/_ws{query}").into_client_request().unwrap();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => {
+            let mut client = Client { ws, peer: String::new() };
+            if let ServerFrame::Welcome { peer, .. } = client.recv().await {
+                client.peer = peer;
+            }
+            Ok(client)
+        }
+        Err(tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
+        Err(e) => panic!("unexpected connect error {e}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_before_any_upgrade() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    let expired = token_with(SECRET, json!({"sub": "u", "exp": now() - 3600}));
+    let wrong_key = token_with("another-secret-0123456789", json!({"sub": "u", "exp": now() + 3600}));
+    let no_sub = token_with(SECRET, json!({"exp": now() + 3600}));
+    for query in ["", "?token=", "?token=not.a.jwt", "?token=garbage"] {
+        assert_eq!(try_connect(addr, query, &[]).await.err(), Some(401), "{query}");
+    }
+    for bad in [&expired, &wrong_key, &no_sub] {
+        assert_eq!(try_connect(addr, &format!("?token={bad}"), &[]).await.err(), Some(401));
+    }
+    assert_eq!(try_connect(addr, "", &[("authorization", &format!("Bearer {expired}"))]).await.err(), Some(401));
+}
+
+#[tokio::test]
+async fn a_valid_token_works_from_query_header_or_cookie() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    let t = token("alice", json!({}));
+    let _query = try_connect(addr, &format!("?token={t}"), &[]).await.unwrap();
+    let _header = try_connect(addr, "", &[("authorization", &format!("Bearer {t}"))]).await.unwrap();
+    let _cookie = try_connect(addr, "", &[("cookie", &format!("theme=dark; crosswire_token={t}"))]).await.unwrap();
+    let peers = server.handle().peers();
+    assert_eq!(peers.len(), 3);
+    assert!(peers.iter().all(|p| p.user.as_deref() == Some("alice")));
+}
+
+#[tokio::test]
+async fn a_plain_get_probe_learns_401_or_426() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    let probe = |query: String| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!(
+            "GET /_ws{query} HTTP/1.1\r\nHost: x\r\nOrigin: http://localhost:8080\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.to_ascii_lowercase()
+    };
+    let refused = probe("?token=bad".into()).await;
+    assert!(refused.starts_with("http/1.1 401"), "{refused}");
+    assert!(refused.contains("access-control-allow-origin: http://localhost:8080"), "{refused}");
+    assert!(refused.contains("www-authenticate: bearer"));
+    let accepted = probe(format!("?token={}", token("bob", json!({})))).await;
+    assert!(accepted.starts_with("http/1.1 426"), "{accepted}");
+}
+
+#[tokio::test]
+async fn topic_permissions_from_claims() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    let limited = token("carol", json!({"subscribe": ["chat:*"], "publish": ["chat:general"]}));
+    let mut carol = try_connect(addr, &format!("?token={limited}"), &[]).await.unwrap();
+    let mut admin = try_connect(addr, &format!("?token={}", token("root", json!({}))), &[]).await.unwrap();
+    admin.subscribe("chat:general").await;
+    admin.subscribe("admin").await;
+
+    carol.subscribe("chat:random").await;
+    carol.send(json!({"type": "subscribe", "topic": "admin"})).await;
+    match carol.recv().await {
+        ServerFrame::Error { code, topic, .. } => {
+            assert_eq!(code, ErrorCode::Forbidden);
+            assert_eq!(topic.unwrap().as_str(), "admin");
+        }
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    // The denied subscribe changed nothing: carol hears nothing from "admin".
+    admin.publish("admin", json!("secret"), 1).await;
+    carol.assert_quiet().await;
+    assert_eq!(server.handle().peers().iter().find(|p| p.id == carol.peer).unwrap().topics.len(), 1);
+
+    assert_eq!(carol.publish("chat:general", json!("hi"), 1).await, 1);
+    assert_eq!(message_data(&admin.recv().await).2, json!("hi"));
+    carol.send(json!({"type": "publish", "topic": "chat:random", "data": "nope", "ack": 2})).await;
+    match carol.recv().await {
+        ServerFrame::Error { code, ack, .. } => assert_eq!((code, ack), (ErrorCode::Forbidden, Some(2))),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    carol.send(json!({"type": "presence", "topic": "admin"})).await;
+    assert!(matches!(carol.recv().await, ServerFrame::Error { code: ErrorCode::Forbidden, .. }));
+    // Presence shows user ids.
+    carol.send(json!({"type": "presence", "topic": "chat:general"})).await;
+    match carol.recv().await {
+        ServerFrame::Presence { peers, .. } => assert_eq!(peers[0].user.as_deref(), Some("root")),
+        other => panic!("expected presence, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiring_token_closes_the_connection_with_4001() {
+    let server = start_pubsub(auth_config()).await;
+    let short = token_with(SECRET, json!({"sub": "dave", "exp": now() + 20}));
+    let mut dave = try_connect(server.local_addr(), &format!("?token={short}"), &[]).await.unwrap();
+    // Paused time: the clock jumps; the server's expiry timer fires.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let close = dave.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), close_code::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn foreign_origins_get_403() {
+    let mut config = config();
+    config.allowed_origins = vec!["https://app.example".into()];
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    assert_eq!(try_connect(addr, "", &[("origin", "https://evil.example")]).await.err(), Some(403));
+    assert!(try_connect(addr, "", &[("origin", "https://app.example")]).await.is_ok());
+    assert!(try_connect(addr, "", &[("origin", "http://localhost:8080")]).await.is_ok());
+    assert!(try_connect(addr, "", &[("origin", &format!("http://{addr}"))]).await.is_ok(), "same origin");
+    assert!(try_connect(addr, "", &[]).await.is_ok(), "no Origin: not a browser");
+}
+
+#[tokio::test]
+async fn per_peer_topic_limit() {
+    let mut config = config();
+    config.max_topics_per_peer = 2;
+    let server = start_pubsub(config).await;
+    let mut c = Client::connect(server.local_addr()).await;
+    c.subscribe("a").await;
+    c.subscribe("b").await;
+    c.subscribe("a").await; // already subscribed: still fine
+    c.send(json!({"type": "subscribe", "topic": "c"})).await;
+    assert!(matches!(c.recv().await, ServerFrame::Error { code: ErrorCode::TooManyTopics, .. }));
+    c.send(json!({"type": "unsubscribe", "topic": "a"})).await;
+    c.recv().await;
+    c.subscribe("c").await;
+}
+
+#[tokio::test]
+async fn per_address_connection_limit_gets_429() {
+    let mut config = config();
+    config.max_connections_per_ip = 2;
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let _a = Client::connect(addr).await;
+    let b = Client::connect(addr).await;
+    assert_eq!(try_connect(addr, "", &[]).await.err(), Some(429));
+    drop(b);
+    // The slot frees once the server has seen the close.
+    for _ in 0..100 {
+        if try_connect(addr, "", &[]).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the freed slot was never reusable");
+}
+
+#[tokio::test]
+async fn publish_rate_limit() {
+    let mut config = config();
+    config.publish_rate = 1;
+    config.publish_burst = 3;
+    let server = start_pubsub(config).await;
+    let mut c = Client::connect(server.local_addr()).await;
+    for ack in 1..=5u64 {
+        c.ws.send(Message::text(json!({"type": "publish", "topic": "t", "data": ack, "ack": ack}).to_string()))
+            .await
+            .unwrap();
+    }
+    let mut acks = vec![];
+    let mut limited = vec![];
+    for _ in 0..5 {
+        match c.recv().await {
+            ServerFrame::Ack { ack, .. } => acks.push(ack),
+            ServerFrame::Error { code: ErrorCode::RateLimited, ack, message, .. } => {
+                assert!(message.contains("retry in"), "{message}");
+                limited.push(ack.unwrap());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((acks, limited), (vec![1, 2, 3], vec![4, 5]));
+}
