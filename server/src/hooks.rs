@@ -52,9 +52,15 @@ pub trait Hooks: Send + Sync + 'static {
     /// What `upgrade` attaches to the peer, available as [`Peer::context`].
     type Context: Send + Sync + 'static;
 
-    /// Decides on a valid WebSocket upgrade request: `Ok` accepts it with the
+    /// Decides on a request to the WebSocket path: `Ok` accepts it with the
     /// peer's context, `Err` answers with any HTTP response instead (a 401 for
     /// a missing login, say).
+    ///
+    /// It runs after the Origin check and *before* the handshake rules, so a
+    /// plain GET to the path learns the hook's verdict (401) rather than 426:
+    /// browsers hide why a WebSocket handshake failed, and a client can probe
+    /// with such a GET. A request the hook accepts still needs a valid
+    /// handshake before the connection opens.
     fn upgrade(&self, request: &UpgradeRequest) -> impl Future<Output = Result<Self::Context, HttpResponse>> + Send;
 
     /// The user id presence shows for a peer with this context; `None` by default.

@@ -25,7 +25,7 @@ impl OriginPolicy {
             return true;
         };
         let origin = origin.to_ascii_lowercase();
-        if self.any || self.allowed.iter().any(|a| *a == origin) {
+        if self.any || self.allowed.contains(&origin) {
             return true;
         }
         let Ok(uri) = origin.parse::<Uri>() else { return false };

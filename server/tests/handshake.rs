@@ -48,7 +48,9 @@ async fn each_rejection_has_its_status() {
     let server = start_pubsub(config()).await;
     let addr = server.local_addr();
     // `Connection: close` is always sent by the helper, so an upgrade needs it as a token list.
-    let cases: Vec<(&str, Vec<(&str, &str)>, u16, Option<&str>)> = vec![
+    // (method, headers, expected status, a header the answer must carry)
+    type Case = (&'static str, Vec<(&'static str, &'static str)>, u16, Option<&'static str>);
+    let cases: Vec<Case> = vec![
         ("POST", good_but("", None), 405, Some("allow: get")),
         ("GET", vec![], 426, Some("upgrade: websocket")),
         ("GET", good_but("Upgrade", Some(("Upgrade", "h2c"))), 400, None),
