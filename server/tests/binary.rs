@@ -1,0 +1,56 @@
+//! The `crosswire-server` binary itself: flags, the address line on stdout,
+//! and a graceful shutdown on SIGTERM that closes peers with 1001.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn sigterm_closes_peers_with_1001_and_exits_cleanly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crosswire-server"))
+        .args(["--port", "0", "--heartbeat-ms", "60000"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.trim().strip_prefix("crosswire listening on http://").expect(&line).to_owned();
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{base}/_ws")).await.unwrap();
+    let welcome = ws.next().await.unwrap().unwrap();
+    assert!(welcome.to_text().unwrap().contains(r#""heartbeat_ms":60000"#), "{welcome}");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.unwrap().code), 1001);
+    drop(ws);
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "exit status {exit}");
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server")).args(["--path", "no-slash"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must start with '/'"));
+    let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server"))
+        .env("CROSSWIRE_JWT_SECRET", "short")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16 bytes"));
+}
