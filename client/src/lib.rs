@@ -1,1 +1,101 @@
-//! The crosswire browser client (placeholder until the client issue lands).
+//! The crosswire browser client: a Yew-friendly connection to a crosswire
+//! server over protocol v1 ([`crosswire_shared`]).
+//!
+//! The client owns the WebSocket so that application code never sees a socket
+//! go down: it reconnects with exponential backoff and full jitter, resubscribes
+//! every topic with the last position seen (`since`) so the server can replay
+//! what was missed, drops duplicates by sequence number, queues publishes made
+//! while offline (bounded; overflow is reported, never silent), and detects
+//! dead connections with an application-level heartbeat.
+//!
+//! # Layers
+//!
+//! - Pure logic, built and tested on any target: [`Backoff`], [`OfflineQueue`]
+//!   and the [`session::Session`] state machine, which takes inputs and the
+//!   current time and returns commands.
+//! - The browser binding (wasm32 only): [`Crosswire`], one shared connection
+//!   over `web_sys::WebSocket` that carries out the session's commands.
+//! - The Yew API (wasm32 only): [`CrosswireProvider`] owns one connection per
+//!   app; [`use_status`], [`use_topic`] and [`use_presence`] read it.
+//!
+//! # Example
+//!
+//! ```ignore
+//! use crosswire_client::{use_status, use_topic, Config, CrosswireProvider};
+//! use serde::{Deserialize, Serialize};
+//! use yew::prelude::*;
+//!
+//! #[derive(Clone, PartialEq, Serialize, Deserialize)]
+//! struct Chat {
+//!     text: String,
+//! }
+//!
+//! #[component]
+//! fn Room() -> Html {
+//!     let status = use_status();
+//!     let chat = use_topic::<Chat>("chat:lobby");
+//!     let say = {
+//!         let chat = chat.clone();
+//!         Callback::from(move |_| chat.publish(Chat { text: "hi".into() }))
+//!     };
+//!     html! {
+//!         <>
+//!             <p>{ status.name() }</p>
+//!             <button onclick={say}>{ "Say hi" }</button>
+//!             <ul>{ for chat.messages().iter().map(|m| html! { <li>{ &m.data.text }</li> }) }</ul>
+//!         </>
+//!     }
+//! }
+//!
+//! #[component]
+//! fn App() -> Html {
+//!     html! {
+//!         <CrosswireProvider url="wss://example.com/_ws" config={Config::default()}>
+//!             <Room />
+//!         </CrosswireProvider>
+//!     }
+//! }
+//! ```
+//!
+//! A publish with `ack` resolves to the seq the server assigned:
+//!
+//! ```ignore
+//! let seq = chat.publish_with_ack(Chat { text: "hi".into() }).await?;
+//! ```
+
+// The browser-only items are documented on wasm32 (docs.rs builds that target);
+// native docs cover the pure logic, so links to the browser items dangle there.
+#![cfg_attr(not(target_arch = "wasm32"), allow(rustdoc::broken_intra_doc_links))]
+
+mod ack;
+mod backoff;
+mod config;
+mod error;
+mod event;
+mod queue;
+pub mod session;
+pub mod url;
+
+#[cfg(target_arch = "wasm32")]
+mod client;
+#[cfg(target_arch = "wasm32")]
+mod hooks;
+#[cfg(target_arch = "wasm32")]
+mod provider;
+#[cfg(target_arch = "wasm32")]
+mod socket;
+
+pub use ack::{AckFuture, AckResult};
+pub use backoff::{Backoff, BackoffConfig};
+pub use config::{Config, TokenFuture, TokenRefresher};
+pub use crosswire_shared::{ErrorCode, PeerId, PresenceEntry, Since, Topic};
+pub use error::ClientError;
+pub use event::{Event, Message, Millis, Status, TopicStatus};
+pub use queue::OfflineQueue;
+
+#[cfg(target_arch = "wasm32")]
+pub use client::{Crosswire, Listener, Subscription};
+#[cfg(target_arch = "wasm32")]
+pub use hooks::{use_crosswire, use_presence, use_status, use_topic, Received, UseTopicHandle};
+#[cfg(target_arch = "wasm32")]
+pub use provider::{CrosswireContext, CrosswireProvider, CrosswireProviderProps};

@@ -47,10 +47,8 @@ fn bad_flags_are_refused_with_a_clear_message() {
     let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server")).args(["--path", "no-slash"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must start with '/'"));
-    let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server"))
-        .env("CROSSWIRE_JWT_SECRET", "short")
-        .output()
-        .unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_crosswire-server")).env("CROSSWIRE_JWT_SECRET", "short").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16 bytes"));
 }

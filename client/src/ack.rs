@@ -1,0 +1,146 @@
+//! A single-use future for the answer to a publish with `ack`.
+
+use std::{
+    cell::RefCell,
+    future::Future,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll, Waker},
+};
+
+use crate::ClientError;
+
+/// The outcome of a publish with `ack`: the seq the server gave the message.
+pub type AckResult = Result<u64, ClientError>;
+
+#[derive(Default)]
+struct Slot {
+    result: Option<AckResult>,
+    waker: Option<Waker>,
+    done: bool,
+}
+
+/// Resolves to the seq the server assigned to a published message, or to why
+/// it was not acknowledged ([`ClientError::Server`], [`ClientError::AckTimeout`],
+/// [`ClientError::Disconnected`], [`ClientError::QueueOverflow`], [`ClientError::Closed`]).
+///
+/// Dropping the future is fine: the publish still goes out.
+#[must_use = "futures do nothing unless awaited; drop it to ignore the ack"]
+pub struct AckFuture {
+    slot: Rc<RefCell<Slot>>,
+}
+
+/// The sending half of an [`AckFuture`].
+pub(crate) struct AckSender {
+    slot: Rc<RefCell<Slot>>,
+}
+
+/// A connected sender and future.
+pub(crate) fn channel() -> (AckSender, AckFuture) {
+    let slot = Rc::new(RefCell::new(Slot::default()));
+    (AckSender { slot: slot.clone() }, AckFuture { slot })
+}
+
+impl AckFuture {
+    /// A future that is already resolved, for errors found before sending.
+    pub fn ready(result: AckResult) -> Self {
+        let (tx, rx) = channel();
+        tx.send(result);
+        rx
+    }
+}
+
+impl AckSender {
+    /// Resolves the future; later calls are ignored.
+    pub(crate) fn send(self, result: AckResult) {
+        let waker = {
+            let mut slot = self.slot.borrow_mut();
+            if slot.done {
+                return;
+            }
+            slot.done = true;
+            slot.result = Some(result);
+            slot.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for AckSender {
+    fn drop(&mut self) {
+        let waker = {
+            let mut slot = self.slot.borrow_mut();
+            if slot.done {
+                return;
+            }
+            slot.done = true;
+            slot.result = Some(Err(ClientError::Closed));
+            slot.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl Future for AckFuture {
+    type Output = AckResult;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AckResult> {
+        let mut slot = self.slot.borrow_mut();
+        match slot.result.take() {
+            Some(r) => Poll::Ready(r),
+            None if slot.done => Poll::Ready(Err(ClientError::Closed)),
+            None => {
+                slot.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for AckFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckFuture").field("done", &self.slot.borrow().done).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Wake;
+
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn poll(f: &mut AckFuture, flag: &std::sync::Arc<Flag>) -> Poll<AckResult> {
+        let waker = Waker::from(flag.clone());
+        Pin::new(f).poll(&mut Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn resolves_once_and_wakes() {
+        let flag = std::sync::Arc::new(Flag(Default::default()));
+        let (tx, mut rx) = channel();
+        assert!(poll(&mut rx, &flag).is_pending());
+        tx.send(Ok(7));
+        assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(poll(&mut rx, &flag), Poll::Ready(Ok(7)));
+    }
+
+    #[test]
+    fn a_dropped_sender_means_closed() {
+        let flag = std::sync::Arc::new(Flag(Default::default()));
+        let (tx, mut rx) = channel();
+        drop(tx);
+        assert_eq!(poll(&mut rx, &flag), Poll::Ready(Err(ClientError::Closed)));
+        let mut ready = AckFuture::ready(Err(ClientError::AckTimeout(5)));
+        assert_eq!(poll(&mut ready, &flag), Poll::Ready(Err(ClientError::AckTimeout(5))));
+    }
+}

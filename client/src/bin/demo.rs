@@ -1,0 +1,393 @@
+//! The crosswire demo app: what the reference React client did (a
+//! "Websocket messages" heading and the list of received messages), plus the
+//! connection status with the reconnect countdown, a topic to join, an input
+//! to publish, presence, and errors shown in the page.
+//!
+//! Built by trunk from the top-level `index.html`; it connects to `/_ws` on
+//! the page's own origin, so it works behind `trunk serve` (which proxies
+//! `/_ws` to the server) and when the server serves `dist/` itself. A
+//! `?token=…` in the page URL is passed on to the server.
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() {
+    eprintln!("the crosswire demo runs in the browser: build it with `trunk build` (see the README)");
+}
+
+#[cfg(target_arch = "wasm32")]
+fn main() {
+    yew::Renderer::<app::App>::new().render();
+}
+
+#[cfg(target_arch = "wasm32")]
+mod app {
+    use crosswire_client::{
+        url::same_origin_ws, use_crosswire, use_presence, use_status, use_topic, ClientError, Config,
+        CrosswireProvider, Event as CrosswireEvent, Status, TopicStatus,
+    };
+    use gloo_timers::callback::Interval;
+    use serde_json::{json, Value};
+    use wasm_bindgen_futures::spawn_local;
+    use web_sys::HtmlInputElement;
+    use yew::prelude::*;
+
+    /// The server's WebSocket path (the same one `Trunk.toml` proxies).
+    const WS_PATH: &str = "/_ws";
+
+    fn page_config() -> (String, Config) {
+        let location = web_sys::window().map(|w| w.location());
+        let get = |f: fn(&web_sys::Location) -> Result<String, wasm_bindgen::JsValue>| {
+            location.as_ref().and_then(|l| f(l).ok()).unwrap_or_default()
+        };
+        let url = same_origin_ws(&get(|l| l.protocol()), &get(|l| l.host()), WS_PATH);
+        let token = get(|l| l.search())
+            .trim_start_matches('?')
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token=").map(str::to_owned));
+        let config = Config::default();
+        (
+            url,
+            match token {
+                Some(token) => config.with_token(token),
+                None => config,
+            },
+        )
+    }
+
+    #[component]
+    pub(crate) fn App() -> Html {
+        let setup = use_memo((), |_| page_config());
+        let (url, config) = (*setup).clone();
+        html! {
+            <CrosswireProvider url={url} config={config}>
+                <Demo />
+            </CrosswireProvider>
+        }
+    }
+
+    /// One line of the message list: received, or sent by this page.
+    #[derive(Clone, PartialEq)]
+    struct Line {
+        /// Sent lines carry a local id until the ack gives them a seq.
+        local_id: Option<u64>,
+        seq: Option<u64>,
+        from: String,
+        text: String,
+        mine: bool,
+        failed: Option<String>,
+    }
+
+    enum LogAction {
+        Clear,
+        Received(Vec<Line>),
+        Sent(Line),
+        Acked(u64, u64),
+        Failed(u64, String),
+    }
+
+    #[derive(Default, PartialEq)]
+    struct Log {
+        lines: Vec<Line>,
+        next_id: u64,
+    }
+
+    impl Reducible for Log {
+        type Action = LogAction;
+        fn reduce(self: std::rc::Rc<Self>, action: LogAction) -> std::rc::Rc<Self> {
+            let mut lines = self.lines.clone();
+            let mut next_id = self.next_id;
+            match action {
+                LogAction::Clear => lines.clear(),
+                LogAction::Received(new) => lines.extend(new),
+                LogAction::Sent(line) => {
+                    next_id += 1;
+                    lines.push(line);
+                }
+                LogAction::Acked(id, seq) => {
+                    if let Some(l) = lines.iter_mut().find(|l| l.local_id == Some(id)) {
+                        l.seq = Some(seq);
+                    }
+                }
+                LogAction::Failed(id, e) => {
+                    if let Some(l) = lines.iter_mut().find(|l| l.local_id == Some(id)) {
+                        l.failed = Some(e);
+                    }
+                }
+            }
+            std::rc::Rc::new(Log { lines, next_id })
+        }
+    }
+
+    fn text_of(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            Value::Object(o) => match o.get("text") {
+                Some(Value::String(s)) => s.clone(),
+                _ => v.to_string(),
+            },
+            _ => v.to_string(),
+        }
+    }
+
+    fn now() -> u64 {
+        js_sys::Date::now() as u64
+    }
+
+    fn input_value(e: &Event) -> String {
+        e.target_unchecked_into::<HtmlInputElement>().value()
+    }
+
+    #[component]
+    fn StatusBar() -> Html {
+        let client = use_crosswire();
+        let status = use_status();
+        let now_ms = use_state(now);
+        {
+            let now_ms = now_ms.setter();
+            use_effect_with(status.retry_at(), move |retry_at| {
+                let interval = retry_at.map(|_| Interval::new(200, move || now_ms.set(now())));
+                move || drop(interval)
+            });
+        }
+        // Read the clock at render time; the interval only triggers renders.
+        let current = now().max(*now_ms);
+        let countdown = status.retry_at().map(|at| {
+            let ms = at.saturating_sub(current);
+            format!("{}.{} s", ms / 1000, (ms % 1000) / 100)
+        });
+        let (label, detail) = match &status {
+            Status::Connecting { attempt: 0 } => ("Connecting…".to_owned(), String::new()),
+            Status::Connecting { attempt } => ("Connecting…".to_owned(), format!("attempt {attempt}")),
+            Status::Open { peer } => ("Open".to_owned(), format!("you are {peer}")),
+            Status::Reconnecting { attempt, code, .. } => (
+                format!("Reconnecting in {}", countdown.clone().unwrap_or_default()),
+                format!("attempt {attempt}{}", code.map(|c| format!(", last close code {c}")).unwrap_or_default()),
+            ),
+            Status::Unauthorized { .. } => (
+                "Unauthorized".to_owned(),
+                countdown
+                    .clone()
+                    .map(|c| format!("the server refused the token; retrying in {c}"))
+                    .unwrap_or_else(|| "the server refused the token".into()),
+            ),
+            Status::Forbidden { .. } => (
+                "Forbidden".to_owned(),
+                countdown
+                    .clone()
+                    .map(|c| format!("the server refused this origin; retrying in {c}"))
+                    .unwrap_or_else(|| "the server refused this origin".into()),
+            ),
+            Status::Closed { code, reason } => {
+                ("Closed".to_owned(), format!("{}{reason}", code.map(|c| format!("code {c} ")).unwrap_or_default()))
+            }
+            _ => (status.name().to_owned(), String::new()),
+        };
+        let reconnect = {
+            let client = client.clone();
+            Callback::from(move |_| client.reconnect())
+        };
+        let can_retry = !status.is_open() && !matches!(status, Status::Connecting { .. });
+        html! {
+            <div id="status" class={classes!("status", status.name())} data-state={status.name()} data-testid="status">
+                <span class="dot"></span>
+                <strong id="status-label">{ label }</strong>
+                <span id="status-detail" class="detail">{ detail }</span>
+                if can_retry {
+                    <button id="reconnect" onclick={reconnect}>{ "Retry now" }</button>
+                }
+            </div>
+        }
+    }
+
+    #[component]
+    fn Demo() -> Html {
+        let status = use_status();
+        let topic = use_state(|| "test".to_owned());
+        let topic_draft = use_state(|| "test".to_owned());
+        let draft = use_state(String::new);
+        let chat = use_topic::<Value>(&topic);
+        let presence = use_presence(&topic);
+        let log = use_reducer(Log::default);
+        let seen = use_mut_ref(|| 0usize);
+        // Errors not about a topic (unreadable frames, a socket the browser
+        // refused to create) are shown too, never only logged.
+        let client = use_crosswire();
+        let general_errors = use_state(Vec::<String>::new);
+        {
+            let general_errors = general_errors.clone();
+            use_effect_with(client, move |client| {
+                let listener = client.listen(move |event| {
+                    if let CrosswireEvent::Error(e @ (ClientError::Protocol(_) | ClientError::Socket(_))) = event {
+                        let mut list = (*general_errors).clone();
+                        list.push(e.to_string());
+                        general_errors.set(list);
+                    }
+                });
+                move || drop(listener)
+            });
+        }
+
+        // Move newly received messages into the log (use_topic resets its list
+        // when the topic changes, and so does the log).
+        {
+            let log = log.dispatcher();
+            let seen = seen.clone();
+            use_effect_with((*topic).clone(), move |_| {
+                *seen.borrow_mut() = 0;
+                log.dispatch(LogAction::Clear);
+            });
+        }
+        {
+            let log = log.dispatcher();
+            let seen = seen.clone();
+            let messages = chat.messages().to_vec();
+            use_effect_with(messages.len(), move |len| {
+                let from = (*seen.borrow()).min(*len);
+                let new = messages[from..]
+                    .iter()
+                    .map(|m| Line {
+                        local_id: None,
+                        seq: Some(m.seq),
+                        from: m.from.clone(),
+                        text: text_of(&m.data),
+                        mine: false,
+                        failed: None,
+                    })
+                    .collect::<Vec<_>>();
+                *seen.borrow_mut() = *len;
+                if !new.is_empty() {
+                    log.dispatch(LogAction::Received(new));
+                }
+            });
+        }
+
+        let join = {
+            let topic = topic.clone();
+            let topic_draft = topic_draft.clone();
+            Callback::from(move |e: SubmitEvent| {
+                e.prevent_default();
+                let name = topic_draft.trim().to_owned();
+                if !name.is_empty() {
+                    topic.set(name);
+                }
+            })
+        };
+        let publish = {
+            let chat = chat.clone();
+            let draft = draft.clone();
+            let log = log.clone();
+            let me = match &status {
+                Status::Open { peer } => peer.clone(),
+                _ => "you".to_owned(),
+            };
+            Callback::from(move |e: SubmitEvent| {
+                e.prevent_default();
+                let text = draft.trim().to_owned();
+                if text.is_empty() {
+                    return;
+                }
+                let id = log.next_id;
+                log.dispatch(LogAction::Sent(Line {
+                    local_id: Some(id),
+                    seq: None,
+                    from: me.clone(),
+                    text: text.clone(),
+                    mine: true,
+                    failed: None,
+                }));
+                let ack = chat.publish_with_ack(json!({ "text": text }));
+                let log = log.dispatcher();
+                spawn_local(async move {
+                    match ack.await {
+                        Ok(seq) => log.dispatch(LogAction::Acked(id, seq)),
+                        Err(e) => log.dispatch(LogAction::Failed(id, e.to_string())),
+                    }
+                });
+                draft.set(String::new());
+            })
+        };
+        let on_topic_input = {
+            let topic_draft = topic_draft.clone();
+            Callback::from(move |e: InputEvent| topic_draft.set(input_value(&e)))
+        };
+        let on_draft_input = {
+            let draft = draft.clone();
+            Callback::from(move |e: InputEvent| draft.set(input_value(&e)))
+        };
+
+        let (topic_state, topic_label) = match chat.status() {
+            None | Some(TopicStatus::Subscribing) => ("subscribing", "subscribing…".to_owned()),
+            Some(TopicStatus::Live { recovered: true, .. }) => ("live", "live (missed messages recovered)".to_owned()),
+            Some(TopicStatus::Live { .. }) => ("live", "live".to_owned()),
+            Some(TopicStatus::Gap { missed_after, .. }) => {
+                ("gap", format!("live, but messages after #{} could not be recovered", missed_after.seq))
+            }
+            Some(TopicStatus::Refused(e)) => ("refused", format!("refused: {e}")),
+            Some(_) => ("unknown", String::new()),
+        };
+        let me = match &status {
+            Status::Open { peer } => Some(peer.clone()),
+            _ => None,
+        };
+        let errors: Vec<String> =
+            general_errors.iter().cloned().chain(chat.errors().iter().map(ToString::to_string)).collect();
+
+        html! {
+            <main>
+                <h1>{ "Websocket messages" }</h1>
+                <StatusBar />
+                <section class="controls">
+                    <form id="join-form" onsubmit={join}>
+                        <label for="topic-input">{ "Topic" }</label>
+                        <input id="topic-input" data-testid="topic-input" value={(*topic_draft).clone()} oninput={on_topic_input} placeholder="test" />
+                        <button id="join" data-testid="join" type="submit">{ "Join" }</button>
+                    </form>
+                    <form id="publish-form" onsubmit={publish}>
+                        <label for="message-input">{ "Message" }</label>
+                        <input id="message-input" data-testid="message-input" value={(*draft).clone()} oninput={on_draft_input} placeholder="Say something" autocomplete="off" />
+                        <button id="publish" data-testid="publish" type="submit">{ "Publish" }</button>
+                    </form>
+                </section>
+                <p class="topic-line">
+                    { "Topic " }<code id="current-topic">{ (*topic).clone() }</code>{ ": " }
+                    <span id="topic-status" data-state={topic_state}>{ topic_label }</span>
+                </p>
+                <div class="columns">
+                    <section class="messages">
+                        <h2>{ "Messages" }</h2>
+                        if log.lines.is_empty() {
+                            <p class="empty">{ "No messages yet." }</p>
+                        }
+                        <ul id="messages" data-testid="messages">
+                            { for log.lines.iter().map(|l| html! {
+                                <li class={classes!("msg", l.mine.then_some("mine"), l.failed.is_some().then_some("failed"))}
+                                    data-seq={l.seq.map(|s| s.to_string()).unwrap_or_default()} data-from={l.from.clone()}>
+                                    <span class="from">{ if l.mine { format!("{} (you)", l.from) } else { l.from.clone() } }</span>
+                                    <span class="seq">{ l.seq.map(|s| format!("#{s}")).unwrap_or_else(|| "…".into()) }</span>
+                                    <span class="text">{ &l.text }</span>
+                                    if let Some(e) = &l.failed {
+                                        <span class="why">{ format!("not delivered: {e}") }</span>
+                                    }
+                                </li>
+                            }) }
+                        </ul>
+                    </section>
+                    <aside>
+                        <h2>{ "Here now" }</h2>
+                        <ul id="presence" data-testid="presence">
+                            { for presence.iter().map(|p| html! {
+                                <li data-peer={p.peer.clone()}>
+                                    { p.user.clone().unwrap_or_else(|| p.peer.clone()) }
+                                    if me.as_deref() == Some(p.peer.as_str()) { <em>{ " (you)" }</em> }
+                                </li>
+                            }) }
+                        </ul>
+                        <h2>{ "Errors" }</h2>
+                        <ul id="errors" data-testid="errors">
+                            { for errors.iter().map(|e| html! { <li>{ e }</li> }) }
+                        </ul>
+                    </aside>
+                </div>
+            </main>
+        }
+    }
+}

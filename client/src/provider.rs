@@ -1,0 +1,47 @@
+//! The Yew provider: one shared connection per app.
+
+use yew::prelude::*;
+
+use crate::{Config, Crosswire};
+
+/// What [`CrosswireProvider`] puts in the Yew context: the shared connection.
+/// Read it with [`crate::use_crosswire`] (or `use_context::<CrosswireContext>()`).
+pub type CrosswireContext = Crosswire;
+
+/// The properties of [`CrosswireProvider`].
+#[derive(Properties, PartialEq)]
+pub struct CrosswireProviderProps {
+    /// The server's WebSocket URL, `ws://` or `wss://`.
+    pub url: AttrValue,
+    /// How to connect; `Config::default()` if not given.
+    #[prop_or_default]
+    pub config: Config,
+    /// The app, which may use the crosswire hooks.
+    #[prop_or_default]
+    pub children: Html,
+}
+
+/// Owns one connection for everything below it. Changing `url` or `config`
+/// replaces the connection; unmounting closes it.
+///
+/// ```ignore
+/// html! {
+///     <CrosswireProvider url="wss://example.com/_ws">
+///         <App />
+///     </CrosswireProvider>
+/// }
+/// ```
+#[component]
+pub fn CrosswireProvider(props: &CrosswireProviderProps) -> Html {
+    let client =
+        use_memo((props.url.clone(), props.config.clone()), |(url, config)| Crosswire::new(url, config.clone()));
+    use_effect_with(client.clone(), |client| {
+        let client = Crosswire::clone(client);
+        move || client.close()
+    });
+    html! {
+        <ContextProvider<CrosswireContext> context={Crosswire::clone(&client)}>
+            { props.children.clone() }
+        </ContextProvider<CrosswireContext>>
+    }
+}
