@@ -24,13 +24,19 @@ step() {
 }
 
 # Runs a test command, keeps its output, and adds its pass/fail counts to the
-# total from its own summary lines ("test result: ok. N passed; M failed" for
-# cargo, "name: N passed, M failed" for the others).
+# total: from every "test result: ok. N passed; M failed" line of cargo, or from
+# the one closing "name: N passed, M failed" line of the other runners (whose
+# logs may quote nested runners' lines, which must not count twice).
 counted() {
-  local log="test-output/$1.log"
+  local name=$1
+  local log="test-output/$name.log"
   shift
   "$@" 2>&1 | tee "$log"
-  grep -hoE '([0-9]+) passed[;,] ([0-9]+) failed' "$log" >> test-output/counts || true
+  if [ "$name" = cargo-test ]; then
+    grep -hoE '^test result: .* ([0-9]+) passed; ([0-9]+) failed' "$log" | grep -oE '[0-9]+ passed; [0-9]+ failed'
+  else
+    grep -E "^$name: [0-9]+ passed, [0-9]+ failed" "$log" | tail -n 1 | grep -oE '[0-9]+ passed, [0-9]+ failed'
+  fi >> test-output/counts || true
 }
 
 step "setup" scripts/setup.sh --browser
