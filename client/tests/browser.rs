@@ -18,8 +18,8 @@ use std::{
 };
 
 use crosswire_client::{
-    use_status, use_topic, ClientError, Config, Crosswire, CrosswireProvider, Event, Listener, Status, TokenRefresher,
-    Topic, TopicStatus,
+    use_status, use_topic, ClientError, Config, Crosswire, CrosswireProvider, Event, Listener, Status, Subscription,
+    TokenRefresher, Topic, TopicStatus,
 };
 use gloo_timers::future::TimeoutFuture;
 use serde::{Deserialize, Serialize};
@@ -159,6 +159,27 @@ async fn live(client: &Crosswire, topic: &Topic) {
     panic!("{topic} on {} not live within 5 s: {:?} {:?}", client.url(), client.topic_status(topic), client.status());
 }
 
+/// Two clients live on `topic`: `a` through the proxy the tests can cut, `b`
+/// straight to the server, and a recorder of what `a` sees.
+struct LivePair {
+    a: Crosswire,
+    b: Crosswire,
+    ra: Recorder,
+    _sa: Subscription,
+    _sb: Subscription,
+}
+
+async fn live_pair(topic: &Topic) -> LivePair {
+    let a = Crosswire::new(proxied(), config());
+    let b = Crosswire::new(direct(), config());
+    let ra = Recorder::new(&a);
+    let _sa = a.subscribe(topic, false);
+    let _sb = b.subscribe(topic, false);
+    live(&a, topic).await;
+    live(&b, topic).await;
+    LivePair { a, b, ra, _sa, _sb }
+}
+
 #[wasm_bindgen_test]
 async fn connects_and_closes() {
     let client = Crosswire::new(direct(), config());
@@ -197,13 +218,7 @@ async fn subscribe_publish_receive() {
 #[wasm_bindgen_test]
 async fn reconnects_and_resubscribes_after_the_server_drops_the_connection() {
     let topic = fresh_topic("reconnect");
-    let a = Crosswire::new(proxied(), config());
-    let b = Crosswire::new(direct(), config());
-    let ra = Recorder::new(&a);
-    let _sa = a.subscribe(&topic, false);
-    let _sb = b.subscribe(&topic, false);
-    live(&a, &topic).await;
-    live(&b, &topic).await;
+    let LivePair { a, b, ra, _sa, _sb } = live_pair(&topic).await;
     let first_peer = peer(&a);
 
     control("/cut").await;
@@ -454,13 +469,7 @@ async fn components_share_a_subscription_and_the_last_unmount_unsubscribes() {
 #[wasm_bindgen_test]
 async fn missed_messages_are_recovered_after_a_drop_and_none_arrive_twice() {
     let topic = fresh_topic("recovery");
-    let a = Crosswire::new(proxied(), config());
-    let b = Crosswire::new(direct(), config());
-    let ra = Recorder::new(&a);
-    let _sa = a.subscribe(&topic, false);
-    let _sb = b.subscribe(&topic, false);
-    live(&a, &topic).await;
-    live(&b, &topic).await;
+    let LivePair { a, b, ra, _sa, _sb } = live_pair(&topic).await;
     b.publish(&topic, &0).unwrap();
     wait_until("the first message", 5_000, || ra.messages(&topic).len() == 1).await;
 
