@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Benchmarks crosswire's pub/sub fan-out against Bun's built-in uWebSockets
+# pub/sub (bench/bun/server.ts) with the same load generator (bench/, crate
+# crosswire-bench), on 127.0.0.1 only. Measures; asserts nothing: see
+# docs/BENCHMARKS.md for the method and how to read the numbers.
+#
+#   scripts/bench.sh                      # every scenario, 3 runs each, both servers
+#   BENCH_RUNS=1 scripts/bench.sh         # quicker
+#   BENCH_SCENARIOS="fanout latency" scripts/bench.sh
+#   BENCH_SERVERS=crosswire scripts/bench.sh
+#   BENCH_PIN=1 scripts/bench.sh          # server on CPU 0, load generator on CPU 1
+#
+# Raw results (one JSON file per run, the servers' logs, a table) go to
+# test-output/bench/<UTC time>/. Nothing system-wide is changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${BENCH_RUNS:-3}
+SERVERS=${BENCH_SERVERS:-"crosswire bun"}
+PIN=${BENCH_PIN:-0}
+BUN_VERSION=1.4.5
+BUN=bench/bun/node_modules/@oven/bun-linux-x64/bin/bun
+OUT=test-output/bench/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$OUT"
+
+# The scenarios: name and load generator flags. Every run is bounded by
+# --duration (publishing) plus --drain-timeout, and connecting by
+# --connect-timeout; each of these takes a few seconds at most.
+declare -A SCENARIO=(
+  [fanout]="--publishers 1 --subscribers 1000 --topics 1 --messages 10000 --payload-bytes 64"
+  [fanin]="--publishers 10 --subscribers 100 --topics 1 --messages 10000 --payload-bytes 64"
+  [topics]="--publishers 10 --subscribers 1000 --topics 100 --messages 20000 --payload-bytes 64"
+  [large]="--publishers 1 --subscribers 100 --topics 1 --messages 20000 --payload-bytes 4096"
+  [latency]="--publishers 10 --subscribers 100 --topics 1 --messages 300 --rate 1000 --payload-bytes 64"
+)
+ORDER=(fanout fanin topics large latency)
+SCENARIOS=${BENCH_SCENARIOS:-${ORDER[*]}}
+COMMON="--duration 20 --drain-timeout 5 --connect-timeout 30 --warmup 20 --connect-batch 50"
+
+# crosswire's limits are for production; a benchmark must not trip them:
+# per-peer publish rate limit (default 100/s), connections per IP (256), and
+# the slow-consumer queue (128 frames; the load generator's window keeps each
+# subscriber's backlog far below 65536, and Bun's equivalent is its 16 MiB
+# per-socket backpressure limit). Everything else is the default.
+CROSSWIRE_FLAGS="--publish-rate 1000000 --publish-burst 1000000 --max-connections-per-ip 100000 --max-connections 100000 --outbound-queue 65536"
+
+# How busy both CPUs were (percent) over half a second, from /proc/stat:
+# unlike the load average, this reflects what is running right now.
+cpu_busy() {
+  local _c user nice sys idle iowait irq softirq steal t1 i1 t2 i2
+  read -r _c user nice sys idle iowait irq softirq steal _ </proc/stat
+  t1=$((user + nice + sys + idle + iowait + irq + softirq + steal)) i1=$((idle + iowait))
+  sleep 0.5
+  read -r _c user nice sys idle iowait irq softirq steal _ </proc/stat
+  t2=$((user + nice + sys + idle + iowait + irq + softirq + steal)) i2=$((idle + iowait))
+  echo $((100 * ((t2 - t1) - (i2 - i1)) / (t2 - t1 > 0 ? t2 - t1 : 1)))
+}
+
+# Before each run, wait (at most BENCH_QUIET_WAIT seconds, default 60) for the
+# machine to be at most BENCH_MAX_BUSY percent busy (default 20): the runs
+# share two cores with whatever else is running. The busy figure is recorded
+# with every run either way.
+MAX_BUSY=${BENCH_MAX_BUSY:-20}
+QUIET_WAIT=${BENCH_QUIET_WAIT:-60}
+wait_quiet() {
+  local waited=0
+  BUSY=$(cpu_busy)
+  while ((BUSY > MAX_BUSY && waited < QUIET_WAIT)); do
+    sleep 1.5
+    waited=$((waited + 2))
+    BUSY=$(cpu_busy)
+  done
+}
+
+SERVER_PID=""
+stop_server() {
+  if [[ -n $SERVER_PID ]]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+  fi
+}
+trap stop_server EXIT
+trap 'stop_server; exit 130' INT TERM
+
+# With BENCH_PIN=1: the server on CPU 0, the load generator on CPU 1
+# (taskset execs the command, so $! stays the server's own pid).
+SERVER_CPU=() LOADGEN_CPU=()
+if [[ $PIN == 1 ]]; then SERVER_CPU=(taskset -c 0) LOADGEN_CPU=(taskset -c 1); fi
+TARGET=${CARGO_TARGET_DIR:-target}
+
+for tool in jq npm; do
+  command -v "$tool" >/dev/null || { echo "scripts/bench.sh needs $tool" >&2; exit 2; }
+done
+if [[ $PIN == 1 ]] && ! command -v taskset >/dev/null; then
+  echo "BENCH_PIN=1 needs taskset (util-linux)" >&2
+  exit 2
+fi
+
+echo "== building (release)"
+cargo build --release --quiet -p crosswire-server -p crosswire-bench
+if [[ ! -x $BUN ]] || [[ $("$BUN" --version) != "$BUN_VERSION" ]]; then
+  echo "== installing Bun $BUN_VERSION (npm ci in bench/bun)"
+  (cd bench/bun && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "nproc: $(nproc)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+  echo "kernel: $(uname -r)"
+  echo "rustc: $(rustc --version)"
+  echo "bun: $("$BUN" --version)"
+  echo "crosswire flags: $CROSSWIRE_FLAGS"
+  echo "common flags: $COMMON"
+  echo "pinned: $PIN"
+  echo "uptime: $(uptime)"
+} | tee "$OUT/machine.txt"
+
+start_server() { # start_server <name> <log prefix>; sets SERVER_PID and PORT
+  local name=$1 log=$2
+  case $name in
+    crosswire) "${SERVER_CPU[@]}" "$TARGET"/release/crosswire-server --port 0 $CROSSWIRE_FLAGS >"$log.out" 2>"$log.err" & ;;
+    bun) "${SERVER_CPU[@]}" "$BUN" bench/bun/server.ts --port 0 >"$log.out" 2>"$log.err" & ;;
+    *)
+      echo "unknown server $name" >&2
+      exit 2
+      ;;
+  esac
+  SERVER_PID=$!
+  PORT=""
+  for _ in $(seq 100); do
+    PORT=$(sed -n 's|.*listening on http://[^ ]*:\([0-9][0-9]*\).*|\1|p' "$log.out" | head -n1)
+    [[ -n $PORT ]] && return 0
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "$name did not start; see $log.err" >&2
+  cat "$log.err" >&2
+  exit 1
+}
+
+for scenario in $SCENARIOS; do
+  [[ -n ${SCENARIO[$scenario]:-} ]] || { echo "unknown scenario $scenario" >&2; exit 2; }
+  for run in $(seq "$RUNS"); do
+    # Alternate the servers run by run, so drifting background load hits both alike.
+    for server in $SERVERS; do
+      base="$OUT/$scenario.$server.$run"
+      wait_quiet
+      start_server "$server" "$base.server"
+      echo "== $scenario run $run: $server (port $PORT; CPUs ${BUSY}% busy before; $(uptime | sed 's/.*load/load/'))"
+      # shellcheck disable=SC2086
+      if ! "${LOADGEN_CPU[@]}" "$TARGET"/release/crosswire-bench --url "ws://127.0.0.1:$PORT/_ws" --label "$scenario/$server" \
+        --server-pid "$SERVER_PID" --json "$base.json" --meta "cpu_busy_before=$BUSY" $COMMON ${SCENARIO[$scenario]}; then
+        echo "   (run failed; recorded as missing)"
+      fi
+      stop_server
+    done
+  done
+done
+
+# One line per scenario and server: the median of the runs of each column.
+jq -s -r '
+  def median: sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
+  def r(n): if . == null then "-" else (. * pow(10; n) | round / pow(10; n) | tostring) end;
+  def k: if . == null then "-" else (. / 1000 | round | tostring) + "k" end;
+  def m: if . == null then "-" else (. / 1e6 | r(2)) + "M" end;
+  group_by(.label)
+  | map({
+      label: .[0].label,
+      runs: length,
+      dps: (map(.deliveries_per_s) | median),
+      pps: (map(.publishes_per_s) | median),
+      p50: (map(.latency_us.p50) | median),
+      p99: (map(.latency_us.p99) | median),
+      max: (map(.latency_us.max) | median),
+      scpu: (map(.cpu_percent.server) | median),
+      lcpu: (map(.cpu_percent.loadgen) | median),
+      per_cpu: (map(if (.cpu_percent.server // 0) > 0 then .deliveries_per_s / (.cpu_percent.server / 100) else null end) | median),
+      errors: (map(.errors.lost + .errors.seq_out_of_order + .errors.unparsed
+                   + ([.errors.subscriber_error_frames[], .errors.publisher_error_frames[], .errors.closed_connections[]] | add // 0)) | add),
+      load: (map(.loadavg_at_start[0]) | median),
+      busy: (map(.meta.cpu_busy_before | tonumber) | max)
+    })
+  | (["scenario/server", "runs", "deliveries/s", "publishes/s", "p50 ms", "p99 ms", "max ms",
+      "server CPU %", "loadgen CPU %", "deliveries per server CPU-s", "errors", "load (1 min)", "max busy before %"] | join(" | ")),
+    ([range(13) | "---"] | join(" | ")),
+    (.[] | [.label, (.runs | tostring), (.dps | m), (.pps | round | tostring), (.p50 / 1000 | r(2)), (.p99 / 1000 | r(2)),
+            (.max / 1000 | r(2)), (.scpu | r(0)), (.lcpu | r(0)), (.per_cpu | m), (.errors | tostring), (.load | r(2)), (.busy | tostring)]
+          | join(" | "))
+' "$OUT"/*.json | sed 's/^/| /; s/$/ |/' | tee "$OUT/table.md"
+echo "raw results: $OUT"
