@@ -61,7 +61,7 @@ pub use pubsub::{PubSub, Session};
 pub use routes::text_response;
 pub use shutdown::shutdown_signal;
 
-use peer::Outbox;
+use peer::{Outbox, PeerCore};
 use shutdown::ShutdownController;
 use topics::{Payload, Topics};
 
@@ -117,7 +117,6 @@ impl<H: Hooks> Server<H> {
             listener,
             state: Arc::clone(&state),
             hooks: Arc::new(self.hooks),
-            limit: Arc::clone(&state.limit),
             shutdown: shutdown.handles(),
         };
         let accept = tokio::spawn(accept.run());
@@ -186,8 +185,8 @@ impl RunningServer {
 pub(crate) struct ServerState {
     pub(crate) config: Config,
     pub(crate) topics: Topics,
-    peers: Mutex<HashMap<Arc<str>, PeerEntry>>,
-    limit: Arc<Semaphore>,
+    peers: Mutex<HashMap<Arc<str>, Arc<PeerCore>>>,
+    pub(crate) limit: Arc<Semaphore>,
     pub(crate) per_ip: Arc<limits::IpLimiter>,
     pub(crate) origins: origin::OriginPolicy,
 }
@@ -196,13 +195,6 @@ impl std::fmt::Debug for ServerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerState").field("addr", &self.config.addr).finish_non_exhaustive()
     }
-}
-
-struct PeerEntry {
-    remote: SocketAddr,
-    outbox: Outbox,
-    topics: Arc<Mutex<BTreeSet<Topic>>>,
-    user: Option<Arc<str>>,
 }
 
 impl ServerState {
@@ -216,13 +208,7 @@ impl ServerState {
     }
 
     /// Adds a peer under a fresh random id.
-    pub(crate) fn register_peer(
-        &self,
-        remote: SocketAddr,
-        outbox: Outbox,
-        user: Option<Arc<str>>,
-    ) -> (Arc<str>, Arc<Mutex<BTreeSet<Topic>>>) {
-        let topics = Arc::new(Mutex::new(BTreeSet::new()));
+    pub(crate) fn register_peer(&self, remote: SocketAddr, outbox: Outbox, user: Option<Arc<str>>) -> Arc<PeerCore> {
         let mut peers = self.peers.lock().expect("peer list lock");
         let id: Arc<str> = loop {
             // Random rather than sequential: ids are visible to other peers
@@ -232,8 +218,9 @@ impl ServerState {
                 break id;
             }
         };
-        peers.insert(id.clone(), PeerEntry { remote, outbox, topics: Arc::clone(&topics), user });
-        (id, topics)
+        let core = Arc::new(PeerCore { id: id.clone(), remote, outbox, topics: Mutex::new(BTreeSet::new()), user });
+        peers.insert(id, Arc::clone(&core));
+        core
     }
 
     pub(crate) fn unregister_peer(&self, id: &str) {
@@ -289,9 +276,9 @@ impl ServerHandle {
     pub fn peers(&self) -> Vec<PeerInfo> {
         let peers = self.state.peers.lock().expect("peer list lock");
         let mut list: Vec<_> = peers
-            .iter()
-            .map(|(id, p)| PeerInfo {
-                id: id.to_string(),
+            .values()
+            .map(|p| PeerInfo {
+                id: p.id.to_string(),
                 remote_addr: p.remote,
                 user: p.user.as_deref().map(str::to_owned),
                 topics: p.topics.lock().expect("topic set lock").iter().cloned().collect(),
@@ -322,12 +309,5 @@ impl ServerHandle {
             }
             None => false,
         }
-    }
-}
-
-impl<C> Peer<C> {
-    /// Who is subscribed to `topic`.
-    pub fn presence(&self, topic: &Topic) -> Vec<PresenceEntry> {
-        self.state().topics.presence(topic)
     }
 }

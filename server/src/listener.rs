@@ -6,10 +6,7 @@ use std::{sync::Arc, time::Duration};
 use http::StatusCode;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     hooks::Hooks,
@@ -25,7 +22,6 @@ pub(crate) struct Listener<H> {
     pub(crate) listener: TcpListener,
     pub(crate) state: Arc<ServerState>,
     pub(crate) hooks: Arc<H>,
-    pub(crate) limit: Arc<Semaphore>,
     pub(crate) shutdown: ShutdownHandles,
 }
 
@@ -53,7 +49,7 @@ impl<H: Hooks> Listener<H> {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
+            let Ok(permit) = Arc::clone(&self.state.limit).try_acquire_owned() else {
                 tracing::warn!(%remote, "connection limit reached; answering 503");
                 tokio::spawn(refuse(
                     stream,

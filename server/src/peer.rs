@@ -216,26 +216,32 @@ impl<C> Clone for Peer<C> {
 }
 
 struct PeerInner<C> {
-    id: Arc<str>,
-    remote: SocketAddr,
+    core: Arc<PeerCore>,
     context: C,
-    outbox: Outbox,
-    /// Shared with the server's peer list, so `ServerHandle::peers` can show it.
-    topics: Arc<Mutex<BTreeSet<Topic>>>,
-    /// The authenticated user, shown in presence.
-    user: Option<Arc<str>>,
     state: Arc<ServerState>,
+}
+
+/// What the server knows of a peer whatever its hooks' context type: the
+/// part the server's peer list shares with the [`Peer`] handle.
+#[derive(Debug)]
+pub(crate) struct PeerCore {
+    pub(crate) id: Arc<str>,
+    pub(crate) remote: SocketAddr,
+    pub(crate) outbox: Outbox,
+    pub(crate) topics: Mutex<BTreeSet<Topic>>,
+    /// The authenticated user, shown in presence.
+    pub(crate) user: Option<Arc<str>>,
 }
 
 impl<C> std::fmt::Debug for Peer<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer").field("id", &self.inner.id).field("remote", &self.inner.remote).finish()
+        f.debug_struct("Peer").field("id", &self.inner.core.id).field("remote", &self.inner.core.remote).finish()
     }
 }
 
 impl<C> std::fmt::Display for Peer<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.inner.id)
+        f.write_str(&self.inner.core.id)
     }
 }
 
@@ -251,26 +257,18 @@ pub struct Subscription {
 }
 
 impl<C> Peer<C> {
-    pub(crate) fn new(
-        id: Arc<str>,
-        remote: SocketAddr,
-        context: C,
-        outbox: Outbox,
-        topics: Arc<Mutex<BTreeSet<Topic>>>,
-        user: Option<Arc<str>>,
-        state: Arc<ServerState>,
-    ) -> Self {
-        Self { inner: Arc::new(PeerInner { id, remote, context, outbox, topics, user, state }) }
+    pub(crate) fn new(core: Arc<PeerCore>, context: C, state: Arc<ServerState>) -> Self {
+        Self { inner: Arc::new(PeerInner { core, context, state }) }
     }
 
     /// The peer's id, unique within this server run.
     pub fn id(&self) -> &str {
-        &self.inner.id
+        &self.inner.core.id
     }
 
     /// The client's address.
     pub fn remote_addr(&self) -> SocketAddr {
-        self.inner.remote
+        self.inner.core.remote
     }
 
     /// What the `upgrade` hook attached.
@@ -280,34 +278,34 @@ impl<C> Peer<C> {
 
     /// The authenticated user id, when the connection was authenticated.
     pub fn user(&self) -> Option<&str> {
-        self.inner.user.as_deref()
+        self.inner.core.user.as_deref()
     }
 
     /// Queues a message to this peer. Never waits: a full queue closes the
     /// peer as a slow consumer and returns [`SendError::QueueFull`].
     pub fn send(&self, message: impl Into<Message>) -> Result<(), SendError> {
-        self.inner.outbox.push(message.into().0)
+        self.inner.core.outbox.push(message.into().0)
     }
 
     /// Queues a protocol frame answering the peer (it may use the room
     /// reserved above the live-traffic limit).
     pub fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
-        self.inner.outbox.push_reserved(tungstenite::Message::Text(frame.encode().into()))
+        self.inner.core.outbox.push_reserved(tungstenite::Message::Text(frame.encode().into()))
     }
 
     /// Sends `message` verbatim to every other subscriber of `topic` (crossws
     /// semantics: the sender is excluded, and need not be subscribed). Returns
     /// how many peers it was queued for.
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
-        self.inner.state.topics.publish(topic, Some(&self.inner.id), Payload::Raw(message.into().0)).delivered
+        self.inner.state.topics.publish(topic, Some(&self.inner.core.id), Payload::Raw(message.into().0)).delivered
     }
 
     /// Publishes `data` as a protocol `message` frame from this peer to every
     /// other subscriber of `topic`: it gets the topic's next seq, which is
     /// returned, and is kept in the topic's history for recovery.
     pub fn publish_data(&self, topic: &Topic, data: &RawValue) -> u64 {
-        let payload = Payload::Data { from: &self.inner.id, data };
-        self.inner.state.topics.publish(topic, Some(&self.inner.id), payload).seq
+        let payload = Payload::Data { from: &self.inner.core.id, data };
+        self.inner.state.topics.publish(topic, Some(&self.inner.core.id), payload).seq
     }
 
     /// Subscribes to `topic` for raw messages; returns false if already subscribed.
@@ -338,52 +336,56 @@ impl<C> Peer<C> {
         presence: bool,
         reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
     ) -> (Subscription, bool) {
-        let sub =
-            crate::topics::Subscriber { outbox: self.inner.outbox.clone(), user: self.inner.user.clone(), presence };
-        let result = self.inner.state.topics.subscribe(topic, &self.inner.id, sub, since, reply);
-        let newly = self.inner.topics.lock().expect("topic set lock").insert(topic.clone());
+        let sub = crate::topics::Subscriber {
+            outbox: self.inner.core.outbox.clone(),
+            user: self.inner.core.user.clone(),
+            presence,
+        };
+        let result = self.inner.state.topics.subscribe(topic, &self.inner.core.id, sub, since, reply);
+        let newly = self.inner.core.topics.lock().expect("topic set lock").insert(topic.clone());
         (result, newly)
     }
 
     /// Leaves `topic`; returns false if the peer was not subscribed.
     pub fn unsubscribe(&self, topic: &Topic) -> bool {
-        let was = self.inner.topics.lock().expect("topic set lock").remove(topic);
+        let was = self.inner.core.topics.lock().expect("topic set lock").remove(topic);
         if was {
-            self.inner.state.topics.unsubscribe(topic, &self.inner.id);
+            self.inner.state.topics.unsubscribe(topic, &self.inner.core.id);
         }
         was
     }
 
     /// Whether the peer is subscribed to `topic`.
     pub fn is_subscribed(&self, topic: &Topic) -> bool {
-        self.inner.topics.lock().expect("topic set lock").contains(topic)
+        self.inner.core.topics.lock().expect("topic set lock").contains(topic)
     }
 
     /// The topics the peer is subscribed to, in name order.
     pub fn topics(&self) -> Vec<Topic> {
-        self.inner.topics.lock().expect("topic set lock").iter().cloned().collect()
+        self.inner.core.topics.lock().expect("topic set lock").iter().cloned().collect()
     }
 
     /// Closes the connection with `code` and `reason`, after the frames
     /// already queued.
     pub fn close(&self, code: u16, reason: &str) {
-        self.inner.outbox.close(code, reason);
+        self.inner.core.outbox.close(code, reason);
     }
 
     /// Leaves every topic; called once when the connection ends.
     pub(crate) fn leave_all(&self) {
-        let topics = std::mem::take(&mut *self.inner.topics.lock().expect("topic set lock"));
+        let topics = std::mem::take(&mut *self.inner.core.topics.lock().expect("topic set lock"));
         for topic in &topics {
-            self.inner.state.topics.unsubscribe(topic, &self.inner.id);
+            self.inner.state.topics.unsubscribe(topic, &self.inner.core.id);
         }
     }
 
-    pub(crate) fn state(&self) -> &ServerState {
-        &self.inner.state
+    /// Who is subscribed to `topic`.
+    pub fn presence(&self, topic: &Topic) -> Vec<crosswire_shared::PresenceEntry> {
+        self.inner.state.topics.presence(topic)
     }
 
     pub(crate) fn outbox(&self) -> &Outbox {
-        &self.inner.outbox
+        &self.inner.core.outbox
     }
 }
 

@@ -104,8 +104,8 @@ async fn upgrade<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) ->
     let state = Arc::clone(&ctx.state);
     let (outbox, outbox_rx) = Outbox::new(state.config.outbound_queue, state.config.outbox_reserve());
     let user = ctx.hooks.user(&context);
-    let (id, topics) = state.register_peer(ctx.remote, outbox.clone(), user.clone());
-    let peer = Peer::new(id, ctx.remote, context, outbox, topics, user, Arc::clone(&state));
+    let core = state.register_peer(ctx.remote, outbox, user);
+    let peer = Peer::new(core, context, Arc::clone(&state));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hooks = Arc::clone(&ctx.hooks);
     let (shutdown, guard) = ctx.shutdown.split();

@@ -56,6 +56,12 @@ pub(crate) struct Subscriber {
     pub(crate) presence: bool,
 }
 
+impl Subscriber {
+    fn presence_entry(&self, id: &str) -> PresenceEntry {
+        PresenceEntry { peer: id.to_owned(), user: self.user.as_deref().map(str::to_owned) }
+    }
+}
+
 struct Retained {
     seq: u64,
     at: Instant,
@@ -130,10 +136,7 @@ impl TopicState {
         if watchers.peek().is_none() {
             return;
         }
-        let entry = PresenceEntry {
-            peer: who.to_owned(),
-            user: self.subscribers.get(who).and_then(|s| s.user.as_deref().map(str::to_owned)),
-        };
+        let Some(entry) = self.subscribers.get_key_value(who).map(|(id, s)| s.presence_entry(id)) else { return };
         let frame = if joined {
             ServerFrame::Join { topic: topic.clone(), who: entry }
         } else {
@@ -262,13 +265,7 @@ impl Topics {
         let shard = self.shard(topic);
         let mut list: Vec<_> = shard
             .get(topic)
-            .map(|state| {
-                state
-                    .subscribers
-                    .iter()
-                    .map(|(id, s)| PresenceEntry { peer: id.to_string(), user: s.user.as_deref().map(str::to_owned) })
-                    .collect()
-            })
+            .map(|state| state.subscribers.iter().map(|(id, s)| s.presence_entry(id)).collect())
             .unwrap_or_default();
         list.sort_by(|a, b| a.peer.cmp(&b.peer));
         list
