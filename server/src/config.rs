@@ -25,15 +25,26 @@ pub struct Config {
     /// close the connection with 1009. Default 64 KiB.
     pub max_message_size: usize,
     /// Live frames that may wait in one peer's outbound queue; a peer whose
-    /// queue overflows is closed with 1013 (slow consumer). Default 128: kept
-    /// below `history_size` so that a slow consumer's lag stays recoverable.
-    /// Answers and recovery replays use room reserved above this limit.
+    /// queue overflows is closed with 1013 (slow consumer). Default 4096: a
+    /// burst the publish limits allow must fit, so that only a peer that is
+    /// really behind is cut. Kept below `history_size`, so that a slow
+    /// consumer's lag stays recoverable. Answers and recovery replays do not
+    /// count against it.
     pub outbound_queue: usize,
+    /// Live payload bytes that may wait in one peer's outbound queue; past
+    /// them the peer is closed with 1013. Default 4 MiB (Bun's backpressure
+    /// limit is 16 MiB): a peer is slow when its backlog is large, not when a
+    /// burst sits in its queue for a millisecond.
+    pub max_queue_bytes: usize,
+    /// A peer whose socket accepts no bytes for this long while the server has
+    /// something to write is dropped without a close frame (none could be
+    /// written). Default 10 s.
+    pub write_timeout: Duration,
     /// Open TCP connections at once; further ones get 503. Default 10 000.
     pub max_connections: usize,
     /// How long shutdown waits for peers to finish their close handshake. Default 5 s.
     pub shutdown_grace: Duration,
-    /// How many messages each topic keeps for recovery. Default 256; 0 disables history.
+    /// How many messages each topic keeps for recovery. Default 8192; 0 disables history.
     pub history_size: usize,
     /// How long a message is kept for recovery. Default 5 minutes.
     pub history_ttl: Duration,
@@ -67,10 +78,12 @@ impl Default for Config {
             static_dir: None,
             heartbeat: Duration::from_secs(25),
             max_message_size: 64 * 1024,
-            outbound_queue: 128,
+            outbound_queue: 4096,
+            max_queue_bytes: 4 * 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(5),
-            history_size: 256,
+            history_size: 8192,
             history_ttl: Duration::from_secs(300),
             jwt_secret: None,
             allowed_origins: Vec::new(),
@@ -94,6 +107,14 @@ pub enum ConfigError {
     /// A value that must be positive was zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    /// One message of the largest size would not fit a peer's queue.
+    #[error("max_queue_bytes ({queue}) must be at least max_message_size ({message})")]
+    QueueSmallerThanMessage {
+        /// `max_queue_bytes`.
+        queue: usize,
+        /// `max_message_size`.
+        message: usize,
+    },
     /// The JWT secret is too short to be safe.
     #[error("the JWT secret must be at least 16 bytes long")]
     WeakSecret,
@@ -109,6 +130,7 @@ impl Config {
             ("heartbeat", self.heartbeat.is_zero()),
             ("max_message_size", self.max_message_size == 0),
             ("outbound_queue", self.outbound_queue == 0),
+            ("write_timeout", self.write_timeout.is_zero()),
             ("max_connections", self.max_connections == 0),
             ("max_connections_per_ip", self.max_connections_per_ip == 0),
             ("max_topics_per_peer", self.max_topics_per_peer == 0),
@@ -118,15 +140,21 @@ impl Config {
                 return Err(ConfigError::Zero(name));
             }
         }
+        if self.max_queue_bytes < self.max_message_size {
+            return Err(ConfigError::QueueSmallerThanMessage {
+                queue: self.max_queue_bytes,
+                message: self.max_message_size,
+            });
+        }
         if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err(ConfigError::WeakSecret);
         }
         Ok(())
     }
 
-    /// Queue room above `outbound_queue` for answers and a full recovery replay.
-    pub(crate) fn outbox_reserve(&self) -> usize {
-        self.history_size + 64
+    /// How much live traffic one peer's queue may hold.
+    pub(crate) fn outbox_bounds(&self) -> crate::outbox::Bounds {
+        crate::outbox::Bounds { frames: self.outbound_queue, bytes: self.max_queue_bytes }
     }
 }
 
@@ -153,8 +181,14 @@ pub struct Args {
     #[arg(long, env = "CROSSWIRE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
     /// Frames a peer's outbound queue holds before it is closed as a slow consumer.
-    #[arg(long, env = "CROSSWIRE_OUTBOUND_QUEUE", default_value_t = 128)]
+    #[arg(long, env = "CROSSWIRE_OUTBOUND_QUEUE", default_value_t = 4096)]
     pub outbound_queue: usize,
+    /// Bytes a peer's outbound queue holds before it is closed as a slow consumer.
+    #[arg(long, env = "CROSSWIRE_MAX_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_queue_bytes: usize,
+    /// Milliseconds a peer's socket may accept no bytes before it is dropped.
+    #[arg(long, env = "CROSSWIRE_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
     /// Open connections at once, server-wide.
     #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -162,7 +196,7 @@ pub struct Args {
     #[arg(long, env = "CROSSWIRE_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
     /// Messages each topic keeps for recovery (0 disables).
-    #[arg(long, env = "CROSSWIRE_HISTORY_SIZE", default_value_t = 256)]
+    #[arg(long, env = "CROSSWIRE_HISTORY_SIZE", default_value_t = 8192)]
     pub history_size: usize,
     /// Seconds a message is kept for recovery.
     #[arg(long, env = "CROSSWIRE_HISTORY_TTL_SECS", default_value_t = 300)]
@@ -201,6 +235,8 @@ impl Args {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             max_message_size: self.max_message_bytes,
             outbound_queue: self.outbound_queue,
+            max_queue_bytes: self.max_queue_bytes,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
             max_connections: self.max_connections,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             history_size: self.history_size,

@@ -1,12 +1,23 @@
 //! One peer's connection after the upgrade: its read loop, which feeds the
 //! hooks, and its write loop, which drains the peer's outbound queue into the
-//! socket in batches and keeps the heartbeat.
+//! socket in batches, keeps the heartbeat, and drops a peer whose socket
+//! stops taking bytes.
+//!
+//! Every close the server decides on ends the same way: the close frame
+//! (written as long as the socket keeps taking bytes, at most the write
+//! timeout without progress), then a lingering close. The server shuts its
+//! side and reads what the client still sends until the client closes too,
+//! for a bounded time. Dropping a socket with unread input makes the kernel
+//! answer with a reset, and a reset can overtake the close frame: the client
+//! would see 1006 instead of 1009 or 1013.
 
 use std::{
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -14,7 +25,10 @@ use crosswire_shared::close_code;
 use futures_util::{stream::SplitSink, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::time::{timeout, Instant};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    time::{timeout, Instant},
+};
 use tokio_tungstenite::{
     tungstenite::{
         self,
@@ -26,48 +40,162 @@ use tokio_tungstenite::{
 
 use crate::{
     hooks::{CloseDetails, Hooks, Message, PeerError},
-    peer::{FrameReceiver, OutboxReceiver},
-    shutdown::Shutdown,
+    outbox::{FrameReceiver, Outbox, OutboxReceiver},
+    shutdown::ShutdownHandles,
     Peer, ServerState,
 };
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Socket = WebSocketStream<Tracked<TokioIo<Upgraded>>>;
+type Sink = SplitSink<Socket, tungstenite::Message>;
 
 /// How many queued frames the write loop hands tungstenite before one flush:
 /// under load, one syscall carries many frames.
 const WRITE_BATCH: usize = 64;
 
-/// How long a closing connection may take to flush its last frames and the
-/// close frame, and then to receive the peer's close reply.
+/// How long the server waits for the peer's close reply once its own close
+/// frame is out, and how long the lingering close reads before giving up.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// When the peer was last heard from, as milliseconds since the connection
-/// started; shared by the read loop (which writes it) and the heartbeat.
-struct Activity {
+/// Milliseconds since a fixed start, in an atomic: shared between a task that
+/// stamps and one that checks, without a lock.
+struct Clock {
     start: Instant,
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn since(&self, ms: u64) -> Duration {
+        self.start.elapsed().saturating_sub(Duration::from_millis(ms))
+    }
+}
+
+/// When the peer was last heard from; written by the read loop, checked by
+/// the heartbeat.
+struct Activity {
+    clock: Clock,
     last_ms: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
-        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
+        Self { clock: Clock { start: Instant::now() }, last_ms: AtomicU64::new(0) }
     }
 
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.clock.now_ms(), Ordering::Relaxed);
     }
 
     fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+        self.clock.since(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Since when the socket has refused every byte the server tried to write.
+struct WriteProgress {
+    clock: Clock,
+    /// `NOT_STALLED`, or when the first refused write of the current stall was.
+    stalled_since_ms: AtomicU64,
+}
+
+const NOT_STALLED: u64 = u64::MAX;
+
+impl WriteProgress {
+    fn new() -> Self {
+        Self { clock: Clock { start: Instant::now() }, stalled_since_ms: AtomicU64::new(NOT_STALLED) }
+    }
+
+    fn refused(&self) {
+        let now = self.clock.now_ms();
+        let _ = self.stalled_since_ms.compare_exchange(NOT_STALLED, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn moved(&self) {
+        self.stalled_since_ms.store(NOT_STALLED, Ordering::Relaxed);
+    }
+
+    fn stalled_for(&self) -> Duration {
+        match self.stalled_since_ms.load(Ordering::Relaxed) {
+            NOT_STALLED => Duration::ZERO,
+            since => self.clock.since(since),
+        }
+    }
+
+    /// Resolves once the socket has taken no byte for `limit`: a write that
+    /// is pending that long will not finish while anyone is waiting for it.
+    async fn stalled(&self, limit: Duration) {
+        let step = (limit / 4).max(Duration::from_millis(10));
+        loop {
+            let stalled = self.stalled_for();
+            if stalled >= limit {
+                return;
+            }
+            tokio::time::sleep(step.min(limit - stalled)).await;
+        }
+    }
+}
+
+/// The upgraded socket, noting whether writes make progress: tungstenite's
+/// sink hides that, and "accepted no bytes for N seconds" is what tells a
+/// stalled reader from a merely busy one.
+struct Tracked<T> {
+    io: T,
+    progress: Arc<WriteProgress>,
+}
+
+impl<T> Tracked<T> {
+    fn note<R>(&self, poll: Poll<R>) -> Poll<R> {
+        match &poll {
+            Poll::Pending => self.progress.refused(),
+            Poll::Ready(_) => self.progress.moved(),
+        }
+        poll
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
 /// How the write loop ended.
 enum WriterExit {
-    /// It sent (or tried to send) this close frame.
+    /// It sent this close frame (or the socket refused it: the peer closed first).
     Closed(CloseFrame),
+    /// The socket took no byte for the write timeout; nothing more can be sent.
+    Stalled(Duration),
     /// Writing to the socket failed.
     Failed(String),
 }
@@ -79,21 +207,30 @@ pub(crate) async fn serve<H: Hooks>(
     upgraded: Upgraded,
     peer: Peer<H::Context>,
     outbox_rx: OutboxReceiver,
-    mut shutdown: Shutdown,
+    shutdown: ShutdownHandles,
 ) {
-    let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(state.ws_config())).await;
+    let progress = Arc::new(WriteProgress::new());
+    let io = Tracked { io: TokioIo::new(upgraded), progress: Arc::clone(&progress) };
+    let socket = Socket::from_raw_socket(io, Role::Server, Some(state.ws_config())).await;
     let (sink, mut stream) = socket.split();
     let activity = Arc::new(Activity::new());
-    let mut writer =
-        tokio::spawn(write_loop(sink, outbox_rx, peer.outbox().clone(), state.config.heartbeat, Arc::clone(&activity)));
+    let writer = Writer {
+        outbox: peer.outbox().clone(),
+        heartbeat: state.config.heartbeat,
+        write_timeout: state.config.write_timeout,
+        activity: Arc::clone(&activity),
+        progress,
+    };
+    let mut writer = shutdown.spawn(writer.run(sink, outbox_rx));
     tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
     hooks.open(&peer).await;
 
     let mut peer_close: Option<CloseDetails> = None;
     let mut writer_exit: Option<WriterExit> = None;
+    let mut sink: Option<Sink> = None;
+    let mut reading = true;
+    // Set once the server's close frame is out: how long to wait for the reply.
     let mut deadline: Option<Instant> = None;
-    // `Shutdown::recv` returns at once after it has fired, so the branch must
-    // switch itself off or the loop would spin.
     let mut shutting_down = false;
     loop {
         let until_deadline = async {
@@ -103,76 +240,124 @@ pub(crate) async fn serve<H: Hooks>(
             }
         };
         tokio::select! {
-            next = stream.next() => {
+            next = stream.next(), if reading => {
                 activity.touch();
                 match next {
-                    Some(Ok(tungstenite::Message::Text(t))) => hooks.message(&peer, Message::from(t)).await,
-                    Some(Ok(tungstenite::Message::Binary(b))) => hooks.message(&peer, Message::from(b)).await,
+                    Some(Ok(tungstenite::Message::Text(t))) => on_message(&*hooks, &peer, Message::from(t)).await,
+                    Some(Ok(tungstenite::Message::Binary(b))) => on_message(&*hooks, &peer, Message::from(b)).await,
                     Some(Ok(tungstenite::Message::Close(frame))) => {
-                        // tungstenite queues the close reply itself; it goes out on the next poll.
-                        peer_close.get_or_insert(match frame {
+                        // tungstenite queues the close reply itself and sends it
+                        // with its next write: the handshake is complete.
+                        peer_close = Some(match frame {
                             Some(f) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
                             None => CloseDetails { code: 1005, reason: String::new() },
                         });
+                        break;
                     }
                     Some(Ok(_)) => {} // ping/pong: answered by tungstenite, counted as activity above
                     Some(Err(e)) => {
-                        if let Some((error, code)) = classify(e, state.config.max_message_size) {
-                            tracing::debug!(peer = %peer, %error, "connection error");
-                            hooks.error(&peer, &error).await;
-                            peer.outbox().close(code, &close_reason(&error));
+                        // The stream is fused after an error: the rest is read raw
+                        // by the lingering close, once the close frame is out.
+                        reading = false;
+                        match classify(e, state.config.max_message_size) {
+                            Some((error, code)) => {
+                                tracing::debug!(peer = %peer, %error, "connection error");
+                                hooks.error(&peer, &error).await;
+                                peer.outbox().close(code, &close_reason(&error));
+                            }
+                            None => break,
                         }
-                        if writer_exit.is_some() {
-                            break;
-                        }
-                        // Let the write loop send the close frame before the socket goes.
-                        deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
                     }
                     None => break,
                 }
             }
             exit = &mut writer, if writer_exit.is_none() => {
-                let exit = exit.unwrap_or_else(|e| WriterExit::Failed(e.to_string()));
+                let (returned, exit) = match exit {
+                    Ok(Some((sink, exit))) => (Some(sink), exit),
+                    Ok(None) => break, // aborted at the end of the shutdown grace
+                    Err(e) => (None, WriterExit::Failed(e.to_string())),
+                };
+                sink = returned;
                 match &exit {
-                    WriterExit::Failed(error) => {
-                        tracing::debug!(peer = %peer, %error, "write failed");
-                        writer_exit = Some(exit);
-                        break;
-                    }
                     WriterExit::Closed(frame) => {
                         if let Some(error) = close_error(frame, &state) {
                             hooks.error(&peer, &error).await;
                         }
+                        writer_exit = Some(exit);
+                        if !reading {
+                            break;
+                        }
+                        deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+                    }
+                    WriterExit::Stalled(after) => {
+                        tracing::debug!(peer = %peer, ?after, "socket took no bytes; dropping the peer");
+                        hooks.error(&peer, &PeerError::WriteTimeout(*after)).await;
+                        sink = None;
+                        writer_exit = Some(exit);
+                        break;
+                    }
+                    WriterExit::Failed(error) => {
+                        tracing::debug!(peer = %peer, %error, "write failed");
+                        sink = None;
+                        writer_exit = Some(exit);
+                        break;
                     }
                 }
-                writer_exit = Some(exit);
-                // Wait (bounded) for the peer's close reply, then let the socket go.
-                deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
             }
-            _ = shutdown.recv(), if !shutting_down => {
+            _ = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
-                peer.outbox().close(close_code::GOING_AWAY, "server shutting down");
+                peer.outbox().close_now(close_code::GOING_AWAY, "server shutting down");
             }
             _ = until_deadline => break,
         }
     }
 
-    if !writer.is_finished() && writer_exit.is_none() {
-        // The peer closed first, or the socket broke: stop the write loop too.
-        peer.outbox().close(close_code::GOING_AWAY, "connection closed");
-        if timeout(CLOSE_TIMEOUT, &mut writer).await.is_err() {
-            writer.abort();
+    if writer_exit.is_none() {
+        // The peer closed first, or its socket is gone: stop the write loop,
+        // which also gets tungstenite's close reply out.
+        peer.outbox().close_now(close_code::GOING_AWAY, "connection closed");
+        match timeout(CLOSE_TIMEOUT, &mut writer).await {
+            Ok(Ok(Some((returned, exit)))) => {
+                sink = Some(returned).filter(|_| matches!(exit, WriterExit::Closed(_)));
+                writer_exit = Some(exit);
+            }
+            _ => writer.abort(),
         }
     }
-    let details = match (peer_close, writer_exit) {
+    let details = match (peer_close, &writer_exit) {
         (Some(details), _) => details,
         (None, Some(WriterExit::Closed(f))) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
+        (None, Some(WriterExit::Stalled(_))) => CloseDetails { code: 1006, reason: "write timeout".to_owned() },
         (None, _) => CloseDetails { code: 1006, reason: String::new() },
     };
     peer.leave_all();
     state.unregister_peer(peer.id());
     tracing::debug!(peer = %peer, code = details.code, reason = %details.reason, "close");
     hooks.close(&peer, details).await;
+    if let Some(socket) = sink.and_then(|sink| stream.reunite(sink).ok()) {
+        linger(socket).await;
+    }
+}
+
+/// Hands a data message to the hooks, unless the server has already decided
+/// to close the peer: from then on its frames are read (so the close
+/// handshake completes) but not acted on; an expired token publishes nothing.
+async fn on_message<H: Hooks>(hooks: &H, peer: &Peer<H::Context>, message: Message) {
+    if !peer.outbox().is_closing() {
+        hooks.message(peer, message).await;
+    }
+}
+
+/// The lingering close: shut the write side (the close frame is out), then
+/// read and discard until the client closes too, for a bounded time.
+async fn linger(mut socket: Socket) {
+    let io = socket.get_mut();
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        let _ = io.shutdown().await;
+        let mut scrap = [0u8; 4096];
+        while matches!(io.read(&mut scrap).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// Turns a read error into what to tell the hooks and the close code to send;
@@ -211,61 +396,120 @@ fn close_error(frame: &CloseFrame, state: &ServerState) -> Option<PeerError> {
     }
 }
 
-async fn write_loop(
-    mut sink: SplitSink<Socket, tungstenite::Message>,
-    mut rx: OutboxReceiver,
-    outbox: crate::peer::Outbox,
-    heartbeat: Duration,
-    activity: Arc<Activity>,
-) -> WriterExit {
-    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Dropped before closing so the queue cannot keep itself alive.
-    let outbox = Some(outbox);
-    loop {
-        tokio::select! {
-            biased;
-            _ = rx.close.changed() => break,
-            frame = rx.frames.recv() => {
-                let Some(frame) = frame else { break };
-                let batch = write_batch(&mut sink, frame, &mut rx.frames);
-                tokio::select! {
-                    result = batch => if let Err(e) = result { return WriterExit::Failed(e.to_string()) },
-                    // A slow peer may never take the batch: a close request overtakes it.
-                    _ = rx.close.changed() => break,
-                }
-            }
-            _ = ticker.tick() => {
-                if activity.silent_for() >= heartbeat * 2 {
-                    if let Some(outbox) = &outbox {
-                        outbox.close(close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
-                    }
-                    break;
-                }
-                if let Err(e) = sink.send(tungstenite::Message::Ping(Default::default())).await {
-                    return WriterExit::Failed(e.to_string());
-                }
-            }
-        }
-    }
-    drop(outbox);
-    let frame = rx.close.borrow().clone().unwrap_or(CloseFrame { code: CloseCode::Normal, reason: "".into() });
-    // Whatever was queued before the close still goes out first, within bounds.
-    let _ = timeout(CLOSE_TIMEOUT, async {
-        while let Some(queued) = rx.frames.try_recv() {
-            sink.feed(queued).await?;
-        }
-        sink.send(tungstenite::Message::Close(Some(frame.clone()))).await
-    })
-    .await;
-    WriterExit::Closed(frame)
+/// How one batch write ended.
+enum Batch {
+    Written,
+    /// A close was asked for (or the heartbeat was lost) while it was pending.
+    Close,
+    Stalled,
+    Failed(String),
 }
 
-async fn write_batch(
-    sink: &mut SplitSink<Socket, tungstenite::Message>,
-    first: tungstenite::Message,
-    frames: &mut FrameReceiver,
-) -> Result<(), WsError> {
+/// One peer's write loop and what it needs besides the socket and queue.
+struct Writer {
+    /// For the heartbeat's own verdict; dropped before the close so the
+    /// queue cannot keep itself alive.
+    outbox: Outbox,
+    heartbeat: Duration,
+    write_timeout: Duration,
+    activity: Arc<Activity>,
+    progress: Arc<WriteProgress>,
+}
+
+impl Writer {
+    /// Writes queued frames until a close is asked for, then the close frame.
+    /// The heartbeat, close requests and the stall check are served while a
+    /// write is pending: a peer that stops reading cannot hold the loop.
+    async fn run(self, mut sink: Sink, mut rx: OutboxReceiver) -> (Sink, WriterExit) {
+        let mut ticker = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ping_due = false;
+        'run: loop {
+            let first = if std::mem::take(&mut ping_due) {
+                tungstenite::Message::Ping(Default::default())
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = rx.close.changed() => break 'run,
+                    frame = rx.frames.recv() => match frame {
+                        Some(frame) => frame,
+                        None => break 'run,
+                    },
+                    _ = ticker.tick() => {
+                        if self.heartbeat_lost() {
+                            break 'run;
+                        }
+                        tungstenite::Message::Ping(Default::default())
+                    }
+                }
+            };
+            let outcome = {
+                let batch = write_batch(&mut sink, first, &mut rx.frames);
+                tokio::pin!(batch);
+                loop {
+                    tokio::select! {
+                        biased;
+                        // A close request overtakes a batch the peer may never take.
+                        _ = rx.close.changed() => break Batch::Close,
+                        result = &mut batch => break match result {
+                            Ok(()) => Batch::Written,
+                            Err(e) => Batch::Failed(e.to_string()),
+                        },
+                        _ = ticker.tick() => {
+                            if self.heartbeat_lost() {
+                                break Batch::Close;
+                            }
+                            ping_due = true;
+                        }
+                        _ = self.progress.stalled(self.write_timeout) => break Batch::Stalled,
+                    }
+                }
+            };
+            match outcome {
+                Batch::Written => {}
+                Batch::Close => break 'run,
+                Batch::Failed(error) => return (sink, WriterExit::Failed(error)),
+                Batch::Stalled => return (sink, WriterExit::Stalled(self.write_timeout)),
+            }
+        }
+        let Writer { outbox, write_timeout, progress, .. } = self;
+        drop(outbox);
+        let closing = rx.close.borrow().clone();
+        let (frame, flush) = match closing {
+            Some(c) => (c.frame, c.flush),
+            None => (CloseFrame { code: CloseCode::Normal, reason: "".into() }, true),
+        };
+        let write = async {
+            if flush {
+                while let Some(queued) = rx.frames.try_recv() {
+                    sink.feed(queued).await?;
+                }
+            }
+            sink.send(tungstenite::Message::Close(Some(frame.clone()))).await
+        };
+        // Written as long as the socket keeps taking bytes: a peer that was cut
+        // for being slow still gets its close frame once it reads again.
+        let stalled = tokio::select! {
+            _ = write => false,
+            _ = progress.stalled(write_timeout) => true,
+        };
+        if stalled {
+            return (sink, WriterExit::Stalled(write_timeout));
+        }
+        (sink, WriterExit::Closed(frame))
+    }
+
+    /// Whether the peer was silent for two heartbeats; if so, closes it (3008).
+    fn heartbeat_lost(&self) -> bool {
+        let lost = self.activity.silent_for() >= self.heartbeat * 2;
+        if lost {
+            self.outbox.close_now(close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+        }
+        lost
+    }
+}
+
+async fn write_batch(sink: &mut Sink, first: tungstenite::Message, frames: &mut FrameReceiver) -> Result<(), WsError> {
     sink.feed(first).await?;
     for _ in 1..WRITE_BATCH {
         match frames.try_recv() {

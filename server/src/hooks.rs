@@ -240,9 +240,14 @@ pub enum PeerError {
     /// The peer broke the WebSocket protocol; closed with 1002 (or 1007 for bad UTF-8).
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// The peer did not read and its outbound queue overflowed; closed with 1013.
-    #[error("slow consumer: outbound queue of {0} frames is full")]
+    /// The peer did not read and its outbound queue overflowed (in frames or
+    /// bytes); closed with 1013.
+    #[error("slow consumer: outbound queue (at most {0} frames) is full")]
     SlowConsumer(usize),
+    /// The peer's socket accepted no bytes for the write timeout while the
+    /// server had something to send; dropped without a close frame.
+    #[error("the peer's socket accepted no bytes for {0:?}")]
+    WriteTimeout(std::time::Duration),
     /// The peer was silent past the heartbeat timeout; closed with 3008.
     #[error("no traffic from the peer for {0:?}")]
     HeartbeatTimeout(std::time::Duration),

@@ -33,6 +33,7 @@ mod hooks;
 mod limits;
 mod listener;
 mod origin;
+mod outbox;
 mod peer;
 mod pubsub;
 mod routes;
@@ -50,18 +51,21 @@ use std::{
 
 use bytes::Bytes;
 use crosswire_shared::{PresenceEntry, RawValue, Topic};
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use config::{Args, Config, ConfigError};
 pub use crosswire_shared as protocol;
 pub use hooks::{CloseDetails, Hooks, Message, PeerError, UpgradeRequest};
-pub use peer::{Peer, SendError, Subscription};
+pub use outbox::SendError;
+pub use peer::Peer;
 pub use pubsub::{PubSub, Session};
 pub use routes::text_response;
 pub use shutdown::shutdown_signal;
+pub use topics::Subscription;
 
-use peer::{Outbox, PeerCore};
+use outbox::Outbox;
+use peer::PeerCore;
 use shutdown::ShutdownController;
 use topics::{Payload, Topics};
 
@@ -111,31 +115,26 @@ impl<H: Hooks> Server<H> {
             limit: Arc::new(Semaphore::new(self.config.max_connections)),
             per_ip: limits::IpLimiter::new(self.config.max_connections_per_ip),
             origins: origin::OriginPolicy::new(&self.config.allowed_origins),
+            shutdown: shutdown.handles(),
             config: self.config,
         });
-        let accept = listener::Listener {
-            listener,
-            state: Arc::clone(&state),
-            hooks: Arc::new(self.hooks),
-            shutdown: shutdown.handles(),
-        };
-        let accept = tokio::spawn(accept.run());
-        let sweeper = tokio::spawn(sweep(Arc::clone(&state), shutdown.handles()));
+        let accept = listener::Listener { listener, state: Arc::clone(&state), hooks: Arc::new(self.hooks) };
+        state.shutdown.spawn(accept.run());
+        state.shutdown.spawn(sweep(Arc::clone(&state)));
         tracing::info!(addr = %local_addr, path = %state.config.path, "crosswire listening");
-        Ok(RunningServer { local_addr, handle: ServerHandle { state }, shutdown, tasks: vec![accept, sweeper] })
+        Ok(RunningServer { local_addr, handle: ServerHandle { state }, shutdown })
     }
 }
 
 /// Expires topic history in the background, so topics nobody touches again
 /// are still forgotten.
-async fn sweep(state: Arc<ServerState>, shutdown: shutdown::ShutdownHandles) {
-    let (mut shutdown, _guard) = shutdown.split();
+async fn sweep(state: Arc<ServerState>) {
     let every = (state.config.history_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
     let mut ticker = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = ticker.tick() => { state.topics.sweep(); }
-            _ = shutdown.recv() => return,
+            _ = state.shutdown.cancelled() => return,
         }
     }
 }
@@ -146,7 +145,6 @@ pub struct RunningServer {
     local_addr: SocketAddr,
     handle: ServerHandle,
     shutdown: ShutdownController,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -167,16 +165,21 @@ impl RunningServer {
     }
 
     /// Stops accepting, closes every peer with 1001 and waits for them to
-    /// finish, at most `shutdown_grace`.
+    /// finish, at most `shutdown_grace`; then ends whatever still runs. When
+    /// it returns, no task of this server's is left running.
     pub async fn shutdown(self) {
         let grace = self.handle.state.config.shutdown_grace;
         let peers = self.handle.state.peer_count();
         tracing::info!(peers, "shutting down");
-        if tokio::time::timeout(grace, self.shutdown.drain()).await.is_err() {
-            tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections");
-        }
-        for task in self.tasks {
-            task.abort();
+        let drained = self.shutdown.drain(grace).await;
+        match (drained.aborted, self.handle.state.peer_count()) {
+            (0, _) => tracing::info!(peers, "shutdown complete: every connection closed"),
+            (aborted, left) => tracing::warn!(
+                ?grace,
+                aborted,
+                peers_cut = left,
+                "shutdown grace period over: ended the tasks still running, their peers without a close handshake"
+            ),
         }
     }
 }
@@ -189,6 +192,8 @@ pub(crate) struct ServerState {
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) per_ip: Arc<limits::IpLimiter>,
     pub(crate) origins: origin::OriginPolicy,
+    /// How every task of this server is spawned, so shutdown reaches it.
+    pub(crate) shutdown: shutdown::ShutdownHandles,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -251,6 +256,10 @@ pub struct PeerInfo {
     pub topics: Vec<Topic>,
     /// Whether the server has started closing it (slow consumer, shutdown, …).
     pub closing: bool,
+    /// Live frames waiting in its outbound queue (answers and replays not counted).
+    pub queued_frames: usize,
+    /// Their payload bytes: what the `max_queue_bytes` bound applies to.
+    pub queued_bytes: usize,
 }
 
 impl ServerHandle {
@@ -277,12 +286,17 @@ impl ServerHandle {
         let peers = self.state.peers.lock().expect("peer list lock");
         let mut list: Vec<_> = peers
             .values()
-            .map(|p| PeerInfo {
-                id: p.id.to_string(),
-                remote_addr: p.remote,
-                user: p.user.as_deref().map(str::to_owned),
-                topics: p.topics.lock().expect("topic set lock").iter().cloned().collect(),
-                closing: p.outbox.is_closing(),
+            .map(|p| {
+                let backlog = p.outbox.backlog();
+                PeerInfo {
+                    id: p.id.to_string(),
+                    remote_addr: p.remote,
+                    user: p.user.as_deref().map(str::to_owned),
+                    topics: p.topics.lock().expect("topic set lock").iter().cloned().collect(),
+                    closing: p.outbox.is_closing(),
+                    queued_frames: backlog.frames,
+                    queued_bytes: backlog.bytes,
+                }
             })
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -299,12 +313,13 @@ impl ServerHandle {
         self.state.topics.len()
     }
 
-    /// Closes a peer's connection; false if no such peer is connected.
+    /// Closes a peer's connection now: what is still queued for it is dropped
+    /// and the close frame goes next. False if no such peer is connected.
     pub fn disconnect(&self, peer: &str, code: u16, reason: &str) -> bool {
         let peers = self.state.peers.lock().expect("peer list lock");
         match peers.get(peer) {
             Some(entry) => {
-                entry.outbox.close(code, reason);
+                entry.outbox.close_now(code, reason);
                 true
             }
             None => false,

@@ -11,7 +11,6 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     hooks::Hooks,
     routes::{self, text_response, ConnCtx, ConnSlot},
-    shutdown::ShutdownHandles,
     ServerState,
 };
 
@@ -22,17 +21,16 @@ pub(crate) struct Listener<H> {
     pub(crate) listener: TcpListener,
     pub(crate) state: Arc<ServerState>,
     pub(crate) hooks: Arc<H>,
-    pub(crate) shutdown: ShutdownHandles,
 }
 
 impl<H: Hooks> Listener<H> {
     pub(crate) async fn run(self) {
-        let (mut shutdown, _guard) = self.shutdown.split();
+        let shutdown = self.state.shutdown.clone();
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
-                _ = shutdown.recv() => return,
+                _ = shutdown.cancelled() => return,
             };
             let (stream, remote) = match accepted {
                 Ok(pair) => {
@@ -51,7 +49,7 @@ impl<H: Hooks> Listener<H> {
             let _ = stream.set_nodelay(true);
             let Ok(permit) = Arc::clone(&self.state.limit).try_acquire_owned() else {
                 tracing::warn!(%remote, "connection limit reached; answering 503");
-                tokio::spawn(refuse(
+                shutdown.spawn(refuse(
                     stream,
                     StatusCode::SERVICE_UNAVAILABLE,
                     "server is at its connection limit; retry later\n",
@@ -60,7 +58,7 @@ impl<H: Hooks> Listener<H> {
             };
             let Some(ip_slot) = self.state.per_ip.try_acquire(remote.ip()) else {
                 tracing::warn!(%remote, "per-address connection limit reached; answering 429");
-                tokio::spawn(refuse(
+                shutdown.spawn(refuse(
                     stream,
                     StatusCode::TOO_MANY_REQUESTS,
                     "too many connections from your address; retry later\n",
@@ -71,18 +69,19 @@ impl<H: Hooks> Listener<H> {
                 state: Arc::clone(&self.state),
                 hooks: Arc::clone(&self.hooks),
                 remote,
-                shutdown: self.shutdown.clone(),
                 slot: Arc::new(ConnSlot { _permit: permit, _ip: ip_slot }),
+                upgrading: Default::default(),
             });
-            tokio::spawn(serve_http(stream, ctx));
+            shutdown.spawn(serve_http(stream, ctx));
         }
     }
 }
 
 async fn serve_http<H: Hooks>(stream: TcpStream, ctx: Arc<ConnCtx<H>>) {
-    let (mut shutdown, _guard) = ctx.shutdown.split();
+    let shutdown = ctx.state.shutdown.clone();
     let remote = ctx.remote;
-    let service = service_fn(move |req| routes::route(req, Arc::clone(&ctx)));
+    let this = Arc::clone(&ctx);
+    let service = service_fn(move |req| routes::route(req, Arc::clone(&this)));
     let conn = http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
@@ -91,9 +90,12 @@ async fn serve_http<H: Hooks>(stream: TcpStream, ctx: Arc<ConnCtx<H>>) {
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = shutdown.recv() => {
-            // Finish the request in flight, then close.
-            conn.as_mut().graceful_shutdown();
+        _ = shutdown.cancelled() => {
+            // Finish the request in flight, then close; an upgrade in flight
+            // completes as an upgrade (see `ConnCtx::upgrading`).
+            if !ctx.upgrading.load(std::sync::atomic::Ordering::SeqCst) {
+                conn.as_mut().graceful_shutdown();
+            }
             conn.await
         }
     };

@@ -101,10 +101,7 @@ impl PubSub {
                     return error(peer, ErrorCode::RateLimited, message, ack, Some(topic));
                 }
                 drop(bucket);
-                let seq = peer.publish_data(&topic, &data);
-                if let Some(ack) = ack {
-                    reply(peer, ServerFrame::Ack { ack, seq });
-                }
+                peer.publish_data(&topic, &data, ack);
             }
             ClientFrame::Ping { id } => reply(peer, ServerFrame::Pong { id }),
             ClientFrame::Presence { topic, id } => {
@@ -173,9 +170,11 @@ impl Hooks for PubSub {
             // A token stops being valid mid-connection too.
             let expires_in = claims.expires_in();
             let closer = peer.clone();
-            let task = tokio::spawn(async move {
+            let task = peer.spawn(async move {
                 tokio::time::sleep(expires_in).await;
-                closer.close(close_code::UNAUTHORIZED, "token expired");
+                // The server's verdict: nothing queued goes out after it, and
+                // the peer's frames are no longer acted on.
+                closer.outbox().close_now(close_code::UNAUTHORIZED, "token expired");
             });
             *peer.context().expiry.lock().expect("expiry lock") = Some(task.abort_handle());
         }

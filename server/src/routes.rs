@@ -15,8 +15,7 @@ use crate::limits::IpSlot;
 use crate::{
     connection, handshake,
     hooks::{Hooks, UpgradeRequest},
-    peer::Outbox,
-    shutdown::ShutdownHandles,
+    outbox::Outbox,
     statics, HttpResponse, Peer, ServerState,
 };
 
@@ -25,10 +24,14 @@ pub(crate) struct ConnCtx<H> {
     pub(crate) state: Arc<ServerState>,
     pub(crate) hooks: Arc<H>,
     pub(crate) remote: SocketAddr,
-    pub(crate) shutdown: ShutdownHandles,
     /// The connection's place under the connection limits, carried over into
     /// the WebSocket task when the connection upgrades.
     pub(crate) slot: Arc<ConnSlot>,
+    /// Set while a request to the WebSocket path is being decided. A graceful
+    /// HTTP shutdown would turn its 101 into `Connection: close` and fail the
+    /// upgrade; instead it completes, and the new peer hears the shutdown
+    /// (the token answers late listeners too) and gets its 1001.
+    pub(crate) upgrading: std::sync::atomic::AtomicBool,
 }
 
 /// A connection's place under `max_connections` and `max_connections_per_ip`,
@@ -50,7 +53,10 @@ pub fn text_response(status: StatusCode, text: impl Into<String>) -> HttpRespons
 pub(crate) async fn route<H: Hooks>(req: Request<Incoming>, ctx: Arc<ConnCtx<H>>) -> Result<HttpResponse, Infallible> {
     let path = req.uri().path();
     let res = if path == ctx.state.config.path {
-        websocket(req, &ctx).await
+        ctx.upgrading.store(true, std::sync::atomic::Ordering::SeqCst);
+        let res = websocket(req, &ctx).await;
+        ctx.upgrading.store(false, std::sync::atomic::Ordering::SeqCst);
+        res
     } else if path == "/healthz" {
         text_response(StatusCode::OK, "ok\n")
     } else if let (Some(dir), true) =
@@ -102,18 +108,17 @@ async fn upgrade<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) ->
         }
     };
     let state = Arc::clone(&ctx.state);
-    let (outbox, outbox_rx) = Outbox::new(state.config.outbound_queue, state.config.outbox_reserve());
+    let (outbox, outbox_rx) = Outbox::new(state.config.outbox_bounds());
     let user = ctx.hooks.user(&context);
     let core = state.register_peer(ctx.remote, outbox, user);
     let peer = Peer::new(core, context, Arc::clone(&state));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hooks = Arc::clone(&ctx.hooks);
-    let (shutdown, guard) = ctx.shutdown.split();
+    let shutdown = state.shutdown.clone();
     let slot = Arc::clone(&ctx.slot);
     // hyper sends the 101 only once this handler returns, so the socket is
     // taken over in a task of its own.
-    tokio::spawn(async move {
-        let _guard = guard;
+    shutdown.clone().spawn(async move {
         let _slot = slot;
         match on_upgrade.await {
             Ok(upgraded) => connection::serve(state, hooks, upgraded, peer, outbox_rx, shutdown).await,

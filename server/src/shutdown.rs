@@ -1,85 +1,94 @@
-//! Graceful shutdown signalling, after mini-redis: every connection task holds
-//! a [`Shutdown`] (a broadcast receiver) and a clone of an mpsc sender. The
-//! server broadcasts once to ask everyone to stop, then waits until every
-//! sender clone is dropped, which happens exactly when every task has ended.
+//! Graceful shutdown that reaches every task crosswire starts.
+//!
+//! Two tokens and a tracker (tokio-util's `CancellationToken` and
+//! `TaskTracker`): every task is spawned through [`ShutdownHandles::spawn`],
+//! so the tracker knows it; `graceful` asks each to finish (peers get their
+//! 1001); when the grace period is over, `abort` ends whatever still runs at
+//! its next poll. A token, unlike a broadcast channel, also answers a task
+//! that starts listening after it fired: a connection whose upgrade was in
+//! flight when the signal came still gets its 1001, instead of never hearing
+//! of the shutdown and holding the drain for the whole grace period.
 
-use tokio::sync::{broadcast, mpsc};
+use std::{future::Future, time::Duration};
 
-/// Listens for the server's shutdown broadcast.
-#[derive(Debug)]
-pub(crate) struct Shutdown {
-    is_shutdown: bool,
-    notify: broadcast::Receiver<()>,
+use tokio::task::JoinHandle;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// What every task needs to take part in shutdown. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct ShutdownHandles {
+    graceful: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
 }
 
-impl Shutdown {
-    pub(crate) fn new(notify: broadcast::Receiver<()>) -> Self {
-        Self { is_shutdown: false, notify }
+impl ShutdownHandles {
+    /// Resolves once shutdown was asked for; at once if it already was.
+    pub(crate) async fn cancelled(&self) {
+        self.graceful.cancelled().await;
     }
 
-    /// Resolves once shutdown was requested; at once if it already was.
-    pub(crate) async fn recv(&mut self) {
-        if self.is_shutdown {
-            return;
-        }
-        // Lagged or closed both mean the sender spoke or went away: either way, stop.
-        let _ = self.notify.recv().await;
-        self.is_shutdown = true;
+    /// Spawns a task the shutdown waits for, and ends (its output `None`) if
+    /// it is still running when the grace period is over.
+    pub(crate) fn spawn<F>(&self, task: F) -> JoinHandle<Option<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let abort = self.abort.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = abort.cancelled() => None,
+                output = task => Some(output),
+            }
+        })
     }
 }
 
-/// The two ends the server keeps: one to announce shutdown, one to learn when
-/// every task holding a [`DrainGuard`] has finished.
+/// The server's end: asks every task to stop and waits for them.
 #[derive(Debug)]
 pub(crate) struct ShutdownController {
-    notify: broadcast::Sender<()>,
-    guard: Option<mpsc::Sender<()>>,
-    drained: mpsc::Receiver<()>,
+    handles: ShutdownHandles,
 }
 
-/// Held by a task for as long as shutdown must wait for it.
-#[derive(Debug, Clone)]
-pub(crate) struct DrainGuard {
-    _tx: mpsc::Sender<()>,
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// Tasks still running when the grace period was over, then ended.
+    pub(crate) aborted: usize,
 }
 
 impl ShutdownController {
     pub(crate) fn new() -> Self {
-        let (notify, _) = broadcast::channel(1);
-        let (tx, drained) = mpsc::channel(1);
-        Self { notify, guard: Some(tx), drained }
+        Self {
+            handles: ShutdownHandles {
+                graceful: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
+        }
     }
 
-    pub(crate) fn guard(&self) -> DrainGuard {
-        DrainGuard { _tx: self.guard.clone().expect("guards are handed out before draining") }
-    }
-
-    /// Tells every task to stop, then waits until all of them have.
-    pub(crate) async fn drain(mut self) {
-        let _ = self.notify.send(());
-        self.guard = None;
-        // Never receives a value: returns `None` once the last guard is dropped.
-        let _ = self.drained.recv().await;
-    }
-}
-
-/// What a task needs to take part in shutdown: a way to hear it, and a guard
-/// that keeps the drain waiting for it. Cloned into every connection.
-#[derive(Debug, Clone)]
-pub(crate) struct ShutdownHandles {
-    notify: broadcast::Sender<()>,
-    guard: DrainGuard,
-}
-
-impl ShutdownHandles {
-    pub(crate) fn split(&self) -> (Shutdown, DrainGuard) {
-        (Shutdown::new(self.notify.subscribe()), self.guard.clone())
-    }
-}
-
-impl ShutdownController {
     pub(crate) fn handles(&self) -> ShutdownHandles {
-        ShutdownHandles { notify: self.notify.clone(), guard: self.guard() }
+        self.handles.clone()
+    }
+
+    /// Tells every task to stop and waits for them, at most `grace`; then ends
+    /// the rest. When this returns, no task spawned through the handles runs.
+    pub(crate) async fn drain(self, grace: Duration) -> Drained {
+        let ShutdownHandles { graceful, abort, tracker } = self.handles;
+        graceful.cancel();
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_ok() {
+            return Drained { aborted: 0 };
+        }
+        let aborted = tracker.len();
+        abort.cancel();
+        // Each task is dropped at its next poll, which the token's wake-up
+        // brings at once: this wait is short whatever the tasks were doing.
+        tracker.wait().await;
+        Drained { aborted }
     }
 }
 

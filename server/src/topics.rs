@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::peer::{Outbox, Subscription};
+use crate::outbox::Outbox;
 
 const SHARDS: usize = 32;
 
@@ -66,6 +66,25 @@ struct Retained {
     seq: u64,
     at: Instant,
     frame: WsMessage,
+}
+
+/// What a protocol-level subscribe did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The topic history's epoch.
+    pub epoch: Arc<str>,
+    /// The topic's last seq when subscribing.
+    pub seq: u64,
+    /// Whether the `since` given was honoured and the missed messages were queued.
+    pub recovered: bool,
+}
+
+/// Who publishes: excluded from the fan-out, and acknowledged (when it asked)
+/// inside the same critical section that assigns the seq.
+pub(crate) struct Publisher<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) outbox: &'a Outbox,
+    pub(crate) ack: Option<u64>,
 }
 
 /// What is being published.
@@ -166,8 +185,9 @@ impl Topics {
         self.shards[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn publish(&self, topic: &Topic, exclude: Option<&str>, payload: Payload<'_>) -> Published {
+    pub(crate) fn publish(&self, topic: &Topic, publisher: Option<Publisher<'_>>, payload: Payload<'_>) -> Published {
         let now = Instant::now();
+        let exclude = publisher.as_ref().map(|p| p.id);
         let mut shard = self.shard(topic);
         let (frame, seq, state) = match payload {
             Payload::Raw(frame) => match shard.get_mut(topic) {
@@ -188,6 +208,12 @@ impl Topics {
                         state.history.pop_front();
                     }
                     state.history.push_back(Retained { seq, at: now, frame: frame.clone() });
+                }
+                // Queued before the fan-out, under the shard lock: the publisher
+                // gets its ack before any message with a later seq, so a seq it
+                // never sees live is always explained by an ack it already has.
+                if let Some(Publisher { outbox, ack: Some(ack), .. }) = &publisher {
+                    let _ = outbox.push_reserved(WsMessage::Text(ServerFrame::Ack { ack: *ack, seq }.encode().into()));
                 }
                 (frame, seq, state)
             }
@@ -301,12 +327,12 @@ mod tests {
         Topic::new(name).unwrap()
     }
 
-    fn sub(capacity: usize) -> (Subscriber, crate::peer::OutboxReceiver) {
-        let (outbox, rx) = Outbox::new(capacity, 16);
+    fn sub(capacity: usize) -> (Subscriber, crate::outbox::OutboxReceiver) {
+        let (outbox, rx) = Outbox::new(crate::outbox::Bounds { frames: capacity, bytes: usize::MAX });
         (Subscriber { outbox, user: None, presence: false }, rx)
     }
 
-    fn texts(rx: &mut crate::peer::OutboxReceiver) -> Vec<String> {
+    fn texts(rx: &mut crate::outbox::OutboxReceiver) -> Vec<String> {
         let mut out = vec![];
         while let Some(m) = rx.frames.try_recv() {
             out.push(m.into_text().unwrap().to_string());
@@ -326,9 +352,15 @@ mod tests {
         let (b, mut brx) = sub(16);
         topics.subscribe(&t, &"a".into(), a, None, |_| None);
         topics.subscribe(&t, &"b".into(), b, None, |_| None);
-        let p = topics.publish(&t, Some("a"), Payload::Data { from: "a", data: &data(1) });
+        let a_outbox = topics.shard(&t)[&t].subscribers["a"].outbox.clone();
+        let publisher = Publisher { id: "a", outbox: &a_outbox, ack: Some(9) };
+        let p = topics.publish(&t, Some(publisher), Payload::Data { from: "a", data: &data(1) });
         assert_eq!(p, Published { seq: 1, delivered: 1 });
-        assert!(texts(&mut arx).is_empty());
+        assert_eq!(
+            texts(&mut arx),
+            [r#"{"type":"ack","ack":9,"seq":1}"#],
+            "the publisher gets its ack, not its message"
+        );
         assert_eq!(texts(&mut brx), [r#"{"type":"message","topic":"t","seq":1,"from":"a","data":1}"#]);
     }
 
@@ -387,7 +419,7 @@ mod tests {
             topics.publish(&t, None, Payload::Data { from: "x", data: &data(n) });
         }
         assert_eq!(texts(&mut fast_rx).len(), 10);
-        assert_eq!(texts(&mut slow_rx).len(), 2);
+        assert!(texts(&mut slow_rx).is_empty(), "a cut peer gets nothing after the refused frame, only its close");
         assert!(slow_rx.close.borrow().is_some(), "the slow peer is told to close");
     }
 }

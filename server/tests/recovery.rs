@@ -221,3 +221,126 @@ async fn publishes_during_the_replay_are_neither_lost_nor_duplicated() {
     assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
     sub.assert_quiet().await;
 }
+
+/// A client behind on many busy topics resubscribes to all of them with
+/// `since` at once (as the browser client does on reconnect): it gets every
+/// missed message of each, in order, with `recovered:true`, and is not cut
+/// as a slow consumer for it. The replay is what it asked for, not a backlog.
+#[tokio::test]
+async fn recovery_is_exact_for_every_topic_at_once() {
+    const TOPICS: u64 = 10;
+    const MISSED: u64 = 150;
+    let mut config = config();
+    // Far less than one topic's replay, let alone ten.
+    config.outbound_queue = 64;
+    config.max_queue_bytes = 256 * 1024;
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let topic = |t: u64| format!("room{t}");
+    let mut sub = Client::connect(addr).await;
+    let mut epochs = vec![];
+    for t in 0..TOPICS {
+        match sub.subscribe(&topic(t)).await {
+            ServerFrame::Subscribed { epoch, .. } => epochs.push(epoch),
+            _ => unreachable!(),
+        }
+    }
+    drop(sub);
+    let mut publisher = Client::connect(addr).await;
+    let blob = "r".repeat(8 * 1024);
+    for i in 1..=MISSED {
+        for t in 0..TOPICS {
+            publisher.send(json!({"type": "publish", "topic": topic(t), "data": {"i": i, "blob": blob}})).await;
+        }
+    }
+    publisher.ping(0).await;
+    // 10 x 150 x 8 KiB = 12 MiB of replay, all requested before reading any.
+    let mut back = Client::connect(addr).await;
+    for (t, epoch) in epochs.iter().enumerate() {
+        back.send(json!({"type": "subscribe", "topic": topic(t as u64), "since": {"epoch": epoch, "seq": 0}})).await;
+    }
+    let mut seqs: Vec<Vec<u64>> = vec![vec![]; TOPICS as usize];
+    let mut recovered = 0;
+    while recovered < TOPICS || seqs.iter().any(|s| (s.len() as u64) < MISSED) {
+        match back.recv().await {
+            ServerFrame::Subscribed { recovered: r, seq, .. } => {
+                assert!(r, "every topic's history still holds all it missed");
+                assert_eq!(seq, MISSED);
+                recovered += 1;
+            }
+            ServerFrame::Message { topic, seq, .. } => {
+                let t: usize = topic.as_str().trim_start_matches("room").parse().unwrap();
+                seqs[t].push(seq);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for (t, s) in seqs.iter().enumerate() {
+        assert_eq!(s, &(1..=MISSED).collect::<Vec<_>>(), "topic {t}: exact and in order");
+    }
+    back.assert_quiet().await;
+    assert!(server.handle().peers().iter().all(|p| !p.closing), "nobody was cut for recovering");
+}
+
+/// Subscribing again with `since` while subscribed replays what is retained
+/// after `since` (as a fresh subscribe would), then live messages go on: a
+/// client that saw a gap it did not cause recovers it this way, and drops
+/// the replayed seqs it already has.
+#[tokio::test]
+async fn subscribing_again_with_since_replays_after_it() {
+    let server = start_pubsub(config()).await;
+    let addr = server.local_addr();
+    let mut sub = Client::connect(addr).await;
+    let epoch = match sub.subscribe("t").await {
+        ServerFrame::Subscribed { epoch, .. } => epoch,
+        _ => unreachable!(),
+    };
+    let mut publisher = Client::connect(addr).await;
+    for i in 1..=5 {
+        publisher.publish("t", json!(i), i).await;
+    }
+    for expected in 1..=5 {
+        assert_eq!(message_data(&sub.recv().await).0, expected);
+    }
+    sub.send(json!({"type": "subscribe", "topic": "t", "since": {"epoch": epoch, "seq": 2}})).await;
+    match sub.recv().await {
+        ServerFrame::Subscribed { recovered, seq, .. } => assert_eq!((recovered, seq), (true, 5)),
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    for expected in 3..=5 {
+        assert_eq!(message_data(&sub.recv().await).0, expected, "the replay");
+    }
+    publisher.publish("t", json!(6), 6).await;
+    assert_eq!(message_data(&sub.recv().await).0, 6, "still subscribed, once");
+    sub.assert_quiet().await;
+    let peers = server.handle().peers();
+    assert_eq!(peers.iter().find(|p| p.id == sub.peer).unwrap().topics.len(), 1);
+}
+
+/// A publisher's ack is queued before any later message of the topic, so a
+/// client can always tell its own seq (never echoed live) from a gap.
+#[tokio::test]
+async fn the_ack_comes_before_any_later_message() {
+    let server = start_pubsub(config()).await;
+    let addr = server.local_addr();
+    let mut a = Client::connect(addr).await;
+    a.subscribe("t").await;
+    let mut b = Client::connect(addr).await;
+    b.subscribe("t").await;
+    // Both publish as fast as they can; each must see a gapless sequence of
+    // the other's messages and its own acks, in seq order.
+    for i in 0..200u64 {
+        a.send(json!({"type": "publish", "topic": "t", "data": i, "ack": i})).await;
+        b.send(json!({"type": "publish", "topic": "t", "data": i, "ack": i})).await;
+    }
+    for client in [&mut a, &mut b] {
+        let mut seen = vec![];
+        while seen.len() < 400 {
+            match client.recv().await {
+                ServerFrame::Message { seq, .. } | ServerFrame::Ack { seq, .. } => seen.push(seq),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, (1..=400).collect::<Vec<_>>(), "acks and messages interleave in seq order");
+    }
+}

@@ -1,10 +1,15 @@
 //! A subscriber that stops reading must never slow the publisher or the other
-//! subscribers; when its queue overflows it is closed with 1013.
+//! subscribers. When its backlog passes the bounds it is closed with 1013:
+//! the close frame reaches it, and nothing it received before has a gap. A
+//! burst the server itself allowed is not a slow consumer, and a socket that
+//! takes no bytes at all is dropped after the write timeout.
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
-use crosswire_shared::close_code;
+use crosswire_shared::{close_code, ServerFrame};
 use serde_json::json;
 
 #[tokio::test]
@@ -12,47 +17,163 @@ async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
     let mut config = config();
     config.outbound_queue = 64;
     config.history_size = 16;
+    // The slow reader starts reading only once everything is published: its
+    // close frame must still be there, however long that takes here.
+    config.write_timeout = Duration::from_secs(120);
     let server = start_pubsub(config).await;
     let addr = server.local_addr();
-    let mut slow = Client::connect(addr).await;
+    let handle = server.handle();
+    let mut slow = connect_small_buffer(addr).await;
     slow.subscribe("firehose").await;
     let mut fast = Client::connect(addr).await;
     fast.subscribe("firehose").await;
     let mut publisher = Client::connect(addr).await;
 
-    // 4000 x 16 KiB = 64 MiB: far beyond what the kernel buffers for the
-    // slow peer, so its queue must overflow while it reads nothing.
+    // 1000 x 16 KiB: far beyond what the kernel buffers for the slow peer,
+    // so its queue must overflow while it reads nothing.
     let blob = "x".repeat(16 * 1024);
-    const N: u64 = 4000;
+    const N: u64 = 1000;
     let fast_reader = tokio::spawn(async move {
         let mut seqs = Vec::with_capacity(N as usize);
         for _ in 0..N {
             seqs.push(message_data(&fast.recv().await).0);
         }
-        seqs
+        fast
     });
     for i in 1..=N {
         // Every publish is acknowledged promptly: the publisher never waits on the slow peer.
         assert_eq!(publisher.publish("firehose", json!({ "i": i, "blob": blob }), i).await, i);
     }
-    let seqs = fast_reader.await.unwrap();
-    assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "the fast subscriber got everything in order");
+    let mut fast = fast_reader.await.unwrap();
+    fast.assert_quiet().await;
 
-    // The slow one now reads: what made it into the kernel buffers, then the end.
-    let mut received = 0u64;
-    let close = loop {
-        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut slow.ws)).await.expect("ends") {
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_))) => received += 1,
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => break frame,
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => break None,
-        }
-    };
-    assert!(received < N, "the slow consumer was cut off before the end ({received} of {N})");
-    if let Some(frame) = close {
-        assert_eq!(u16::from(frame.code), close_code::SLOW_CONSUMER);
+    // The slow one now reads: a gapless prefix of the topic, then its close.
+    let (seqs, close) = seqs_until_close(&mut slow, "firehose").await;
+    assert!((seqs.len() as u64) < N, "the slow consumer was cut off before the end ({} of {N})", seqs.len());
+    assert_contiguous(&seqs, 1, "what the slow consumer got before its close");
+    let close = close.expect("the close frame reaches the cut peer");
+    assert_eq!(u16::from(close.code), close_code::SLOW_CONSUMER);
+    wait_until("the slow peer is gone", || handle.peers().len() == 2).await;
+    assert!(handle.peers().iter().all(|p| p.id != slow.peer), "the others stay");
+}
+
+/// The `…818, 820…` case: once a push to a full queue fails, the write loop
+/// draining a few frames must not let later ones in, or the cut peer gets a
+/// frame after a hole and recovers from after it.
+#[tokio::test]
+async fn a_cut_peer_receives_no_message_after_the_refused_one() {
+    let mut config = config();
+    config.write_timeout = Duration::from_secs(120);
+    config.max_queue_bytes = 256 * 1024;
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let mut slow = connect_small_buffer(addr).await;
+    slow.subscribe("t").await;
+    let mut publisher = Client::connect(addr).await;
+    let blob = "z".repeat(4000);
+    const N: u64 = 3000;
+    for i in 1..=N {
+        publisher.send(json!({"type": "publish", "topic": "t", "data": {"i": i, "blob": blob}})).await;
     }
-    assert_eq!(server.handle().peers().len(), 2, "the slow peer is gone, the others stay");
+    publisher.ping(0).await;
+    let (seqs, close) = seqs_until_close(&mut slow, "t").await;
+    assert!((seqs.len() as u64) < N, "cut before the end ({} of {N})", seqs.len());
+    assert_contiguous(&seqs, 1, "a cut peer's messages");
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(close_code::SLOW_CONSUMER));
+}
+
+/// Two publishers each sending 100 messages (inside the default publish
+/// burst of 200) to two subscribers reading as fast as they can: a burst the
+/// server allowed sitting in a queue for a moment is not a slow consumer.
+#[tokio::test]
+async fn a_burst_within_the_publish_limits_cuts_nobody() {
+    let config = crosswire_server::Config { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let mut readers = vec![];
+    for _ in 0..2 {
+        let mut sub = Client::connect(addr).await;
+        sub.subscribe("room").await;
+        readers.push(tokio::spawn(async move {
+            let mut seqs = vec![];
+            for _ in 0..200 {
+                seqs.push(message_data(&sub.recv().await).0);
+            }
+            sub.assert_quiet().await;
+            seqs
+        }));
+    }
+    let mut publishers = vec![];
+    for p in 0..2u64 {
+        let mut publisher = Client::connect(addr).await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..100 {
+                publisher.send(json!({"type": "publish", "topic": "room", "data": {"p": p, "i": i}})).await;
+            }
+            publisher.assert_quiet().await;
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    for r in readers {
+        let seqs = r.await.unwrap();
+        assert_contiguous(&seqs, 1, "a healthy subscriber under a burst");
+    }
+    assert!(server.handle().peers().iter().all(|p| !p.closing));
+}
+
+#[tokio::test]
+async fn a_queue_is_bounded_in_bytes() {
+    let mut config = config();
+    config.max_queue_bytes = 100 * 1024;
+    config.write_timeout = Duration::from_secs(120);
+    let server = start_pubsub(config).await;
+    let handle = server.handle();
+    let addr = server.local_addr();
+    let mut slow = connect_small_buffer(addr).await;
+    slow.subscribe("big").await;
+    let mut publisher = Client::connect(addr).await;
+    let blob = "b".repeat(60 * 1024);
+    // Few frames, many bytes: the frame bound (4096) is nowhere near.
+    let mut published = 0;
+    while !handle.peers().iter().any(|p| p.id == slow.peer && p.closing) {
+        published += 1;
+        assert!(published < 2000, "the byte bound never cut the peer");
+        publisher.publish("big", json!(blob), published).await;
+        let max = handle.peers().iter().map(|p| p.queued_bytes).max().unwrap_or(0);
+        assert!(max <= 100 * 1024, "a queue held {max} bytes");
+    }
+    let (seqs, close) = seqs_until_close(&mut slow, "big").await;
+    assert_contiguous(&seqs, 1, "the byte-bounded peer");
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(close_code::SLOW_CONSUMER));
+}
+
+/// A peer whose socket takes no bytes is dropped after the write timeout,
+/// even when its queue never reaches a bound: it would otherwise hold its
+/// connection slot and its queued frames forever.
+#[tokio::test]
+async fn a_socket_that_takes_no_bytes_is_dropped_after_the_write_timeout() {
+    let mut config = config();
+    config.write_timeout = Duration::from_millis(300);
+    config.max_queue_bytes = 64 * 1024 * 1024;
+    let server = start_pubsub(config).await;
+    let handle = server.handle();
+    let addr = server.local_addr();
+    let stalled = connect_small_buffer(addr).await;
+    let mut stalled = stalled;
+    stalled.subscribe("t").await;
+    let mut publisher = Client::connect(addr).await;
+    let blob = "s".repeat(60 * 1024);
+    // 200 x 60 KB: more than loopback's socket buffers hold, far less than the
+    // queue's bounds.
+    for i in 1..=200 {
+        publisher.send(json!({"type": "publish", "topic": "t", "data": {"i": i, "blob": blob}})).await;
+    }
+    publisher.ping(0).await;
+    wait_until("the stalled peer is dropped", || handle.peers().iter().all(|p| p.id != stalled.peer)).await;
+    assert!(handle.peers().iter().any(|p| p.id == publisher.peer), "the publisher stays");
+    drop(stalled);
 }
 
 #[tokio::test]
@@ -60,12 +181,13 @@ async fn a_slow_consumer_reconnects_and_recovers_what_it_missed() {
     let mut config = config();
     config.outbound_queue = 32;
     config.history_size = 256;
+    config.write_timeout = Duration::from_secs(120);
     let server = start_pubsub(config).await;
     let addr = server.local_addr();
     let handle = server.handle();
-    let mut slow = Client::connect(addr).await;
+    let mut slow = connect_small_buffer(addr).await;
     let epoch = match slow.subscribe("feed").await {
-        crosswire_shared::ServerFrame::Subscribed { epoch, .. } => epoch,
+        ServerFrame::Subscribed { epoch, .. } => epoch,
         _ => unreachable!(),
     };
     let mut publisher = Client::connect(addr).await;
@@ -77,25 +199,17 @@ async fn a_slow_consumer_reconnects_and_recovers_what_it_missed() {
         publisher.publish("feed", json!({ "blob": blob }), published).await;
         assert!(published < 100_000, "the slow consumer was never cut off");
     }
-    // It reads what reached it before the cut, in order.
-    let mut last = 0;
-    loop {
-        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut slow.ws)).await.expect("ends") {
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
-                let (seq, _, _) = message_data(&crosswire_shared::ServerFrame::decode(&t).unwrap());
-                assert_eq!(seq, last + 1);
-                last = seq;
-            }
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | Some(Err(_)) | None => break,
-            Some(Ok(_)) => {}
-        }
-    }
+    // It reads what reached it before the cut, in order, then the close.
+    let (seqs, close) = seqs_until_close(&mut slow, "feed").await;
+    assert_contiguous(&seqs, 1, "before the cut");
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(close_code::SLOW_CONSUMER));
+    let last = seqs.last().copied().unwrap_or(0);
     assert!(last < published, "it missed something ({last} of {published})");
     // Reconnect with `since` and get exactly the rest.
     let mut back = Client::connect(addr).await;
     back.send(json!({"type": "subscribe", "topic": "feed", "since": {"epoch": epoch, "seq": last}})).await;
     match back.recv().await {
-        crosswire_shared::ServerFrame::Subscribed { recovered, seq, .. } => {
+        ServerFrame::Subscribed { recovered, seq, .. } => {
             assert!(recovered, "lag of {} within a window of 256", published - last);
             assert_eq!(seq, published);
         }

@@ -148,3 +148,61 @@ pub fn message_data(frame: &ServerFrame) -> (u64, String, Value) {
         other => panic!("expected message, got {other:?}"),
     }
 }
+
+/// Waits until `condition` holds, polling the server's own state; panics
+/// with `what` after [`WAIT`]. For state that settles asynchronously (a peer
+/// count after a close): reading it right away races on a loaded machine.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A protocol client whose socket has a tiny receive buffer, so that a peer
+/// that stops reading backs up into the server quickly.
+pub async fn connect_small_buffer(addr: SocketAddr) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.expect("connects");
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/_ws"), MaybeTlsStream::Plain(stream))
+        .await
+        .expect("upgrades");
+    let mut client = Client { ws, peer: String::new() };
+    match client.recv().await {
+        ServerFrame::Welcome { peer, .. } => client.peer = peer,
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    client
+}
+
+/// Reads until the connection ends: the seqs of every `message` frame of
+/// `topic` in arrival order, and the close frame (`None` when the connection
+/// dropped without one).
+pub async fn seqs_until_close(client: &mut Client, topic: &str) -> (Vec<u64>, Option<CloseFrame>) {
+    let mut seqs = vec![];
+    loop {
+        match tokio::time::timeout(WAIT, client.ws.next()).await.expect("ends within the wait") {
+            Some(Ok(Message::Text(t))) => {
+                if let Ok(ServerFrame::Message { topic: t, seq, .. }) = ServerFrame::decode(&t) {
+                    if t.as_str() == topic {
+                        seqs.push(seq);
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => return (seqs, frame),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (seqs, None),
+        }
+    }
+}
+
+/// Asserts `seqs` is exactly `first..first + len`: in order, no gap, no duplicate.
+pub fn assert_contiguous(seqs: &[u64], first: u64, what: &str) {
+    let expected: Vec<u64> = (first..first + seqs.len() as u64).collect();
+    if seqs != expected {
+        let gap = seqs.windows(2).find(|w| w[1] != w[0] + 1);
+        panic!("{what}: not contiguous from {first} ({} frames); first break: {gap:?}", seqs.len());
+    }
+}

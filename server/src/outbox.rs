@@ -1,0 +1,392 @@
+//! One peer's outbound queue: bounded in frames and in bytes, never waited on
+//! by a publisher, and overtaken by a close.
+//!
+//! A leaf module: `peer` and `topics` both push into it, `connection`'s write
+//! loop drains it.
+//!
+//! Publishers never wait on it: a push takes a short lock, appends, and wakes
+//! the write loop only when the queue was empty. A peer that stops reading can
+//! fill its own queue but never make a publisher (or any other peer) wait.
+//! (A plain `VecDeque` under a std mutex: tokio's bounded channel cost a
+//! quarter of the fan-out CPU in profiles, mostly in its permit bookkeeping.)
+//!
+//! The one rule recovery depends on: **once a push has been refused, the peer
+//! receives no further message frame.** A refused push closes the queue for
+//! good, drops what it still holds and asks for the close frame (1013) to go
+//! next. Otherwise the write loop would drain a few frames, the queue would
+//! accept later ones again, and the client would see `…818, 820…`: a hole it
+//! has no way to tell from a normal sequence.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use crosswire_shared::close_code;
+use tokio::sync::{watch, Notify};
+use tokio_tungstenite::tungstenite::{
+    protocol::{frame::coding::CloseCode, CloseFrame},
+    Message as WsMessage,
+};
+
+/// Why a frame could not be queued for a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The peer's outbound queue was full: the peer is being closed as a slow consumer (1013).
+    #[error("the peer's outbound queue is full; it is being closed as a slow consumer")]
+    QueueFull,
+    /// The peer's connection is closing or has ended.
+    #[error("the peer's connection is closed")]
+    Closed,
+}
+
+/// How much live traffic one queue may hold before its peer counts as slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// Live frames.
+    pub(crate) frames: usize,
+    /// Live payload bytes.
+    pub(crate) bytes: usize,
+}
+
+/// How the server wants a connection to end.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Closing {
+    pub(crate) frame: CloseFrame,
+    /// Whether what is still queued goes out before the close frame. The
+    /// server's own verdicts (slow consumer, expired token, shutdown) drop it:
+    /// the close must reach the peer promptly, and nothing may follow a
+    /// refused frame. A hook's `peer.close()` keeps it ("goodbye", then close).
+    pub(crate) flush: bool,
+}
+
+/// The sending side of one peer's queue. Cheap to clone; the write loop's
+/// receiver ends once every clone is gone.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when the queue goes from empty to not, or the last sender goes.
+    notify: Notify,
+    close: watch::Sender<Option<Closing>>,
+    bounds: Bounds,
+    /// Live `Outbox` clones.
+    senders: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Queued>,
+    /// Frames and bytes of live traffic (not answers or replays) still queued.
+    live_frames: usize,
+    live_bytes: usize,
+    /// Set by the first refused push or close request: nothing is queued after it.
+    refusing: bool,
+    rx_closed: bool,
+}
+
+/// A frame in a peer's queue, marked with whether it counts as live traffic.
+#[derive(Debug)]
+struct Queued {
+    frame: WsMessage,
+    live: bool,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Self { shared: Arc::clone(&self.shared) }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.notify.notify_one();
+        }
+    }
+}
+
+impl Outbox {
+    /// A queue whose live traffic is held to `bounds`.
+    pub(crate) fn new(bounds: Bounds) -> (Self, OutboxReceiver) {
+        let (close, close_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            close,
+            bounds,
+            senders: AtomicUsize::new(1),
+        });
+        let rx = OutboxReceiver { frames: FrameReceiver { shared: Arc::clone(&shared) }, close: close_rx };
+        (Self { shared }, rx)
+    }
+
+    /// Queues live traffic (a publish, a hook's `send`) within the bounds; a
+    /// push over them closes the peer as a slow consumer.
+    pub(crate) fn push(&self, frame: WsMessage) -> Result<(), SendError> {
+        self.enqueue(Queued { frame, live: true })
+    }
+
+    /// Queues an answer (`subscribed`, an ack, an error) or a replayed
+    /// message. These do not count as live backlog: a replay is what the peer
+    /// asked for, as long as the history it comes from, and its frames are the
+    /// history's own (shared, not copied). They are bounded by what causes
+    /// them: the history's size times the topics a peer may hold.
+    pub(crate) fn push_reserved(&self, frame: WsMessage) -> Result<(), SendError> {
+        self.enqueue(Queued { frame, live: false })
+    }
+
+    fn enqueue(&self, queued: Queued) -> Result<(), SendError> {
+        let mut st = self.shared.lock();
+        if st.refusing || st.rx_closed {
+            return Err(SendError::Closed);
+        }
+        let len = queued.frame.len();
+        if queued.live {
+            let bounds = self.shared.bounds;
+            if st.live_frames >= bounds.frames || st.live_bytes + len > bounds.bytes {
+                drop(st);
+                self.close_now(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                return Err(SendError::QueueFull);
+            }
+            st.live_frames += 1;
+            st.live_bytes += len;
+        }
+        let was_empty = st.frames.is_empty();
+        st.frames.push_back(queued);
+        drop(st);
+        if was_empty {
+            self.shared.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Whether a close has been asked for.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.shared.close.borrow().is_some()
+    }
+
+    /// Closes after the frames already queued (a hook's `peer.close()`).
+    pub(crate) fn close(&self, code: u16, reason: &str) {
+        self.request_close(code, reason, true);
+    }
+
+    /// Closes now: what is queued is dropped and the close frame goes next
+    /// (the server's verdicts: slow consumer, expired token, shutdown, …).
+    pub(crate) fn close_now(&self, code: u16, reason: &str) {
+        self.request_close(code, reason, false);
+    }
+
+    /// The first request wins, except that a later "now" still drops what a
+    /// graceful close would have flushed: the server's verdict overrides.
+    fn request_close(&self, code: u16, reason: &str, flush: bool) {
+        {
+            let mut st = self.shared.lock();
+            st.refusing = true;
+            if !flush {
+                st.frames.clear();
+                st.live_frames = 0;
+                st.live_bytes = 0;
+            }
+        }
+        self.shared.close.send_if_modified(|slot| match slot {
+            None => {
+                let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() };
+                *slot = Some(Closing { frame, flush });
+                true
+            }
+            Some(existing) if existing.flush && !flush => {
+                existing.flush = false;
+                true
+            }
+            Some(_) => false,
+        });
+    }
+
+    /// Live traffic queued now, in frames and bytes.
+    pub(crate) fn backlog(&self) -> Bounds {
+        let st = self.shared.lock();
+        Bounds { frames: st.live_frames, bytes: st.live_bytes }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every step under this lock leaves the queue consistent; a panic in
+        // one (a bug) must not take every publisher down with it.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The write loop's ends of an [`Outbox`].
+pub(crate) struct OutboxReceiver {
+    pub(crate) frames: FrameReceiver,
+    pub(crate) close: watch::Receiver<Option<Closing>>,
+}
+
+/// The queue's receiving end.
+pub(crate) struct FrameReceiver {
+    shared: Arc<Shared>,
+}
+
+impl Drop for FrameReceiver {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.rx_closed = true;
+        st.frames.clear();
+    }
+}
+
+impl FrameReceiver {
+    /// The next frame, waiting for one; `None` once every sender is gone.
+    pub(crate) async fn recv(&mut self) -> Option<WsMessage> {
+        let shared = Arc::clone(&self.shared);
+        loop {
+            let notified = shared.notify.notified();
+            if let Some(m) = self.try_recv() {
+                return Some(m);
+            }
+            if shared.senders.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            notified.await;
+        }
+    }
+
+    /// The next frame if one is queued now.
+    pub(crate) fn try_recv(&mut self) -> Option<WsMessage> {
+        let mut st = self.shared.lock();
+        let q = st.frames.pop_front()?;
+        if q.live {
+            st.live_frames -= 1;
+            st.live_bytes -= q.frame.len();
+        }
+        Some(q.frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(n: usize) -> WsMessage {
+        WsMessage::text(n.to_string())
+    }
+
+    fn bounds(frames: usize) -> Bounds {
+        Bounds { frames, bytes: usize::MAX }
+    }
+
+    fn drain(rx: &mut OutboxReceiver) -> Vec<String> {
+        std::iter::from_fn(|| rx.frames.try_recv()).map(|m| m.into_text().unwrap().to_string()).collect()
+    }
+
+    fn close_code_of(rx: &OutboxReceiver) -> Option<u16> {
+        rx.close.borrow().as_ref().map(|c| u16::from(c.frame.code))
+    }
+
+    #[test]
+    fn a_refused_push_drops_the_queue_and_refuses_everything_after() {
+        let (outbox, mut rx) = Outbox::new(bounds(2));
+        assert!(outbox.push(text(1)).is_ok());
+        assert!(outbox.push(text(2)).is_ok());
+        assert_eq!(outbox.push(text(3)), Err(SendError::QueueFull));
+        assert_eq!(close_code_of(&rx), Some(close_code::SLOW_CONSUMER));
+        // The write loop draining would make room, but nothing is queued any more.
+        assert!(drain(&mut rx).is_empty(), "queued frames are dropped: the close goes next");
+        assert_eq!(outbox.push(text(4)), Err(SendError::Closed));
+        assert_eq!(outbox.push_reserved(text(5)), Err(SendError::Closed));
+        assert!(drain(&mut rx).is_empty());
+        assert_eq!(outbox.backlog(), Bounds { frames: 0, bytes: 0 });
+    }
+
+    #[test]
+    fn the_byte_bound_counts_payloads() {
+        let (outbox, _rx) = Outbox::new(Bounds { frames: 100, bytes: 10 });
+        assert!(outbox.push(WsMessage::text("12345")).is_ok());
+        assert!(outbox.push(WsMessage::text("12345")).is_ok());
+        assert_eq!(outbox.backlog(), Bounds { frames: 2, bytes: 10 });
+        assert_eq!(outbox.push(WsMessage::text("1")), Err(SendError::QueueFull));
+    }
+
+    #[test]
+    fn answers_and_replays_do_not_count_as_live_backlog() {
+        let (outbox, mut rx) = Outbox::new(bounds(2));
+        for n in 0..1000 {
+            assert!(outbox.push_reserved(text(n)).is_ok(), "a replay of any length fits");
+        }
+        assert!(outbox.push(text(1000)).is_ok());
+        assert!(outbox.push(text(1001)).is_ok());
+        assert_eq!(rx.frames.try_recv().unwrap().into_text().unwrap(), "0", "in order, replay first");
+        assert_eq!(outbox.backlog().frames, 2);
+        assert_eq!(drain(&mut rx).len(), 1001);
+        assert_eq!(outbox.backlog().frames, 0);
+    }
+
+    #[test]
+    fn a_graceful_close_keeps_what_is_queued_and_a_verdict_drops_it() {
+        let (outbox, mut rx) = Outbox::new(bounds(8));
+        outbox.push(text(1)).unwrap();
+        outbox.close(1000, "bye");
+        assert_eq!(outbox.push(text(2)), Err(SendError::Closed), "nothing after a close");
+        assert_eq!(rx.close.borrow().as_ref().map(|c| c.flush), Some(true));
+        assert_eq!(drain(&mut rx), ["1"]);
+
+        let (outbox, mut rx) = Outbox::new(bounds(8));
+        outbox.push(text(1)).unwrap();
+        outbox.close(1000, "bye");
+        outbox.close_now(close_code::GOING_AWAY, "shutdown");
+        let closing = rx.close.borrow().clone().unwrap();
+        assert_eq!(u16::from(closing.frame.code), 1000, "the first reason stays");
+        assert!(!closing.flush, "but the verdict drops the queue");
+        assert!(drain(&mut rx).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_receiver_wakes_for_frames_and_ends_with_the_last_sender() {
+        let (outbox, mut rx) = Outbox::new(bounds(4));
+        let second = outbox.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![];
+            while let Some(m) = rx.frames.recv().await {
+                got.push(m.into_text().unwrap().to_string());
+            }
+            got
+        });
+        tokio::task::yield_now().await;
+        outbox.push(text(1)).unwrap();
+        second.push(text(2)).unwrap();
+        drop(outbox);
+        tokio::task::yield_now().await;
+        second.push(text(3)).unwrap();
+        drop(second);
+        assert_eq!(reader.await.unwrap(), ["1", "2", "3"]);
+    }
+
+    #[tokio::test]
+    async fn the_receiver_ends_when_every_sender_is_gone() {
+        let (outbox, mut rx) = Outbox::new(bounds(4));
+        let clone = outbox.clone();
+        clone.push(text(7)).unwrap();
+        drop(outbox);
+        drop(clone);
+        assert_eq!(rx.frames.recv().await.unwrap().into_text().unwrap(), "7");
+        assert!(rx.frames.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_push_after_the_receiver_is_gone_fails() {
+        let (outbox, rx) = Outbox::new(bounds(4));
+        drop(rx);
+        assert_eq!(outbox.push(text(1)), Err(SendError::Closed));
+    }
+}
