@@ -37,7 +37,9 @@ impl Hooks for Seed {
     async fn open(&self, peer: &Peer<()>) {
         peer.publish(&self.test, format!("User {peer} has connected!"));
         let _ = peer.send("You have connected successfully!");
-        peer.subscribe(&self.test);
+        if let Err(e) = peer.subscribe(&self.test) {
+            tracing::warn!(peer = %peer, error = %e, "cannot subscribe");
+        }
     }
 
     async fn message(&self, peer: &Peer<()>, message: Message) {

@@ -48,6 +48,22 @@ pub struct Config {
     pub history_size: usize,
     /// How long a message is kept for recovery. Default 5 minutes.
     pub history_ttl: Duration,
+    /// Bytes of history retained server-wide; past them the oldest retained
+    /// messages are evicted first (a `since` they no longer reach gets
+    /// `recovered:false`). Default 64 MiB.
+    pub history_memory_bytes: usize,
+    /// Topics that may exist at once, server-wide; at the cap an idle topic
+    /// is forgotten to make room, and only when none is idle is a new one
+    /// refused (`topic_limit`). Default 100 000.
+    pub max_topics: usize,
+    /// Entries a presence list holds at most (in peer-id order). Default 1000.
+    pub max_presence_list: usize,
+    /// Subscribe, unsubscribe and presence requests per second one peer may
+    /// make, sustained (past them: `rate_limited`). Default 50.
+    pub subscribe_rate: u32,
+    /// Those requests one peer may make in a burst. Default 200: a client
+    /// resubscribing its topics on reconnect fits.
+    pub subscribe_burst: u32,
     /// The HS256 secret tokens are verified with; `None` (the default) turns
     /// built-in authentication off.
     pub jwt_secret: Option<String>,
@@ -85,6 +101,11 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             history_size: 8192,
             history_ttl: Duration::from_secs(300),
+            history_memory_bytes: 64 * 1024 * 1024,
+            max_topics: 100_000,
+            max_presence_list: 1000,
+            subscribe_rate: 50,
+            subscribe_burst: 200,
             jwt_secret: None,
             allowed_origins: Vec::new(),
             max_topics_per_peer: 100,
@@ -135,6 +156,8 @@ impl Config {
             ("max_connections_per_ip", self.max_connections_per_ip == 0),
             ("max_topics_per_peer", self.max_topics_per_peer == 0),
             ("publish_burst", self.publish_burst == 0),
+            ("subscribe_burst", self.subscribe_burst == 0),
+            ("max_topics", self.max_topics == 0),
         ] {
             if zero {
                 return Err(ConfigError::Zero(name));
@@ -150,6 +173,17 @@ impl Config {
             return Err(ConfigError::WeakSecret);
         }
         Ok(())
+    }
+
+    /// What bounds the topic registry.
+    pub(crate) fn topic_limits(&self) -> crate::topics::Limits {
+        crate::topics::Limits {
+            history_size: self.history_size,
+            history_ttl: self.history_ttl,
+            max_topics: self.max_topics,
+            history_bytes: self.history_memory_bytes,
+            presence_list: self.max_presence_list,
+        }
     }
 
     /// How much live traffic one peer's queue may hold.
@@ -201,6 +235,21 @@ pub struct Args {
     /// Seconds a message is kept for recovery.
     #[arg(long, env = "CROSSWIRE_HISTORY_TTL_SECS", default_value_t = 300)]
     pub history_ttl_secs: u64,
+    /// Bytes of history retained server-wide (the oldest go first past it).
+    #[arg(long, env = "CROSSWIRE_HISTORY_MEMORY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub history_memory_bytes: usize,
+    /// Topics that may exist at once, server-wide.
+    #[arg(long, env = "CROSSWIRE_MAX_TOPICS", default_value_t = 100_000)]
+    pub max_topics: usize,
+    /// Entries a presence list holds at most.
+    #[arg(long, env = "CROSSWIRE_MAX_PRESENCE_LIST", default_value_t = 1000)]
+    pub max_presence_list: usize,
+    /// Sustained subscribe/unsubscribe/presence requests per second per peer.
+    #[arg(long, env = "CROSSWIRE_SUBSCRIBE_RATE", default_value_t = 50)]
+    pub subscribe_rate: u32,
+    /// Burst of subscribe/unsubscribe/presence requests per peer.
+    #[arg(long, env = "CROSSWIRE_SUBSCRIBE_BURST", default_value_t = 200)]
+    pub subscribe_burst: u32,
     /// HS256 secret for JWT authentication (at least 16 bytes); unset means no auth.
     #[arg(long, env = "CROSSWIRE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -241,6 +290,11 @@ impl Args {
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             history_size: self.history_size,
             history_ttl: Duration::from_secs(self.history_ttl_secs),
+            history_memory_bytes: self.history_memory_bytes,
+            max_topics: self.max_topics,
+            max_presence_list: self.max_presence_list,
+            subscribe_rate: self.subscribe_rate,
+            subscribe_burst: self.subscribe_burst,
             jwt_secret: self.jwt_secret,
             allowed_origins: self.allowed_origins,
             max_topics_per_peer: self.max_topics_per_peer,

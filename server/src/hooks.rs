@@ -32,7 +32,7 @@ use crate::{HttpResponse, Peer};
 ///
 ///     async fn open(&self, peer: &Peer<String>) {
 ///         let topic = "chat".parse().unwrap();
-///         peer.subscribe(&topic);
+///         peer.subscribe(&topic).expect("one topic is far below the topic cap");
 ///         peer.publish(&topic, format!("{} joined", peer.context()));
 ///     }
 ///

@@ -62,7 +62,7 @@ pub use peer::Peer;
 pub use pubsub::{PubSub, Session};
 pub use routes::text_response;
 pub use shutdown::shutdown_signal;
-pub use topics::Subscription;
+pub use topics::{Subscription, TopicError};
 
 use outbox::Outbox;
 use peer::PeerCore;
@@ -89,6 +89,18 @@ pub enum ServerError {
     },
 }
 
+/// Why a [`ServerHandle::publish`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The data could not be encoded as JSON.
+    #[error("cannot encode the data as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The topic would have been created past the topic cap.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+}
+
 /// A server not yet listening: a [`Config`] and the [`Hooks`] to run.
 #[derive(Debug)]
 pub struct Server<H> {
@@ -110,7 +122,7 @@ impl<H: Hooks> Server<H> {
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
         let shutdown = ShutdownController::new();
         let state = Arc::new(ServerState {
-            topics: Topics::new(self.config.history_size, self.config.history_ttl),
+            topics: Topics::new(self.config.topic_limits()),
             peers: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(self.config.max_connections)),
             per_ip: limits::IpLimiter::new(self.config.max_connections_per_ip),
@@ -265,20 +277,21 @@ pub struct PeerInfo {
 impl ServerHandle {
     /// Publishes `data` to every subscriber of `topic` as a protocol `message`
     /// frame from `"server"`; returns the seq it got.
-    pub fn publish(&self, topic: &Topic, data: &impl serde::Serialize) -> Result<u64, serde_json::Error> {
+    pub fn publish(&self, topic: &Topic, data: &impl serde::Serialize) -> Result<u64, PublishError> {
         let raw = serde_json::value::to_raw_value(data)?;
-        Ok(self.publish_raw_value(topic, &raw))
+        Ok(self.publish_raw_value(topic, &raw)?)
     }
 
     /// Like [`publish`](Self::publish), for data that is already JSON text.
-    pub fn publish_raw_value(&self, topic: &Topic, data: &RawValue) -> u64 {
-        self.state.topics.publish(topic, None, Payload::Data { from: "server", data }).seq
+    pub fn publish_raw_value(&self, topic: &Topic, data: &RawValue) -> Result<u64, TopicError> {
+        Ok(self.state.topics.publish(topic, None, Payload::Data { from: "server", data })?.seq)
     }
 
     /// Sends `message` verbatim to every subscriber of `topic` (no protocol
     /// framing, as crossws's `publish`); returns how many it was queued for.
     pub fn publish_message(&self, topic: &Topic, message: impl Into<Message>) -> usize {
-        self.state.topics.publish(topic, None, Payload::Raw(message.into().0)).delivered
+        // A raw publish never creates a topic, so it never meets the topic cap.
+        self.state.topics.publish(topic, None, Payload::Raw(message.into().0)).map_or(0, |p| p.delivered)
     }
 
     /// Every connected peer, in id order.
@@ -308,9 +321,16 @@ impl ServerHandle {
         self.state.topics.presence(topic)
     }
 
-    /// How many topics exist (with subscribers or retained history).
+    /// How many topics exist (with subscribers, retained history, or an
+    /// epoch someone may come back to).
     pub fn topic_count(&self) -> usize {
         self.state.topics.len()
+    }
+
+    /// Bytes of history retained now, server-wide (bounded by
+    /// [`Config::history_memory_bytes`]).
+    pub fn history_bytes(&self) -> usize {
+        self.state.topics.retained_bytes()
     }
 
     /// Closes a peer's connection now: what is still queued for it is dropped

@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite;
 
 use crate::{
     outbox::{Outbox, SendError},
-    topics::{Payload, Publisher, Subscription},
+    topics::{Payload, Publisher, Subscription, TopicError},
     Message, ServerState,
 };
 
@@ -97,7 +97,9 @@ impl<C> Peer<C> {
     /// semantics: the sender is excluded, and need not be subscribed). Returns
     /// how many peers it was queued for.
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
-        self.inner.state.topics.publish(topic, Some(self.publisher(None)), Payload::Raw(message.into().0)).delivered
+        let payload = Payload::Raw(message.into().0);
+        // A raw publish never creates a topic, so it never meets the topic cap.
+        self.inner.state.topics.publish(topic, Some(self.publisher(None)), payload).map_or(0, |p| p.delivered)
     }
 
     /// Publishes `data` as a protocol `message` frame from this peer to every
@@ -106,34 +108,42 @@ impl<C> Peer<C> {
     /// the `ack` frame is queued to this peer in the same step, so it reaches
     /// the peer before any later message of the topic: a client can tell its
     /// own seq from a gap.
-    pub fn publish_data(&self, topic: &Topic, data: &RawValue, ack: Option<u64>) -> u64 {
+    pub fn publish_data(&self, topic: &Topic, data: &RawValue, ack: Option<u64>) -> Result<u64, TopicError> {
         let payload = Payload::Data { from: &self.inner.core.id, data };
-        self.inner.state.topics.publish(topic, Some(self.publisher(ack)), payload).seq
+        Ok(self.inner.state.topics.publish(topic, Some(self.publisher(ack)), payload)?.seq)
     }
 
     fn publisher(&self, ack: Option<u64>) -> Publisher<'_> {
         Publisher { id: &self.inner.core.id, outbox: &self.inner.core.outbox, ack }
     }
 
-    /// Subscribes to `topic` for raw messages; returns false if already subscribed.
-    pub fn subscribe(&self, topic: &Topic) -> bool {
-        self.subscribe_with(topic, None, false, |_| None).1
+    /// Subscribes to `topic` for raw messages; `Ok(false)` if already
+    /// subscribed. Fails only when the topic would be one more than the
+    /// server's topic cap allows.
+    pub fn subscribe(&self, topic: &Topic) -> Result<bool, TopicError> {
+        Ok(self.subscribe_with(topic, None, false, |_| None)?.1)
     }
 
     /// Subscribes to `topic` as the protocol does: queues the `subscribed`
     /// frame, then (when `since` is recoverable) every missed message, all
     /// before any live message, and opts into `join`/`leave` events when
-    /// `presence` is set. Idempotent.
-    pub fn subscribe_protocol(&self, topic: &Topic, since: Option<&Since>, presence: bool) -> Subscription {
-        self.subscribe_with(topic, since, presence, |sub| {
+    /// `presence` is set. Subscribing again never subscribes twice; with
+    /// `since` it replays again.
+    pub fn subscribe_protocol(
+        &self,
+        topic: &Topic,
+        since: Option<&Since>,
+        presence: bool,
+    ) -> Result<Subscription, TopicError> {
+        let subscribed = self.subscribe_with(topic, since, presence, |sub| {
             Some(ServerFrame::Subscribed {
                 topic: topic.clone(),
                 epoch: sub.epoch.to_string(),
                 seq: sub.seq,
                 recovered: sub.recovered,
             })
-        })
-        .0
+        })?;
+        Ok(subscribed.0)
     }
 
     fn subscribe_with(
@@ -142,15 +152,15 @@ impl<C> Peer<C> {
         since: Option<&Since>,
         presence: bool,
         reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
-    ) -> (Subscription, bool) {
+    ) -> Result<(Subscription, bool), TopicError> {
         let sub = crate::topics::Subscriber {
             outbox: self.inner.core.outbox.clone(),
             user: self.inner.core.user.clone(),
             presence,
         };
-        let result = self.inner.state.topics.subscribe(topic, &self.inner.core.id, sub, since, reply);
+        let result = self.inner.state.topics.subscribe(topic, &self.inner.core.id, sub, since, reply)?;
         let newly = self.inner.core.topics.lock().expect("topic set lock").insert(topic.clone());
-        (result, newly)
+        Ok((result, newly))
     }
 
     /// Leaves `topic`; returns false if the peer was not subscribed.

@@ -28,6 +28,8 @@ pub struct PubSub {
     max_topics: usize,
     publish_rate: u32,
     publish_burst: u32,
+    subscribe_rate: u32,
+    subscribe_burst: u32,
 }
 
 /// One connection's state under [`PubSub`]: who it is, what it may do, and
@@ -37,6 +39,9 @@ pub struct Session {
     claims: Option<Claims>,
     user: Option<Arc<str>>,
     bucket: Mutex<TokenBucket>,
+    /// Subscribe, unsubscribe and presence requests: each changes shared
+    /// state or walks a subscriber list, so churn has its own budget.
+    churn: Mutex<TokenBucket>,
     expiry: Mutex<Option<AbortHandle>>,
 }
 
@@ -65,11 +70,29 @@ impl PubSub {
             max_topics: config.max_topics_per_peer,
             publish_rate: config.publish_rate,
             publish_burst: config.publish_burst,
+            subscribe_rate: config.subscribe_rate,
+            subscribe_burst: config.subscribe_burst,
         }
     }
 
     fn handle(&self, peer: &Peer<Session>, frame: ClientFrame) {
         let session = peer.context();
+        if let ClientFrame::Subscribe { topic, .. }
+        | ClientFrame::Unsubscribe { topic }
+        | ClientFrame::Presence { topic, .. } = &frame
+        {
+            let mut churn = session.churn.lock().expect("churn bucket lock");
+            if !churn.try_take() {
+                let message = format!(
+                    "subscribe/unsubscribe/presence rate limit of {}/s (burst {}) exceeded; retry in {} ms",
+                    self.subscribe_rate,
+                    self.subscribe_burst,
+                    churn.retry_after().as_millis().max(1)
+                );
+                drop(churn);
+                return error(peer, ErrorCode::RateLimited, message, None, Some(topic.clone()));
+            }
+        }
         match frame {
             ClientFrame::Subscribe { topic, since, presence } => {
                 if !session.may_subscribe(&topic) {
@@ -79,7 +102,9 @@ impl PubSub {
                     let message = format!("a peer may be subscribed to at most {} topics", self.max_topics);
                     return error(peer, ErrorCode::TooManyTopics, message, None, Some(topic));
                 }
-                peer.subscribe_protocol(&topic, since.as_ref(), presence);
+                if let Err(e) = peer.subscribe_protocol(&topic, since.as_ref(), presence) {
+                    error(peer, ErrorCode::TopicLimit, e.to_string(), None, Some(topic));
+                }
             }
             ClientFrame::Unsubscribe { topic } => {
                 peer.unsubscribe(&topic);
@@ -101,7 +126,9 @@ impl PubSub {
                     return error(peer, ErrorCode::RateLimited, message, ack, Some(topic));
                 }
                 drop(bucket);
-                peer.publish_data(&topic, &data, ack);
+                if let Err(e) = peer.publish_data(&topic, &data, ack) {
+                    error(peer, ErrorCode::TopicLimit, e.to_string(), ack, Some(topic));
+                }
             }
             ClientFrame::Ping { id } => reply(peer, ServerFrame::Pong { id }),
             ClientFrame::Presence { topic, id } => {
@@ -149,6 +176,7 @@ impl Hooks for PubSub {
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
             claims,
             bucket: Mutex::new(TokenBucket::new(self.publish_rate, self.publish_burst)),
+            churn: Mutex::new(TokenBucket::new(self.subscribe_rate, self.subscribe_burst)),
             expiry: Mutex::new(None),
         })
     }

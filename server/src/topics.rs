@@ -5,16 +5,29 @@
 //! held only to update a topic and hand each subscriber a clone of one
 //! already-encoded frame (a reference-count bump): never across an `.await`,
 //! and never waiting on a peer, because queuing into a peer's [`Outbox`] is a
-//! non-blocking `try_send`. Doing the seq assignment, the history append and
+//! non-blocking push. Doing the seq assignment, the history append and
 //! the fan-out under one lock is what gives every subscriber the topic's
 //! messages in seq order, and what makes a recovery replay exact: a subscribe
 //! queues the replay and joins the subscriber set in one critical section, so
 //! no publish can fall between the two (lost) or land in both (duplicated).
+//!
+//! Memory is bounded whatever clients do: at most `max_topics` topics exist
+//! (an idle one is forgotten to make room for a new one; only when none is
+//! idle is a new topic refused), and at most `history_bytes` of history is
+//! retained server-wide (the oldest retained messages go first). History is
+//! kept only for topics whose epoch someone holds: publishing to a topic
+//! nobody ever subscribed to retains nothing, since nobody could ask for it.
+//! Evicting history never makes a gap silent: a `since` it no longer reaches
+//! is answered `recovered:false`.
 
 use std::{
-    collections::{hash_map::Entry, HashMap, VecDeque},
+    cmp::Reverse,
+    collections::{hash_map::Entry, BinaryHeap, HashMap, VecDeque},
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::Duration,
 };
 
@@ -23,16 +36,57 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::outbox::Outbox;
+use crate::{limits::TokenBucket, outbox::Outbox};
 
 const SHARDS: usize = 32;
 
+/// Presence events one topic may send per second, and in a burst. Past them
+/// the watchers get one snapshot of who is there instead of the events: a
+/// peer churning a room cannot flood its watchers' queues until they are cut.
+const PRESENCE_RATE: u32 = 20;
+const PRESENCE_BURST: u32 = 40;
+
+/// What bounds the registry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Messages one topic retains (0: no history).
+    pub(crate) history_size: usize,
+    /// How long a message is retained.
+    pub(crate) history_ttl: Duration,
+    /// Topics that may exist at once, server-wide.
+    pub(crate) max_topics: usize,
+    /// Bytes of history retained at once, server-wide.
+    pub(crate) history_bytes: usize,
+    /// Entries a presence list holds at most.
+    pub(crate) presence_list: usize,
+}
+
+/// Why a topic could not be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopicError {
+    /// The server holds as many topics as it may, and none of them is idle.
+    #[error("the server holds as many topics as it may ({max}), none idle")]
+    TopicLimit {
+        /// The configured maximum.
+        max: usize,
+    },
+}
+
+type Shard = HashMap<Topic, TopicState>;
+
 /// All topics of one server.
 pub(crate) struct Topics {
-    shards: Box<[Mutex<HashMap<Topic, TopicState>>]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
-    history_size: usize,
-    history_ttl: Duration,
+    limits: Limits,
+    /// Topics that exist, server-wide; changed only under a shard lock, with
+    /// the insert or removal it counts.
+    count: AtomicUsize,
+    /// Bytes of retained history, server-wide.
+    retained: AtomicUsize,
+    /// Held by the one eviction round under way.
+    evicting: Mutex<()>,
 }
 
 struct TopicState {
@@ -42,10 +96,16 @@ struct TopicState {
     seq: u64,
     subscribers: HashMap<Arc<str>, Subscriber>,
     history: VecDeque<Retained>,
+    /// Whether a subscriber was ever told the epoch: only then can anyone
+    /// ask for history, so only then is it kept.
+    handed_out: bool,
     /// Last publish, subscribe or unsubscribe. An idle topic keeps its epoch
     /// and seq for the history TTL, so a subscriber that was its only one can
     /// still come back and recover what was published meanwhile.
     touched: Instant,
+    presence_budget: TokenBucket,
+    /// Presence events were withheld: the watchers are owed a snapshot.
+    presence_owed: bool,
 }
 
 /// One subscriber's entry in a topic.
@@ -123,13 +183,23 @@ impl TopicState {
             seq: 0,
             subscribers: HashMap::new(),
             history: VecDeque::new(),
+            handed_out: false,
             touched: now,
+            presence_budget: TokenBucket::new(PRESENCE_RATE, PRESENCE_BURST),
+            presence_owed: false,
         }
     }
 
-    fn expire(&mut self, now: Instant, ttl: Duration) {
+    /// Drops the oldest retained message, keeping the server-wide count true.
+    fn pop_oldest(&mut self, retained: &AtomicUsize) -> Option<Retained> {
+        let r = self.history.pop_front()?;
+        retained.fetch_sub(r.frame.len(), Ordering::Relaxed);
+        Some(r)
+    }
+
+    fn expire(&mut self, now: Instant, ttl: Duration, retained: &AtomicUsize) {
         while self.history.front().is_some_and(|r| now.duration_since(r.at) > ttl) {
-            self.history.pop_front();
+            self.pop_oldest(retained);
         }
     }
 
@@ -143,17 +213,29 @@ impl TopicState {
 
     /// Nobody is subscribed, nothing is retained, and (unless there is no
     /// history at all, so nothing to recover) it has been idle for the TTL.
-    fn is_dead(&self, now: Instant, ttl: Duration, history_size: usize) -> bool {
+    fn is_dead(&self, now: Instant, limits: &Limits) -> bool {
         self.subscribers.is_empty()
             && self.history.is_empty()
-            && (history_size == 0 || now.duration_since(self.touched) > ttl)
+            && (limits.history_size == 0 || now.duration_since(self.touched) > limits.history_ttl)
     }
 
-    /// Sends a presence event about `who` to every other subscriber that opted in.
-    fn announce(&self, topic: &Topic, who: &str, joined: bool) {
-        let mut watchers = self.subscribers.iter().filter(|(id, s)| s.presence && &***id != who).peekable();
-        if watchers.peek().is_none() {
+    fn watchers<'a>(&'a self, except: &'a str) -> impl Iterator<Item = &'a Subscriber> + 'a {
+        self.subscribers.iter().filter(move |(id, s)| s.presence && &***id != except).map(|(_, s)| s)
+    }
+
+    /// Sends a presence event about `who` to every other subscriber that
+    /// opted in, or, past the topic's presence budget, owes them a snapshot.
+    fn announce(&mut self, topic: &Topic, who: &str, joined: bool, limits: &Limits) {
+        if self.watchers(who).next().is_none() {
             return;
+        }
+        if !self.presence_budget.try_take() {
+            self.presence_owed = true;
+            return;
+        }
+        if self.presence_owed {
+            // The events withheld are stale: one snapshot says where things stand.
+            return self.send_snapshot(topic, limits);
         }
         let Some(entry) = self.subscribers.get_key_value(who).map(|(id, s)| s.presence_entry(id)) else { return };
         let frame = if joined {
@@ -162,51 +244,143 @@ impl TopicState {
             ServerFrame::Leave { topic: topic.clone(), who: entry }
         };
         let frame = WsMessage::Text(frame.encode().into());
-        for (_, sub) in watchers {
+        for sub in self.watchers(who) {
+            let _ = sub.outbox.push(frame.clone());
+        }
+    }
+
+    /// Who is subscribed, in peer-id order, at most `limits.presence_list` of them.
+    fn presence_list(&self, limits: &Limits) -> Vec<PresenceEntry> {
+        let mut list: Vec<_> = self.subscribers.iter().map(|(id, s)| s.presence_entry(id)).collect();
+        list.sort_by(|a, b| a.peer.cmp(&b.peer));
+        list.truncate(limits.presence_list);
+        list
+    }
+
+    fn send_snapshot(&mut self, topic: &Topic, limits: &Limits) {
+        self.presence_owed = false;
+        let frame = ServerFrame::Presence { topic: topic.clone(), id: None, peers: self.presence_list(limits) };
+        let frame = WsMessage::Text(frame.encode().into());
+        for sub in self.watchers("") {
             let _ = sub.outbox.push(frame.clone());
         }
     }
 }
 
 impl Topics {
-    pub(crate) fn new(history_size: usize, history_ttl: Duration) -> Self {
+    pub(crate) fn new(limits: Limits) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            history_size,
-            history_ttl,
+            limits,
+            count: AtomicUsize::new(0),
+            retained: AtomicUsize::new(0),
+            evicting: Mutex::new(()),
         }
     }
 
-    fn shard(&self, topic: &Topic) -> MutexGuard<'_, HashMap<Topic, TopicState>> {
-        let i = self.hasher.hash_one(topic.as_str()) as usize % SHARDS;
-        // A panic while holding a shard lock would be a bug in this module; the
-        // map is still consistent at every await-free step, so keep serving.
-        self.shards[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn shard_index(&self, topic: &Topic) -> usize {
+        self.hasher.hash_one(topic.as_str()) as usize % SHARDS
     }
 
-    pub(crate) fn publish(&self, topic: &Topic, publisher: Option<Publisher<'_>>, payload: Payload<'_>) -> Published {
+    fn shard(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[self.shard_index(topic)])
+    }
+
+    /// The shard of `topic`, locked, with the topic in it: created if need
+    /// be within the topic cap. At the cap, the longest-idle topic without
+    /// subscribers is forgotten to make room (it loses its recoverability,
+    /// never silently): one in the same shard if there is one, else one in
+    /// another shard (taken with the first lock released: one lock at a time).
+    fn lock_creating(&self, topic: &Topic, now: Instant) -> Result<MutexGuard<'_, Shard>, TopicError> {
+        let mut shard = self.shard(topic);
+        if self.ensure(&mut shard, topic, now) {
+            return Ok(shard);
+        }
+        drop(shard);
+        if self.forget_idle_elsewhere(self.shard_index(topic)) {
+            // The room made is ours unless another creation takes it first.
+            let mut shard = self.shard(topic);
+            if self.ensure(&mut shard, topic, now) {
+                return Ok(shard);
+            }
+        }
+        Err(TopicError::TopicLimit { max: self.limits.max_topics })
+    }
+
+    /// Makes sure `topic` is in `shard`, within the cap; false if there is no room.
+    fn ensure(&self, shard: &mut Shard, topic: &Topic, now: Instant) -> bool {
+        if shard.contains_key(topic) {
+            return true;
+        }
+        let max = self.limits.max_topics;
+        let room = self.count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
+        if room.is_err() {
+            let Some(idle) = longest_idle(shard) else { return false };
+            // Its place under the cap is handed over to the new topic.
+            let mut gone = shard.remove(&idle).expect("just found");
+            while gone.pop_oldest(&self.retained).is_some() {}
+        }
+        shard.insert(topic.clone(), TopicState::new(now));
+        true
+    }
+
+    /// Forgets one idle topic in a shard other than `except`, freeing its
+    /// place under the cap; false if no shard has one.
+    fn forget_idle_elsewhere(&self, except: usize) -> bool {
+        for i in (0..SHARDS).map(|k| (except + 1 + k) % SHARDS).filter(|&i| i != except) {
+            let mut shard = lock(&self.shards[i]);
+            if let Some(idle) = longest_idle(&shard) {
+                let mut gone = shard.remove(&idle).expect("just found");
+                while gone.pop_oldest(&self.retained).is_some() {}
+                self.count.fetch_sub(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn remove_if_dead(&self, shard: &mut Shard, topic: &Topic, now: Instant) {
+        if shard.get(topic).is_some_and(|s| s.is_dead(now, &self.limits)) {
+            shard.remove(topic);
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn publish(
+        &self,
+        topic: &Topic,
+        publisher: Option<Publisher<'_>>,
+        payload: Payload<'_>,
+    ) -> Result<Published, TopicError> {
         let now = Instant::now();
         let exclude = publisher.as_ref().map(|p| p.id);
         let mut shard = self.shard(topic);
-        let (frame, seq, state) = match payload {
+        let (frame, seq, state, retained) = match payload {
             Payload::Raw(frame) => match shard.get_mut(topic) {
-                Some(state) => (frame, 0, state),
-                None => return Published { seq: 0, delivered: 0 },
+                Some(state) => (frame, 0, state, 0),
+                None => return Ok(Published { seq: 0, delivered: 0 }),
             },
             Payload::Data { from, data } => {
-                let state = shard.entry(topic.clone()).or_insert_with(|| TopicState::new(now));
+                if !shard.contains_key(topic) {
+                    drop(shard);
+                    shard = self.lock_creating(topic, now)?;
+                }
+                let state = shard.get_mut(topic).expect("lock_creating leaves it there");
                 state.touched = now;
                 state.seq += 1;
                 let seq = state.seq;
                 let text = serde_json::to_string(&MessageFrame { topic, seq, from, data })
                     .expect("a message frame always serializes");
                 let frame = WsMessage::Text(text.into());
-                if self.history_size > 0 {
-                    state.expire(now, self.history_ttl);
-                    if state.history.len() == self.history_size {
-                        state.history.pop_front();
+                let mut retained = 0;
+                if self.limits.history_size > 0 && state.handed_out {
+                    state.expire(now, self.limits.history_ttl, &self.retained);
+                    if state.history.len() == self.limits.history_size {
+                        state.pop_oldest(&self.retained);
                     }
+                    retained = frame.len();
+                    self.retained.fetch_add(retained, Ordering::Relaxed);
                     state.history.push_back(Retained { seq, at: now, frame: frame.clone() });
                 }
                 // Queued before the fan-out, under the shard lock: the publisher
@@ -215,7 +389,7 @@ impl Topics {
                 if let Some(Publisher { outbox, ack: Some(ack), .. }) = &publisher {
                     let _ = outbox.push_reserved(WsMessage::Text(ServerFrame::Ack { ack: *ack, seq }.encode().into()));
                 }
-                (frame, seq, state)
+                (frame, seq, state, retained)
             }
         };
         let mut delivered = 0;
@@ -227,10 +401,37 @@ impl Topics {
                 delivered += 1;
             }
         }
-        if state.is_dead(now, self.history_ttl, self.history_size) {
-            shard.remove(topic);
+        self.remove_if_dead(&mut shard, topic, now);
+        drop(shard);
+        if retained > 0 && self.retained.load(Ordering::Relaxed) > self.limits.history_bytes {
+            self.evict_history();
         }
-        Published { seq, delivered }
+        Ok(Published { seq, delivered })
+    }
+
+    /// Brings retained history back under its budget, oldest messages first
+    /// across every topic, with room to spare so that the next publishes do
+    /// not each pay for a round. It takes every shard lock, in index order;
+    /// no other path holds one shard lock while asking for another, so this
+    /// cannot deadlock. A round is rare (once per 1/16 of the budget added)
+    /// and one at a time: a publisher that finds a round under way goes on.
+    fn evict_history(&self) {
+        let Ok(_round) = self.evicting.try_lock() else { return };
+        let budget = self.limits.history_bytes;
+        let target = budget - budget / 16;
+        let mut shards: Vec<MutexGuard<'_, Shard>> = self.shards.iter().map(lock).collect();
+        let mut fronts: BinaryHeap<Reverse<(Instant, usize, Topic)>> = BinaryHeap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            fronts.extend(shard.iter().filter_map(|(t, s)| Some(Reverse((s.history.front()?.at, i, t.clone())))));
+        }
+        while self.retained.load(Ordering::Relaxed) > target {
+            let Some(Reverse((_, i, topic))) = fronts.pop() else { return };
+            let state = shards[i].get_mut(&topic).expect("topics stay while the locks are held");
+            state.pop_oldest(&self.retained);
+            if let Some(next) = state.history.front() {
+                fronts.push(Reverse((next.at, i, topic)));
+            }
+        }
     }
 
     pub(crate) fn subscribe(
@@ -240,12 +441,13 @@ impl Topics {
         sub: Subscriber,
         since: Option<&Since>,
         reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
-    ) -> Subscription {
+    ) -> Result<Subscription, TopicError> {
         let now = Instant::now();
-        let mut shard = self.shard(topic);
-        let state = shard.entry(topic.clone()).or_insert_with(|| TopicState::new(now));
+        let mut shard = self.lock_creating(topic, now)?;
+        let state = shard.get_mut(topic).expect("lock_creating leaves it there");
         state.touched = now;
-        state.expire(now, self.history_ttl);
+        state.handed_out = true;
+        state.expire(now, self.limits.history_ttl, &self.retained);
         let recovered = since.is_some_and(|s| state.can_recover(s));
         let result = Subscription { epoch: state.epoch.clone(), seq: state.seq, recovered };
         if let Some(frame) = reply(&result) {
@@ -267,9 +469,9 @@ impl Topics {
             }
         };
         if is_new {
-            state.announce(topic, peer, true);
+            state.announce(topic, peer, true, &self.limits);
         }
-        result
+        Ok(result)
     }
 
     pub(crate) fn unsubscribe(&self, topic: &Topic, peer: &str) {
@@ -277,62 +479,97 @@ impl Topics {
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else { return };
         if state.subscribers.contains_key(peer) {
-            state.announce(topic, peer, false);
+            state.announce(topic, peer, false, &self.limits);
             state.subscribers.remove(peer);
             state.touched = now;
         }
-        if state.is_dead(now, self.history_ttl, self.history_size) {
-            shard.remove(topic);
-        }
+        self.remove_if_dead(&mut shard, topic, now);
     }
 
-    /// Who is subscribed to `topic`, in peer-id order.
+    /// Who is subscribed to `topic`, in peer-id order, at most the presence
+    /// list limit of them.
     pub(crate) fn presence(&self, topic: &Topic) -> Vec<PresenceEntry> {
         let shard = self.shard(topic);
-        let mut list: Vec<_> = shard
-            .get(topic)
-            .map(|state| state.subscribers.iter().map(|(id, s)| s.presence_entry(id)).collect())
-            .unwrap_or_default();
-        list.sort_by(|a, b| a.peer.cmp(&b.peer));
-        list
+        shard.get(topic).map(|state| state.presence_list(&self.limits)).unwrap_or_default()
     }
 
-    /// Drops expired history and forgets topics with neither subscribers nor
-    /// history; returns how many topics remain.
+    /// Drops expired history, forgets topics with neither subscribers nor
+    /// history, and sends the presence snapshots owed; returns how many
+    /// topics remain.
     pub(crate) fn sweep(&self) -> usize {
         let now = Instant::now();
-        let mut remaining = 0;
         for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, state| {
-                state.expire(now, self.history_ttl);
-                !state.is_dead(now, self.history_ttl, self.history_size)
+            let mut shard = lock(shard);
+            let before = shard.len();
+            shard.retain(|topic, state| {
+                state.expire(now, self.limits.history_ttl, &self.retained);
+                if state.presence_owed && state.presence_budget.try_take() {
+                    state.send_snapshot(topic, &self.limits);
+                }
+                !state.is_dead(now, &self.limits)
             });
-            remaining += shard.len();
+            self.count.fetch_sub(before - shard.len(), Ordering::Relaxed);
         }
-        remaining
+        self.len()
     }
 
     /// How many topics exist now.
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+        self.count.load(Ordering::Relaxed)
     }
+
+    /// Bytes of history retained now, server-wide.
+    pub(crate) fn retained_bytes(&self) -> usize {
+        self.retained.load(Ordering::Relaxed)
+    }
+}
+
+/// The topic without subscribers that has been idle longest.
+fn longest_idle(shard: &Shard) -> Option<Topic> {
+    shard.iter().filter(|(_, s)| s.subscribers.is_empty()).min_by_key(|(_, s)| s.touched).map(|(t, _)| t.clone())
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding a shard lock would be a bug in this module; the
+    // map is still consistent at every await-free step, so keep serving.
+    shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::{Bounds, OutboxReceiver};
 
     fn topic(name: &str) -> Topic {
         Topic::new(name).unwrap()
     }
 
-    fn sub(capacity: usize) -> (Subscriber, crate::outbox::OutboxReceiver) {
-        let (outbox, rx) = Outbox::new(crate::outbox::Bounds { frames: capacity, bytes: usize::MAX });
+    fn limits(history_size: usize) -> Limits {
+        Limits {
+            history_size,
+            history_ttl: Duration::from_secs(60),
+            max_topics: 1000,
+            history_bytes: usize::MAX,
+            presence_list: 1000,
+        }
+    }
+
+    fn topics(history_size: usize) -> Topics {
+        Topics::new(limits(history_size))
+    }
+
+    fn sub(capacity: usize) -> (Subscriber, OutboxReceiver) {
+        let (outbox, rx) = Outbox::new(Bounds { frames: capacity, bytes: usize::MAX });
         (Subscriber { outbox, user: None, presence: false }, rx)
     }
 
-    fn texts(rx: &mut crate::outbox::OutboxReceiver) -> Vec<String> {
+    fn watcher() -> (Subscriber, OutboxReceiver) {
+        let (mut s, rx) = sub(1 << 20);
+        s.presence = true;
+        (s, rx)
+    }
+
+    fn texts(rx: &mut OutboxReceiver) -> Vec<String> {
         let mut out = vec![];
         while let Some(m) = rx.frames.try_recv() {
             out.push(m.into_text().unwrap().to_string());
@@ -344,18 +581,26 @@ mod tests {
         RawValue::from_string(n.to_string()).unwrap()
     }
 
+    fn publish(topics: &Topics, t: &Topic, n: u64) -> Published {
+        topics.publish(t, None, Payload::Data { from: "x", data: &data(n) }).unwrap()
+    }
+
+    fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> Subscription {
+        topics.subscribe(t, &id.into(), s, since, |_| None).unwrap()
+    }
+
     #[tokio::test]
     async fn seq_and_exclusion() {
-        let topics = Topics::new(4, Duration::from_secs(60));
+        let topics = topics(4);
         let t = topic("t");
         let (a, mut arx) = sub(16);
         let (b, mut brx) = sub(16);
-        topics.subscribe(&t, &"a".into(), a, None, |_| None);
-        topics.subscribe(&t, &"b".into(), b, None, |_| None);
+        join(&topics, &t, "a", a, None);
+        join(&topics, &t, "b", b, None);
         let a_outbox = topics.shard(&t)[&t].subscribers["a"].outbox.clone();
         let publisher = Publisher { id: "a", outbox: &a_outbox, ack: Some(9) };
         let p = topics.publish(&t, Some(publisher), Payload::Data { from: "a", data: &data(1) });
-        assert_eq!(p, Published { seq: 1, delivered: 1 });
+        assert_eq!(p, Ok(Published { seq: 1, delivered: 1 }));
         assert_eq!(
             texts(&mut arx),
             [r#"{"type":"ack","ack":9,"seq":1}"#],
@@ -366,60 +611,165 @@ mod tests {
 
     #[tokio::test]
     async fn recovery_window() {
-        let topics = Topics::new(3, Duration::from_secs(60));
+        let topics = topics(3);
         let t = topic("t");
+        let epoch = join(&topics, &t, "probe", sub(16).0, None).epoch;
         for n in 1..=5 {
-            topics.publish(&t, None, Payload::Data { from: "x", data: &data(n) });
+            publish(&topics, &t, n);
         }
-        let epoch = topics.subscribe(&t, &"probe".into(), sub(16).0, None, |_| None).epoch;
         let since = |seq| Since { epoch: epoch.to_string(), seq };
         // Retained: 3, 4, 5. From 2 on is recoverable, from 1 is not.
         let (s, mut rx) = sub(16);
-        assert!(topics.subscribe(&t, &"p".into(), s, Some(&since(2)), |_| None).recovered);
+        assert!(join(&topics, &t, "p", s, Some(&since(2))).recovered);
         assert_eq!(texts(&mut rx).len(), 3);
-        assert!(!topics.subscribe(&t, &"q".into(), sub(16).0, Some(&since(1)), |_| None).recovered);
-        assert!(topics.subscribe(&t, &"r".into(), sub(16).0, Some(&since(5)), |_| None).recovered);
-        assert!(!topics.subscribe(&t, &"s".into(), sub(16).0, Some(&since(6)), |_| None).recovered);
+        assert!(!join(&topics, &t, "q", sub(16).0, Some(&since(1))).recovered);
+        assert!(join(&topics, &t, "r", sub(16).0, Some(&since(5))).recovered);
+        assert!(!join(&topics, &t, "s", sub(16).0, Some(&since(6))).recovered);
         let wrong = Since { epoch: "other".into(), seq: 4 };
-        assert!(!topics.subscribe(&t, &"u".into(), sub(16).0, Some(&wrong), |_| None).recovered);
+        assert!(!join(&topics, &t, "u", sub(16).0, Some(&wrong)).recovered);
     }
 
     #[tokio::test(start_paused = true)]
     async fn history_expires_and_empty_topics_go() {
-        let topics = Topics::new(8, Duration::from_secs(10));
+        let topics = Topics::new(Limits { history_ttl: Duration::from_secs(10), ..limits(8) });
         let t = topic("t");
-        topics.publish(&t, None, Payload::Data { from: "x", data: &data(1) });
-        assert_eq!(topics.len(), 1, "retained history keeps the topic");
-        tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(topics.sweep(), 0);
         let (s, _rx) = sub(4);
-        let epoch = topics.subscribe(&t, &"a".into(), s, None, |_| None).epoch;
+        let epoch = join(&topics, &t, "a", s, None).epoch;
+        publish(&topics, &t, 1);
         topics.unsubscribe(&t, "a");
+        assert_eq!((topics.len(), topics.retained_bytes() > 0), (1, true), "retained history keeps the topic");
         // Idle but within the TTL: kept, so its only subscriber can come back to the same epoch.
         assert_eq!(topics.sweep(), 1);
         let back = Since { epoch: epoch.to_string(), seq: 0 };
-        assert!(topics.subscribe(&t, &"a".into(), sub(4).0, Some(&back), |_| None).recovered);
+        assert!(join(&topics, &t, "a", sub(4).0, Some(&back)).recovered);
         topics.unsubscribe(&t, "a");
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(topics.sweep(), 0);
+        assert_eq!(topics.retained_bytes(), 0, "expired history is no longer counted");
         // Raw publishes to a topic nobody is in create nothing.
-        topics.publish(&t, None, Payload::Raw(WsMessage::text("x")));
+        topics.publish(&t, None, Payload::Raw(WsMessage::text("x"))).unwrap();
         assert_eq!(topics.len(), 0);
     }
 
     #[tokio::test]
+    async fn publishing_where_nobody_ever_subscribed_retains_nothing() {
+        let topics = topics(8);
+        for n in 0..100 {
+            let p = publish(&topics, &topic(&format!("nowhere{n}")), n);
+            assert_eq!(p.seq, 1);
+        }
+        assert_eq!(topics.retained_bytes(), 0, "nobody holds an epoch to ask for it");
+    }
+
+    #[tokio::test]
     async fn full_queue_is_isolated() {
-        let topics = Topics::new(0, Duration::from_secs(1));
+        let topics = topics(0);
         let t = topic("t");
         let (slow, mut slow_rx) = sub(2);
         let (fast, mut fast_rx) = sub(64);
-        topics.subscribe(&t, &"slow".into(), slow, None, |_| None);
-        topics.subscribe(&t, &"fast".into(), fast, None, |_| None);
+        join(&topics, &t, "slow", slow, None);
+        join(&topics, &t, "fast", fast, None);
         for n in 0..10 {
-            topics.publish(&t, None, Payload::Data { from: "x", data: &data(n) });
+            publish(&topics, &t, n);
         }
         assert_eq!(texts(&mut fast_rx).len(), 10);
         assert!(texts(&mut slow_rx).is_empty(), "a cut peer gets nothing after the refused frame, only its close");
         assert!(slow_rx.close.borrow().is_some(), "the slow peer is told to close");
+    }
+
+    #[tokio::test]
+    async fn at_the_topic_cap_an_idle_topic_makes_room_and_a_busy_one_does_not() {
+        // One topic per shard on average: the cap is reached quickly.
+        let topics = Topics::new(Limits { max_topics: 4, ..limits(8) });
+        let mut held = vec![];
+        for n in 0..4 {
+            let t = topic(&format!("held{n}"));
+            let (s, rx) = sub(4);
+            join(&topics, &t, "p", s, None);
+            held.push((t, rx));
+        }
+        assert_eq!(topics.len(), 4);
+        let fresh = topic("fresh");
+        assert_eq!(
+            topics.subscribe(&fresh, &"p".into(), sub(4).0, None, |_| None),
+            Err(TopicError::TopicLimit { max: 4 }),
+            "every topic has a subscriber: none may go"
+        );
+        assert_eq!(
+            topics.publish(&fresh, None, Payload::Data { from: "x", data: &data(1) }),
+            Err(TopicError::TopicLimit { max: 4 })
+        );
+        // Once a topic is idle, a new one in its shard takes its place.
+        let (idle, _) = &held[0];
+        topics.unsubscribe(idle, "p");
+        let same_shard = (0..10_000)
+            .map(|n| topic(&format!("new{n}")))
+            .find(|t| topics.shard_index(t) == topics.shard_index(idle))
+            .expect("some name hashes to that shard");
+        assert!(topics.subscribe(&same_shard, &"p".into(), sub(4).0, None, |_| None).is_ok());
+        assert_eq!(topics.len(), 4, "the cap holds");
+        assert!(topics.shard(idle).get(idle).is_none(), "the idle topic was forgotten");
+    }
+
+    #[tokio::test]
+    async fn history_bytes_are_bounded_server_wide_oldest_first() {
+        let budget = 64 * 1024;
+        let topics = Topics::new(Limits { history_bytes: budget, ..limits(100_000) });
+        let (old, new) = (topic("old"), topic("new"));
+        let old_epoch = join(&topics, &old, "a", sub(1 << 20).0, None).epoch;
+        let new_epoch = join(&topics, &new, "a", sub(1 << 20).0, None).epoch;
+        let blob = RawValue::from_string(format!("\"{}\"", "x".repeat(1000))).unwrap();
+        let publish_blob = |t: &Topic| topics.publish(t, None, Payload::Data { from: "x", data: &blob }).unwrap();
+        for _ in 0..50 {
+            publish_blob(&old);
+        }
+        for _ in 0..500 {
+            publish_blob(&new);
+            assert!(topics.retained_bytes() <= budget, "{} > {budget}", topics.retained_bytes());
+        }
+        assert!(topics.retained_bytes() > budget / 2, "eviction keeps most of the budget in use");
+        // The old topic's messages were the oldest: they went first.
+        let since = |epoch: &Arc<str>, seq| Since { epoch: epoch.to_string(), seq };
+        assert!(!join(&topics, &old, "b", sub(1 << 20).0, Some(&since(&old_epoch, 0))).recovered);
+        assert!(!join(&topics, &new, "b", sub(1 << 20).0, Some(&since(&new_epoch, 0))).recovered);
+        let (s, mut rx) = sub(1 << 20);
+        assert!(join(&topics, &new, "c", s, Some(&since(&new_epoch, 480))).recovered, "the newest stay");
+        assert_eq!(texts(&mut rx).len(), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_churn_is_coalesced_into_a_snapshot() {
+        let topics = topics(0);
+        let t = topic("room");
+        let (w, mut wrx) = watcher();
+        join(&topics, &t, "watcher", w, None);
+        for n in 0..500 {
+            let id = format!("churn{n}");
+            join(&topics, &t, &id, sub(4).0, None);
+            topics.unsubscribe(&t, &id);
+        }
+        let events = texts(&mut wrx);
+        assert!(
+            events.len() <= PRESENCE_BURST as usize + 1,
+            "{} events reached the watcher; the budget is {PRESENCE_BURST}",
+            events.len()
+        );
+        // Once the budget refills, the watcher is told where things stand.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        topics.sweep();
+        let snapshot = texts(&mut wrx);
+        assert_eq!(snapshot, [r#"{"type":"presence","topic":"room","peers":[{"peer":"watcher"}]}"#]);
+    }
+
+    #[tokio::test]
+    async fn a_presence_list_is_capped() {
+        let topics = Topics::new(Limits { presence_list: 10, ..limits(0) });
+        let t = topic("big");
+        for n in 0..50 {
+            join(&topics, &t, &format!("p{n:02}"), sub(4).0, None);
+        }
+        let list = topics.presence(&t);
+        assert_eq!(list.len(), 10);
+        assert_eq!(list[0].peer, "p00");
     }
 }

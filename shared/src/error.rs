@@ -25,6 +25,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The peer is subscribed to as many topics as it may be.
     TooManyTopics,
+    /// The server holds as many topics as it may, none of them idle: the
+    /// subscribe or publish would have created one more.
+    TopicLimit,
     /// The server failed in a way that is not the client's fault.
     Internal,
     /// A code this version of the protocol crate does not know.
@@ -42,6 +45,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::RateLimited => "rate_limited",
             Self::TooManyTopics => "too_many_topics",
+            Self::TopicLimit => "topic_limit",
             Self::Internal => "internal",
             Self::Unknown => "unknown",
         }

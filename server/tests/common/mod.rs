@@ -24,6 +24,8 @@ pub fn config() -> Config {
         // Tests that are not about the rate limit publish as fast as they can.
         publish_rate: 1_000_000,
         publish_burst: 1_000_000,
+        subscribe_rate: 1_000_000,
+        subscribe_burst: 1_000_000,
         ..Config::default()
     }
 }
@@ -123,6 +125,20 @@ impl Client {
         match self.recv().await {
             ServerFrame::Pong { id: Some(i) } if i == id => {}
             other => panic!("expected pong {id}, got {other:?}"),
+        }
+    }
+
+    /// Reads presence frames (join/leave/snapshots) until a ping round trip
+    /// completes; panics on anything else. Returns how many there were.
+    pub async fn assert_quiet_tolerating_presence(&mut self) -> usize {
+        self.send(json!({"type": "ping", "id": u64::MAX})).await;
+        let mut presence = 0;
+        loop {
+            match self.recv().await {
+                ServerFrame::Pong { id: Some(u64::MAX) } => return presence,
+                ServerFrame::Join { .. } | ServerFrame::Leave { .. } | ServerFrame::Presence { .. } => presence += 1,
+                other => panic!("expected presence frames then pong, got {other:?}"),
+            }
         }
     }
 
