@@ -160,7 +160,8 @@ impl Config {
         if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err(ConfigError::WeakSecret);
         }
-        if let Some(bad) = self.allowed_origins.iter().find(|o| *o != "*" && crate::origin::Origin::parse(o).is_none()) {
+        if let Some(bad) = self.allowed_origins.iter().find(|o| *o != "*" && crate::origin::Origin::parse(o).is_none())
+        {
             return Err(ConfigError::BadOrigin(bad.clone()));
         }
         Ok(())

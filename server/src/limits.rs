@@ -110,8 +110,7 @@ const MIN_SWEEP: usize = 1024;
 
 impl IpLimiter {
     pub(crate) fn new(config: &Config) -> Arc<Self> {
-        let interval = (config.connect_rate_per_ip > 0)
-            .then(|| Duration::from_secs(1) / config.connect_rate_per_ip);
+        let interval = (config.connect_rate_per_ip > 0).then(|| Duration::from_secs(1) / config.connect_rate_per_ip);
         Arc::new(Self {
             max: config.max_connections_per_ip,
             interval,
