@@ -1,7 +1,7 @@
 //! The accept loop: one task per TCP connection, at most `max_connections` at
 //! once, each served by hyper with upgrades enabled and shut down gracefully.
 //! Connections over a limit are answered without hyper, by a bounded number of
-//! short-lived tasks.
+//! short-lived tasks (at most [`MAX_REFUSALS_IN_FLIGHT`], each at most [`REFUSAL_TIMEOUT`]).
 
 use std::{
     future::Future,
@@ -31,7 +31,7 @@ use crate::{
 
 /// How long a refused connection may take to read its answer and hang up.
 /// Short: under a flood every refusal holds a descriptor for this long.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Refusals answered at once; past this a refused connection is closed
 /// unanswered, so a flood of them costs neither memory nor descriptors.
 pub(crate) const MAX_REFUSALS_IN_FLIGHT: usize = 256;
