@@ -318,7 +318,7 @@ impl ServerHandle {
 
 impl ServerHandle {
     /// How many connections refused at accept time (503, 429) are still being
-    /// answered; each such answer takes at most a couple of seconds.
+    /// answered: at most 256, each for at most a second.
     pub fn refusals_in_flight(&self) -> usize {
         listener::MAX_REFUSALS_IN_FLIGHT - self.state.refusals.available_permits()
     }
