@@ -135,15 +135,17 @@ fn etag_matches(header: &HeaderValue, etag: &HeaderValue) -> bool {
     list.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == ours)
 }
 
-/// trunk names assets `name-<16 hex digits>.ext` (the wasm `…_bg.wasm`): a
-/// new build gets new names, so those never change and may be cached for a
-/// year. Everything else is revalidated on each use (cheap with the `ETag`).
+/// trunk names assets `stem-<hash>.ext` (the wasm `…_bg.wasm`), the hash a
+/// 64-bit seahash in unpadded hex: a new build gets new names, so those never
+/// change and may be cached for a year. Everything else is revalidated on each
+/// use (cheap with the `ETag`). Twelve digits at least: shorter hashes are
+/// rare (one in 65 536), and `name-cafe.js` is more likely a plain name.
 fn cache_control(file: &Path) -> &'static str {
-    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let stem = name.split('.').next().unwrap_or("");
+    let stem = file.file_stem().and_then(|n| n.to_str()).unwrap_or("");
     let stem = stem.strip_suffix("_bg").unwrap_or(stem);
-    let hashed =
-        stem.rsplit_once('-').is_some_and(|(_, hash)| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+    let hashed = stem.rsplit_once('-').is_some_and(|(_, hash)| {
+        (12..=16).contains(&hash.len()) && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
     if hashed {
         "public, max-age=31536000, immutable"
     } else {
@@ -222,6 +224,8 @@ mod tests {
         assert_eq!(cache_control(Path::new("d/index.html")), "no-cache");
         assert_eq!(cache_control(Path::new("d/logo.png")), "no-cache");
         assert_eq!(cache_control(Path::new("d/my-file.js")), "no-cache");
+        assert_eq!(cache_control(Path::new("d/vendor.min-123456789abcdef.js")), immutable, "15 digits, two dots");
+        assert_eq!(cache_control(Path::new("d/app-cafe.js")), "no-cache");
     }
 
     #[test]
