@@ -190,26 +190,34 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal, _permit: OwnedSemaphore
 pub(crate) struct WriteTimeout<S> {
     inner: S,
     limit: Duration,
-    /// Armed while a write is pending; boxed because `Sleep` is `!Unpin`.
+    /// Created at the first stall and reset at later ones, so a connection
+    /// under steady backpressure does not allocate a timer per stall; boxed
+    /// because `Sleep` is `!Unpin`.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` runs for the current stall.
+    armed: bool,
 }
 
 impl<S> WriteTimeout<S> {
     pub(crate) fn new(inner: S, limit: Duration) -> Self {
-        Self { inner, limit, timer: None }
+        Self { inner, limit, timer: None, armed: false }
     }
 
     /// Turns a `Pending` write into an error once it has lasted `limit`.
     fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if poll.is_ready() {
             // Progress: the next stall gets a fresh allowance.
-            self.timer = None;
+            self.armed = false;
             return poll;
         }
-        let limit = self.limit;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
         ready!(timer.as_mut().poll(cx));
-        self.timer = None;
+        self.armed = false;
         Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the peer has not read for the write timeout")))
     }
 }
