@@ -6,6 +6,7 @@
 
 use clap::Parser;
 use crosswire_server::{shutdown_signal, Args, Hooks, HttpResponse, Message, Peer, Server, UpgradeRequest};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 struct Cli {
@@ -29,13 +30,17 @@ impl Hooks for Echo {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let mut config = Cli::parse().args.into_config()?;
     config.max_message_size = 16 * 1024 * 1024;
+    config.max_queue_bytes = 64 * 1024 * 1024;
     // Room for the suite's bursts of many small messages.
     config.outbound_queue = 65_536;
     let server = Server::new(config, Echo).bind().await?;
+    // Before the address goes out: whoever reads it may signal at once.
+    let signal = shutdown_signal();
     println!("echo listening on ws://{}/_ws", server.local_addr());
-    server.run_until(shutdown_signal()).await;
+    server.run_until(signal).await;
     Ok(())
 }

@@ -16,6 +16,7 @@ use crosswire_server::{
     shutdown_signal, Args, CloseDetails, Hooks, HttpResponse, Message, Peer, PeerError, Server, UpgradeRequest,
 };
 use crosswire_shared::Topic;
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 struct Cli {
@@ -44,7 +45,8 @@ impl Hooks for Seed {
 
     async fn message(&self, peer: &Peer<()>, message: Message) {
         let text = String::from_utf8_lossy(message.as_bytes()).into_owned();
-        tracing::info!(peer = %peer, %text, "msg");
+        // Per message: debug, or a busy room writes more log than it relays.
+        tracing::debug!(peer = %peer, %text, "msg");
         peer.publish(&self.test, text);
         let _ = peer.send("Hello to you!");
     }
@@ -61,10 +63,13 @@ impl Hooks for Seed {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let config = Cli::parse().args.into_config()?;
     let server = Server::new(config, Seed { test: Topic::new("test")? }).bind().await?;
+    // Before the address goes out: whoever reads it may signal at once.
+    let signal = shutdown_signal();
     println!("seed listening on ws://{}/_ws", server.local_addr());
-    server.run_until(shutdown_signal()).await;
+    server.run_until(signal).await;
     Ok(())
 }

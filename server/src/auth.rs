@@ -22,11 +22,14 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, in seconds since the Unix epoch.
     pub exp: u64,
-    /// Topic patterns the holder may subscribe to; `None` allows any topic.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Topic patterns the holder may subscribe to; `None` (the claim absent)
+    /// allows any topic. A `null` claim is refused as malformed rather than read
+    /// as absent: an issuer that meant "nothing" must not grant everything.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patterns_not_null")]
     pub subscribe: Option<Vec<TopicPattern>>,
-    /// Topic patterns the holder may publish to; `None` allows any topic.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Topic patterns the holder may publish to; `None` allows any topic, and
+    /// `null` is refused as for `subscribe`.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patterns_not_null")]
     pub publish: Option<Vec<TopicPattern>>,
 }
 
@@ -45,6 +48,15 @@ impl Claims {
     pub fn expires_in(&self) -> Duration {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         Duration::from_secs(self.exp).saturating_sub(now)
+    }
+}
+
+/// Only called when the claim is present (`default` covers absence), so a
+/// `None` here is an explicit `null`.
+fn patterns_not_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<TopicPattern>>, D::Error> {
+    match Option::<Vec<TopicPattern>>::deserialize(d)? {
+        Some(list) => Ok(Some(list)),
+        None => Err(serde::de::Error::custom("a topic claim must be a list of patterns, not null")),
     }
 }
 
@@ -68,6 +80,13 @@ pub enum AuthError {
     /// The token has expired.
     #[error("token has expired")]
     Expired,
+    /// The token's `nbf` (not before) is still in the future.
+    #[error("token is not valid yet")]
+    NotYetValid,
+    /// The token's `aud` is not the audience this server expects, or it has
+    /// one while the server expects none.
+    #[error("token is meant for another audience")]
+    WrongAudience,
 }
 
 impl AuthError {
@@ -93,13 +112,32 @@ impl std::fmt::Debug for JwtAuth {
 }
 
 impl JwtAuth {
-    /// Verifies tokens signed with `secret` (HS256).
+    /// Verifies tokens signed with `secret` (HS256). Tokens carrying an `aud`
+    /// claim are refused unless [`with_audience`](Self::with_audience) names it.
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        // Clocks of token issuers drift a little; five seconds, not the crate's default minute.
+        // Clocks of token issuers drift a little; five seconds, not the crate's
+        // default minute. The same leeway applies to `nbf`.
         validation.leeway = 5;
+        validation.validate_nbf = true;
         Self { key: DecodingKey::from_secret(secret), validation }
+    }
+
+    /// Also requires the `aud` claim to be (or contain) `audience`.
+    pub fn with_audience(mut self, audience: &str) -> Self {
+        self.validation.set_audience(&[audience]);
+        self.validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        self
+    }
+
+    /// The authentication `config` asks for: `None` without a JWT secret.
+    pub fn from_config(config: &crate::Config) -> Option<Self> {
+        let auth = Self::new(config.jwt_secret.as_deref()?.as_bytes());
+        Some(match &config.jwt_audience {
+            Some(audience) => auth.with_audience(audience),
+            None => auth,
+        })
     }
 
     /// The token a request carries, from the first place it is found.
@@ -107,7 +145,7 @@ impl JwtAuth {
         request
             .query_param("token")
             .filter(|t| !t.is_empty())
-            .or_else(|| request.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).map(str::trim))
+            .or_else(|| request.header("authorization").and_then(bearer))
             .or_else(|| request.cookie(TOKEN_COOKIE))
     }
 
@@ -123,8 +161,32 @@ impl JwtAuth {
             .kind()
         {
             ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidAudience => AuthError::WrongAudience,
             ErrorKind::InvalidSignature => AuthError::BadSignature,
             _ => AuthError::Malformed(e.to_string()),
         })
+    }
+}
+
+/// The credentials of an `Authorization: Bearer` header; the scheme name is
+/// case-insensitive (RFC 9110 §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
     }
 }

@@ -36,9 +36,9 @@ pub struct Config {
     /// limit is 16 MiB): a peer is slow when its backlog is large, not when a
     /// burst sits in its queue for a millisecond.
     pub max_queue_bytes: usize,
-    /// A peer whose socket accepts no bytes for this long while the server has
-    /// something to write is dropped without a close frame (none could be
-    /// written). Default 10 s.
+    /// A connection (WebSocket or plain HTTP) whose socket accepts no bytes
+    /// for this long while the server has something to write is dropped,
+    /// without a close frame (none could be written). Default 10 s.
     pub write_timeout: Duration,
     /// Open TCP connections at once; further ones get 503. Default 10 000.
     pub max_connections: usize,
@@ -71,7 +71,10 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Topics one peer may be subscribed to at once. Default 100.
     pub max_topics_per_peer: usize,
-    /// Open connections from one IP address; further ones get 429. Default 256.
+    /// Open connections from one client address (IPv6 counted per /64);
+    /// further ones get 429. Default 0: no per-address count, because a whole
+    /// office or mobile carrier behind one NAT address is legitimate; the
+    /// per-address connect rate and `max_connections` bound an abusive one.
     pub max_connections_per_ip: usize,
     /// Publishes per second one peer may make, sustained. Default 100.
     pub publish_rate: u32,
@@ -84,6 +87,28 @@ pub struct Config {
     /// 64 KiB: with 4 KiB messages, 16 KiB meant a send call every four frames,
     /// and 64 KiB nearly doubled fan-out throughput (docs/BENCHMARKS.md).
     pub write_buffer_size: usize,
+    /// The `aud` a token must carry; `None` (the default) accepts tokens with
+    /// no `aud` claim only.
+    pub jwt_audience: Option<String>,
+    /// Allow loopback browser origins (`http://localhost:8080`, …) even when
+    /// the server does not listen on loopback. Default false: on a public
+    /// server a loopback origin is any page the visitor runs locally.
+    pub allow_loopback_origins: bool,
+    /// `Host` values accepted besides loopback names when the server listens on
+    /// loopback (the DNS-rebinding check); `*` turns the check off. When set on
+    /// a server listening elsewhere, only these hosts are accepted.
+    pub allowed_hosts: Vec<String>,
+    /// New connections per second one client address may open, sustained
+    /// (IPv6 counted per /64); over it: 429. Default 200: enough for a
+    /// busy NAT address reconnecting after a restart, while one address alone
+    /// cannot churn connections fast enough to matter; 0 turns it off.
+    pub connect_rate_per_ip: u32,
+    /// New connections one client address may open in a burst. Default 2000
+    /// (a load test opening a couple of thousand connections at once).
+    pub connect_burst_per_ip: u32,
+    /// Reverse proxies whose `Forwarded` / `X-Forwarded-For` headers name the
+    /// client address. Default none: those headers are ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for Config {
@@ -109,11 +134,17 @@ impl Default for Config {
             jwt_secret: None,
             allowed_origins: Vec::new(),
             max_topics_per_peer: 100,
-            max_connections_per_ip: 256,
+            max_connections_per_ip: 0,
             publish_rate: 100,
             publish_burst: 200,
             read_buffer_size: 16 * 1024,
             write_buffer_size: 64 * 1024,
+            jwt_audience: None,
+            allow_loopback_origins: false,
+            allowed_hosts: Vec::new(),
+            connect_rate_per_ip: 200,
+            connect_burst_per_ip: 2000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -139,6 +170,9 @@ pub enum ConfigError {
     /// The JWT secret is too short to be safe.
     #[error("the JWT secret must be at least 16 bytes long")]
     WeakSecret,
+    /// An allowed origin that is not `*` nor `scheme://host[:port]`.
+    #[error("allowed origin {0:?} is not `*` nor scheme://host[:port]")]
+    BadOrigin(String),
 }
 
 impl Config {
@@ -153,7 +187,7 @@ impl Config {
             ("outbound_queue", self.outbound_queue == 0),
             ("write_timeout", self.write_timeout.is_zero()),
             ("max_connections", self.max_connections == 0),
-            ("max_connections_per_ip", self.max_connections_per_ip == 0),
+            ("connect_burst_per_ip", self.connect_burst_per_ip == 0),
             ("max_topics_per_peer", self.max_topics_per_peer == 0),
             ("publish_burst", self.publish_burst == 0),
             ("subscribe_burst", self.subscribe_burst == 0),
@@ -171,6 +205,10 @@ impl Config {
         }
         if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err(ConfigError::WeakSecret);
+        }
+        if let Some(bad) = self.allowed_origins.iter().find(|o| *o != "*" && crate::origin::Origin::parse(o).is_none())
+        {
+            return Err(ConfigError::BadOrigin(bad.clone()));
         }
         Ok(())
     }
@@ -260,8 +298,8 @@ pub struct Args {
     /// Topics one peer may be subscribed to at once.
     #[arg(long, env = "CROSSWIRE_MAX_TOPICS_PER_PEER", default_value_t = 100)]
     pub max_topics_per_peer: usize,
-    /// Open connections from one IP address.
-    #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    /// Open connections from one client address, IPv6 per /64 (0: no limit).
+    #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
     /// Sustained publishes per second per peer.
     #[arg(long, env = "CROSSWIRE_PUBLISH_RATE", default_value_t = 100)]
@@ -272,6 +310,33 @@ pub struct Args {
     /// Bytes gathered per peer before a write to its socket.
     #[arg(long, env = "CROSSWIRE_WRITE_BUFFER_BYTES", default_value_t = 64 * 1024)]
     pub write_buffer_bytes: usize,
+    /// The `aud` claim tokens must carry.
+    #[arg(long, env = "CROSSWIRE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Allow loopback browser origins even when not listening on loopback.
+    #[arg(long, env = "CROSSWIRE_ALLOW_LOOPBACK_ORIGINS")]
+    pub allow_loopback_origins: bool,
+    /// A `Host` accepted besides loopback names when listening on loopback
+    /// (repeatable; `*` turns the DNS-rebinding check off).
+    #[arg(long = "allowed-host", env = "CROSSWIRE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// New connections per second per client address (0: unlimited).
+    #[arg(long, env = "CROSSWIRE_CONNECT_RATE_PER_IP", default_value_t = 200)]
+    pub connect_rate_per_ip: u32,
+    /// Burst of new connections per client address.
+    #[arg(long, env = "CROSSWIRE_CONNECT_BURST_PER_IP", default_value_t = 2000)]
+    pub connect_burst_per_ip: u32,
+    /// A reverse proxy (address or CIDR) whose Forwarded / X-Forwarded-For
+    /// headers name the client (repeatable).
+    #[arg(long = "trusted-proxy", env = "CROSSWIRE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// A CIDR, or one address as its own /32 or /128.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is neither an address nor a CIDR"))
 }
 
 impl Args {
@@ -302,6 +367,12 @@ impl Args {
             publish_rate: self.publish_rate,
             publish_burst: self.publish_burst,
             write_buffer_size: self.write_buffer_bytes,
+            jwt_audience: self.jwt_audience,
+            allow_loopback_origins: self.allow_loopback_origins,
+            allowed_hosts: self.allowed_hosts,
+            connect_rate_per_ip: self.connect_rate_per_ip,
+            connect_burst_per_ip: self.connect_burst_per_ip,
+            trusted_proxies: self.trusted_proxies,
             ..Config::default()
         };
         config.validate()?;

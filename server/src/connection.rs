@@ -3,21 +3,23 @@
 //! socket in batches, keeps the heartbeat, and drops a peer whose socket
 //! stops taking bytes.
 //!
+//! A socket that takes no byte for the write timeout fails its write with
+//! `TimedOut` (the listener wraps every connection in
+//! [`crate::listener::WriteTimeout`], and the upgraded socket keeps it): the
+//! peer is dropped, whether or not its queue ever filled.
+//!
 //! Every close the server decides on ends the same way: the close frame
-//! (written as long as the socket keeps taking bytes, at most the write
-//! timeout without progress), then a lingering close. The server shuts its
+//! (written as long as the socket keeps taking bytes), then a lingering close. The server shuts its
 //! side and reads what the client still sends until the client closes too,
 //! for a bounded time. Dropping a socket with unread input makes the kernel
 //! answer with a reset, and a reset can overtake the close frame: the client
 //! would see 1006 instead of 1009 or 1013.
 
 use std::{
-    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
@@ -26,7 +28,7 @@ use futures_util::{stream::SplitSink, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncReadExt, AsyncWriteExt},
     time::{timeout, Instant},
 };
 use tokio_tungstenite::{
@@ -45,7 +47,7 @@ use crate::{
     Peer, ServerState,
 };
 
-type Socket = WebSocketStream<Tracked<TokioIo<Upgraded>>>;
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
 type Sink = SplitSink<Socket, tungstenite::Message>;
 
 /// How many queued frames the write loop hands tungstenite before one flush:
@@ -93,103 +95,6 @@ impl Activity {
     }
 }
 
-/// Since when the socket has refused every byte the server tried to write.
-struct WriteProgress {
-    clock: Clock,
-    /// `NOT_STALLED`, or when the first refused write of the current stall was.
-    stalled_since_ms: AtomicU64,
-}
-
-const NOT_STALLED: u64 = u64::MAX;
-
-impl WriteProgress {
-    fn new() -> Self {
-        Self { clock: Clock { start: Instant::now() }, stalled_since_ms: AtomicU64::new(NOT_STALLED) }
-    }
-
-    fn refused(&self) {
-        let now = self.clock.now_ms();
-        let _ = self.stalled_since_ms.compare_exchange(NOT_STALLED, now, Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    fn moved(&self) {
-        self.stalled_since_ms.store(NOT_STALLED, Ordering::Relaxed);
-    }
-
-    fn stalled_for(&self) -> Duration {
-        match self.stalled_since_ms.load(Ordering::Relaxed) {
-            NOT_STALLED => Duration::ZERO,
-            since => self.clock.since(since),
-        }
-    }
-
-    /// Resolves once the socket has taken no byte for `limit`: a write that
-    /// is pending that long will not finish while anyone is waiting for it.
-    async fn stalled(&self, limit: Duration) {
-        let step = (limit / 4).max(Duration::from_millis(10));
-        loop {
-            let stalled = self.stalled_for();
-            if stalled >= limit {
-                return;
-            }
-            tokio::time::sleep(step.min(limit - stalled)).await;
-        }
-    }
-}
-
-/// The upgraded socket, noting whether writes make progress: tungstenite's
-/// sink hides that, and "accepted no bytes for N seconds" is what tells a
-/// stalled reader from a merely busy one.
-struct Tracked<T> {
-    io: T,
-    progress: Arc<WriteProgress>,
-}
-
-impl<T> Tracked<T> {
-    fn note<R>(&self, poll: Poll<R>) -> Poll<R> {
-        match &poll {
-            Poll::Pending => self.progress.refused(),
-            Poll::Ready(_) => self.progress.moved(),
-        }
-        poll
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.note(poll)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.note(poll)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let poll = Pin::new(&mut self.io).poll_flush(cx);
-        self.note(poll)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 /// How the write loop ended.
 enum WriterExit {
     /// It sent this close frame (or the socket refused it: the peer closed first).
@@ -209,9 +114,7 @@ pub(crate) async fn serve<H: Hooks>(
     outbox_rx: OutboxReceiver,
     shutdown: ShutdownHandles,
 ) {
-    let progress = Arc::new(WriteProgress::new());
-    let io = Tracked { io: TokioIo::new(upgraded), progress: Arc::clone(&progress) };
-    let socket = Socket::from_raw_socket(io, Role::Server, Some(state.ws_config())).await;
+    let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(state.ws_config())).await;
     let (sink, mut stream) = socket.split();
     let activity = Arc::new(Activity::new());
     let writer = Writer {
@@ -219,7 +122,6 @@ pub(crate) async fn serve<H: Hooks>(
         heartbeat: state.config.heartbeat,
         write_timeout: state.config.write_timeout,
         activity: Arc::clone(&activity),
-        progress,
     };
     let mut writer = shutdown.spawn(writer.run(sink, outbox_rx));
     tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
@@ -411,9 +313,9 @@ struct Writer {
     /// queue cannot keep itself alive.
     outbox: Outbox,
     heartbeat: Duration,
+    /// Only to say how long a stalled socket was given.
     write_timeout: Duration,
     activity: Arc<Activity>,
-    progress: Arc<WriteProgress>,
 }
 
 impl Writer {
@@ -453,6 +355,7 @@ impl Writer {
                         _ = rx.close.changed() => break Batch::Close,
                         result = &mut batch => break match result {
                             Ok(()) => Batch::Written,
+                            Err(e) if is_stall(&e) => Batch::Stalled,
                             Err(e) => Batch::Failed(e.to_string()),
                         },
                         _ = ticker.tick() => {
@@ -461,7 +364,6 @@ impl Writer {
                             }
                             ping_due = true;
                         }
-                        _ = self.progress.stalled(self.write_timeout) => break Batch::Stalled,
                     }
                 }
             };
@@ -472,31 +374,29 @@ impl Writer {
                 Batch::Stalled => return (sink, WriterExit::Stalled(self.write_timeout)),
             }
         }
-        let Writer { outbox, write_timeout, progress, .. } = self;
+        let Writer { outbox, write_timeout, .. } = self;
         drop(outbox);
         let closing = rx.close.borrow().clone();
         let (frame, flush) = match closing {
             Some(c) => (c.frame, c.flush),
             None => (CloseFrame { code: CloseCode::Normal, reason: "".into() }, true),
         };
-        let write = async {
+        // Written as long as the socket keeps taking bytes: a peer that was cut
+        // for being slow still gets its close frame once it reads again.
+        let written = async {
             if flush {
                 while let Some(queued) = rx.frames.try_recv() {
                     sink.feed(queued).await?;
                 }
             }
             sink.send(tungstenite::Message::Close(Some(frame.clone()))).await
-        };
-        // Written as long as the socket keeps taking bytes: a peer that was cut
-        // for being slow still gets its close frame once it reads again.
-        let stalled = tokio::select! {
-            _ = write => false,
-            _ = progress.stalled(write_timeout) => true,
-        };
-        if stalled {
-            return (sink, WriterExit::Stalled(write_timeout));
         }
-        (sink, WriterExit::Closed(frame))
+        .await;
+        match written {
+            Err(e) if is_stall(&e) => (sink, WriterExit::Stalled(write_timeout)),
+            // Any other failure: the peer closed first; its close is what counts.
+            _ => (sink, WriterExit::Closed(frame)),
+        }
     }
 
     /// Whether the peer was silent for two heartbeats; if so, closes it (3008).
@@ -507,6 +407,11 @@ impl Writer {
         }
         lost
     }
+}
+
+/// Whether a write failed because the socket took no byte for the write timeout.
+fn is_stall(error: &WsError) -> bool {
+    matches!(error, WsError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut)
 }
 
 async fn write_batch(sink: &mut Sink, first: tungstenite::Message, frames: &mut FrameReceiver) -> Result<(), WsError> {

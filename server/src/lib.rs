@@ -117,6 +117,7 @@ impl<H: Hooks> Server<H> {
     /// Binds the listening socket and starts accepting connections.
     pub async fn bind(self) -> Result<RunningServer, ServerError> {
         self.config.validate()?;
+        limits::raise_open_file_limit(self.config.max_connections);
         let addr = self.config.addr;
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
@@ -125,8 +126,9 @@ impl<H: Hooks> Server<H> {
             topics: Topics::new(self.config.topic_limits()),
             peers: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(self.config.max_connections)),
-            per_ip: limits::IpLimiter::new(self.config.max_connections_per_ip),
-            origins: origin::OriginPolicy::new(&self.config.allowed_origins),
+            per_ip: limits::IpLimiter::new(&self.config),
+            origins: origin::OriginPolicy::new(&self.config),
+            refusals: Arc::new(Semaphore::new(listener::MAX_REFUSALS_IN_FLIGHT)),
             shutdown: shutdown.handles(),
             config: self.config,
         });
@@ -204,6 +206,8 @@ pub(crate) struct ServerState {
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) per_ip: Arc<limits::IpLimiter>,
     pub(crate) origins: origin::OriginPolicy,
+    /// Permits for the tasks answering connections refused at accept time.
+    pub(crate) refusals: Arc<Semaphore>,
     /// How every task of this server is spawned, so shutdown reaches it.
     pub(crate) shutdown: shutdown::ShutdownHandles,
 }
@@ -344,5 +348,13 @@ impl ServerHandle {
             }
             None => false,
         }
+    }
+}
+
+impl ServerHandle {
+    /// How many connections refused at accept time (503, 429) are still being
+    /// answered: at most 256, each for at most a second.
+    pub fn refusals_in_flight(&self) -> usize {
+        listener::MAX_REFUSALS_IN_FLIGHT - self.state.refusals.available_permits()
     }
 }

@@ -1,53 +1,244 @@
-//! Per-address connection counting and the per-peer publish rate limit.
+//! Per-address connection limits (a rate of new connections, and optionally a
+//! count of open ones), the client address behind trusted reverse proxies, the
+//! open-file limit, and the per-peer publish rate limit.
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use ipnet::IpNet;
 use tokio::time::Instant;
 
-/// Counts open connections per client IP address.
-#[derive(Debug)]
-pub(crate) struct IpLimiter {
-    max: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+use crate::{routes::text_response, Config, HttpResponse};
+
+/// What per-address limits count under: an IPv4 address, or the /64 prefix of
+/// an IPv6 one, since one subscriber is routinely handed a whole /64 and could
+/// otherwise open connections from 2^64 "different" addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum IpKey {
+    V4(Ipv4Addr),
+    V6Prefix(u64),
 }
 
-/// One connection's place in its address's count; released on drop.
+impl From<IpAddr> for IpKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self::V4(v4),
+            IpAddr::V6(v6) => Self::V6Prefix((u128::from(v6) >> 64) as u64),
+        }
+    }
+}
+
+/// Why a client address may not open another connection; both answer 429.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum IpRejection {
+    /// The address opens connections faster than `connect_rate_per_ip`.
+    #[error("too many new connections from your address; retry later")]
+    Rate {
+        /// When the next connection would be accepted.
+        retry_after: Duration,
+    },
+    /// The address has `max_connections_per_ip` open already.
+    #[error("too many connections from your address; retry later")]
+    Count,
+}
+
+impl IpRejection {
+    pub(crate) fn status(&self) -> StatusCode {
+        StatusCode::TOO_MANY_REQUESTS
+    }
+
+    /// Whole seconds, at least one, for `Retry-After`.
+    pub(crate) fn retry_after_secs(&self) -> u64 {
+        match self {
+            Self::Rate { retry_after } => retry_after.as_secs() + 1,
+            Self::Count => 1,
+        }
+    }
+
+    /// The 429, for a refusal made after the request was read (behind a proxy).
+    pub(crate) fn response(&self) -> HttpResponse {
+        let mut res = text_response(self.status(), format!("{self}\n"));
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after_secs()));
+        res
+    }
+}
+
+/// Limits new and open connections per client address, and knows which peers
+/// are trusted proxies that name the client in a header.
+#[derive(Debug)]
+pub(crate) struct IpLimiter {
+    /// Open connections per address; 0: not counted.
+    max: usize,
+    /// Time between two connections at the sustained rate; `None`: no rate limit.
+    interval: Option<Duration>,
+    /// How far ahead of now an address's schedule may run: the burst.
+    tolerance: Duration,
+    proxies: Vec<IpNet>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<IpKey, Entry>,
+    /// The map size at which idle entries are next swept out: double the size
+    /// that survived the last sweep, so sweeping costs O(1) per connection.
+    sweep_at: usize,
+}
+
+/// One address's state: open connections and its GCRA schedule (the time its
+/// next connection is due at the sustained rate; a burst runs it ahead of now).
+#[derive(Debug)]
+struct Entry {
+    open: usize,
+    due: Instant,
+}
+
+/// One connection's place under its address's limits; released on drop.
 #[derive(Debug)]
 pub(crate) struct IpSlot {
     limiter: Arc<IpLimiter>,
-    ip: IpAddr,
+    key: IpKey,
+    counted: bool,
 }
 
+const MIN_SWEEP: usize = 1024;
+
 impl IpLimiter {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self { max, counts: Mutex::new(HashMap::new()) })
+    pub(crate) fn new(config: &Config) -> Arc<Self> {
+        let interval = (config.connect_rate_per_ip > 0).then(|| Duration::from_secs(1) / config.connect_rate_per_ip);
+        Arc::new(Self {
+            max: config.max_connections_per_ip,
+            interval,
+            tolerance: interval.unwrap_or_default() * config.connect_burst_per_ip.saturating_sub(1),
+            proxies: config.trusted_proxies.clone(),
+            entries: Mutex::new(Entries { map: HashMap::new(), sweep_at: MIN_SWEEP }),
+        })
     }
 
-    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let mut counts = self.counts.lock().expect("ip count lock");
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= self.max {
-            return None;
+    /// Admits one more connection from `ip`, or says why not.
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, IpRejection> {
+        let key = IpKey::from(ip);
+        if self.max == 0 && self.interval.is_none() {
+            return Ok(IpSlot { limiter: Arc::clone(self), key, counted: false });
         }
-        *count += 1;
-        Some(IpSlot { limiter: Arc::clone(self), ip })
+        let now = Instant::now();
+        let mut entries = self.entries.lock().expect("ip limiter lock");
+        if entries.map.len() >= entries.sweep_at {
+            entries.map.retain(|_, e| e.open > 0 || e.due > now);
+            entries.sweep_at = (entries.map.len() * 2).max(MIN_SWEEP);
+        }
+        let entry = entries.map.entry(key).or_insert(Entry { open: 0, due: now });
+        if self.max > 0 && entry.open >= self.max {
+            return Err(IpRejection::Count);
+        }
+        if let Some(interval) = self.interval {
+            let due = entry.due.max(now);
+            if due > now + self.tolerance {
+                return Err(IpRejection::Rate { retry_after: due - (now + self.tolerance) });
+            }
+            entry.due = due + interval;
+        }
+        let counted = self.max > 0;
+        if counted {
+            entry.open += 1;
+        }
+        Ok(IpSlot { limiter: Arc::clone(self), key, counted })
     }
+
+    /// Whether `peer` is a trusted reverse proxy.
+    pub(crate) fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.proxies.iter().any(|net| net.contains(&peer))
+    }
+
+    /// The client's address: `peer` itself unless it is a trusted proxy, else
+    /// the nearest address in `Forwarded` (or, without it, `X-Forwarded-For`)
+    /// that is not itself a trusted proxy. Walking from the right matters: the
+    /// left end of those lists is whatever the client chose to send.
+    pub(crate) fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let forwarded: Vec<&str> = headers.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
+        let hops: Vec<Option<IpAddr>> = if forwarded.is_empty() {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|hop| parse_hop(hop.trim()))
+                .collect()
+        } else {
+            forwarded.iter().flat_map(|v| v.split(',')).map(forwarded_for).collect()
+        };
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            // An unparsable hop (`unknown`, an obfuscated name) ends the walk:
+            // the last address known is the best there is.
+            let Some(hop) = hop else { break };
+            client = hop;
+            if !self.trusts(hop) {
+                break;
+            }
+        }
+        client
+    }
+}
+
+/// The `for=` address of one `Forwarded` element (RFC 7239).
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        name.trim().eq_ignore_ascii_case("for").then(|| parse_hop(value.trim().trim_matches('"')))?
+    })
+}
+
+/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1` or `[2001:db8::1]:80`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    hop.rsplit_once(':')?.0.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut counts = self.limiter.counts.lock().expect("ip count lock");
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.ip);
+        if !self.counted {
+            return;
+        }
+        let mut entries = self.limiter.entries.lock().expect("ip limiter lock");
+        if let Some(entry) = entries.map.get_mut(&self.key) {
+            entry.open -= 1;
+            if entry.open == 0 && entry.due <= Instant::now() {
+                entries.map.remove(&self.key);
             }
         }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit, since every connection
+/// is a descriptor and distributions default the soft limit to 1024; warns
+/// when `max_connections` still does not fit.
+pub(crate) fn raise_open_file_limit(max_connections: usize) {
+    // Listener, static files, the runtime's own descriptors.
+    const SPARE: u64 = 64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + SPARE => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-file limit is below --max-connections: connections beyond it fail to be accepted; \
+             raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower --max-connections"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
 }
 
@@ -97,16 +288,79 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
+    fn limiter(max: usize, rate: u32, burst: u32, proxies: &[&str]) -> Arc<IpLimiter> {
+        IpLimiter::new(&Config {
+            max_connections_per_ip: max,
+            connect_rate_per_ip: rate,
+            connect_burst_per_ip: burst,
+            trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
+            ..Config::default()
+        })
+    }
+
     #[test]
     fn ip_slots_count_and_release() {
-        let limiter = IpLimiter::new(2);
+        let limiter = limiter(2, 0, 1, &[]);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let a = limiter.try_acquire(ip).unwrap();
         let _b = limiter.try_acquire(ip).unwrap();
-        assert!(limiter.try_acquire(ip).is_none());
-        assert!(limiter.try_acquire("127.0.0.2".parse().unwrap()).is_some());
+        assert_eq!(limiter.try_acquire(ip).err(), Some(IpRejection::Count));
+        assert!(limiter.try_acquire("127.0.0.2".parse().unwrap()).is_ok());
         drop(a);
-        assert!(limiter.try_acquire(ip).is_some());
+        assert!(limiter.try_acquire(ip).is_ok());
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let limiter = limiter(1, 0, 1, &[]);
+        let _a = limiter.try_acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(limiter.try_acquire("2001:db8:1:2:ffff::9".parse().unwrap()).is_err(), "same /64");
+        assert!(limiter.try_acquire("2001:db8:1:3::1".parse().unwrap()).is_ok(), "next /64");
+        let _v4 = limiter.try_acquire("10.0.0.1".parse().unwrap()).unwrap();
+        assert!(limiter.try_acquire("::ffff:10.0.0.1".parse().unwrap()).is_err(), "mapped IPv4 is IPv4");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_rate_allows_the_burst_then_the_rate() {
+        let limiter = limiter(0, 10, 5, &[]);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!((0..5).all(|_| limiter.try_acquire(ip).is_ok()));
+        match limiter.try_acquire(ip) {
+            Err(IpRejection::Rate { retry_after }) => assert!(retry_after <= Duration::from_millis(100)),
+            other => panic!("{other:?}"),
+        }
+        assert!(limiter.try_acquire("192.0.2.2".parse().unwrap()).is_ok(), "other addresses unaffected");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(limiter.try_acquire(ip).is_ok());
+        assert!(limiter.try_acquire(ip).is_err());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!((0..10).filter(|_| limiter.try_acquire(ip).is_ok()).count(), 5, "never more than the burst");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_addresses_are_forgotten() {
+        let limiter = limiter(0, 1000, 1, &[]);
+        for i in 0..(MIN_SWEEP as u32 * 4) {
+            let _ = limiter.try_acquire(IpAddr::V4(Ipv4Addr::from(i)));
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert!(limiter.entries.lock().unwrap().map.len() <= MIN_SWEEP * 2);
+    }
+
+    #[test]
+    fn client_address_behind_trusted_proxies() {
+        let limiter = limiter(0, 0, 1, &["10.0.0.0/8"]);
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let outsider: IpAddr = "198.51.100.7".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "6.6.6.6, 203.0.113.5, 10.2.2.2".parse().unwrap());
+        assert_eq!(limiter.client_ip(proxy, &h), "203.0.113.5".parse::<IpAddr>().unwrap());
+        assert_eq!(limiter.client_ip(outsider, &h), outsider, "only trusted peers are believed");
+        h.insert(header::FORWARDED, r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711""#.parse().unwrap());
+        assert_eq!(limiter.client_ip(proxy, &h), "2001:db8::1".parse::<IpAddr>().unwrap(), "Forwarded wins");
+        h.insert(header::FORWARDED, "for=unknown".parse().unwrap());
+        assert_eq!(limiter.client_ip(proxy, &h), proxy);
+        assert_eq!(limiter.client_ip(proxy, &HeaderMap::new()), proxy);
     }
 
     #[tokio::test(start_paused = true)]

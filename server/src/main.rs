@@ -21,8 +21,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = Cli::parse().args.into_config()?;
     let server = Server::new(config.clone(), PubSub::new(&config)).bind().await?;
+    // Before the address goes out: whoever reads it may signal at once.
+    let signal = shutdown_signal();
     // One line on stdout, so scripts (and tests using port 0) learn the address.
     println!("crosswire listening on http://{}", server.local_addr());
-    server.run_until(shutdown_signal()).await;
+    server.run_until(signal).await;
     Ok(())
 }

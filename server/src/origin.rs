@@ -1,40 +1,171 @@
-//! The Origin check against cross-site WebSocket hijacking: a page on another
-//! site must not open a WebSocket that rides on the user's cookies.
+//! Which browsers may talk to the server: the Origin check against cross-site
+//! WebSocket hijacking (a page on another site must not open a WebSocket that
+//! rides on the user's cookies), and the Host check against DNS rebinding (a
+//! page on an attacker's domain that resolves to 127.0.0.1 is same-origin with
+//! itself, so only the `Host` it sends gives it away).
 
-use http::{header, HeaderMap, Uri};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// Which browser origins may connect.
+use http::{header, uri::Authority, HeaderMap, StatusCode, Uri};
+
+use crate::{routes::text_response, Config, HttpResponse};
+
+/// A parsed `scheme://host[:port]`, compared as a whole: `http://example.com`
+/// is not `https://example.com`, nor `http://example.com:8080`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    /// `None` for anything but `scheme://host[:port]` (no path, no `null`).
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let uri = text.trim_end_matches('/').parse::<Uri>().ok()?;
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let authority = uri.authority()?;
+        if uri.path_and_query().is_some_and(|p| !matches!(p.as_str(), "" | "/")) || authority.as_str().contains('@') {
+            return None;
+        }
+        let port = match authority.port_u16() {
+            Some(port) => port,
+            None => default_port(&scheme)?,
+        };
+        Some(Self { host: normalize_host(authority.host()), scheme, port })
+    }
+
+    fn is_loopback(&self) -> bool {
+        is_loopback_host(&self.host)
+    }
+}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    }
+}
+
+/// Lowercase, without a trailing dot (`localhost.` is `localhost`).
+fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `localhost`, `*.localhost` (RFC 6761 reserves them for loopback), any
+/// 127.x.x.x, and `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback());
+    }
+    host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why a request was refused by the browser-facing checks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum OriginRejection {
+    /// The `Origin` is neither the server's own, nor allowed, nor an allowed loopback one.
+    #[error("this origin may not connect")]
+    Origin,
+    /// The `Host` is not one this server answers to (DNS rebinding).
+    #[error("this server does not answer to that Host; a page reaching it under another name is refused (see --allowed-host)")]
+    Host,
+}
+
+impl OriginRejection {
+    /// 403 for a foreign origin; 421 Misdirected Request for a foreign host.
+    pub(crate) fn response(&self) -> HttpResponse {
+        let status = match self {
+            Self::Origin => StatusCode::FORBIDDEN,
+            Self::Host => StatusCode::MISDIRECTED_REQUEST,
+        };
+        text_response(status, format!("{self}\n"))
+    }
+}
+
+/// Which browser origins and which `Host` values are accepted.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct OriginPolicy {
-    allowed: Vec<String>,
-    any: bool,
+    allowed: Vec<Origin>,
+    any_origin: bool,
+    loopback_origins: bool,
+    /// `None`: every `Host` is accepted.
+    hosts: Option<HostPolicy>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct HostPolicy {
+    loopback: bool,
+    names: Vec<String>,
 }
 
 impl OriginPolicy {
-    pub(crate) fn new(allowed: &[String]) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
+        let listens_on_loopback = config.addr.ip().is_loopback();
+        let any_host = config.allowed_hosts.iter().any(|h| h == "*");
+        let hosts = (!any_host && (listens_on_loopback || !config.allowed_hosts.is_empty())).then(|| HostPolicy {
+            loopback: listens_on_loopback,
+            names: config.allowed_hosts.iter().map(|h| host_name(h)).collect(),
+        });
         Self {
-            any: allowed.iter().any(|o| o == "*"),
-            allowed: allowed.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
+            any_origin: config.allowed_origins.iter().any(|o| o == "*"),
+            allowed: config.allowed_origins.iter().filter_map(|o| Origin::parse(o)).collect(),
+            loopback_origins: listens_on_loopback || config.allow_loopback_origins,
+            hosts,
         }
     }
 
-    /// Allowed are: no `Origin` (not a browser), the server's own origin, a
-    /// loopback origin (development with `trunk serve`), and the configured list.
-    pub(crate) fn allows(&self, headers: &HeaderMap) -> bool {
-        let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-            return true;
-        };
-        let origin = origin.to_ascii_lowercase();
-        if self.any || self.allowed.contains(&origin) {
-            return true;
+    /// The Host check, for every request.
+    pub(crate) fn check_host(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), OriginRejection> {
+        let Some(policy) = &self.hosts else { return Ok(()) };
+        // HTTP/1.1 requires Host; a request without one does not come from a
+        // browser, and a browser is what a rebinding attack drives.
+        let Some(host) = request_host(uri, headers) else { return Ok(()) };
+        let Ok(authority) = host.parse::<Authority>() else { return Err(OriginRejection::Host) };
+        let name = normalize_host(authority.host());
+        if (policy.loopback && is_loopback_host(&name)) || policy.names.contains(&name) {
+            Ok(())
+        } else {
+            Err(OriginRejection::Host)
         }
-        let Ok(uri) = origin.parse::<Uri>() else { return false };
-        let Some(authority) = uri.authority() else { return false };
-        let same_origin = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .is_some_and(|host| host.eq_ignore_ascii_case(authority.as_str()));
-        same_origin || matches!(authority.host(), "localhost" | "127.0.0.1" | "[::1]")
+    }
+
+    /// Allowed are: no `Origin` (not a browser), the server's own origin (same
+    /// host and port as `Host`), loopback origins when the server listens on
+    /// loopback or `allow_loopback_origins` says so, and the configured list.
+    pub(crate) fn check_origin(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), OriginRejection> {
+        let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
+        if self.any_origin {
+            return Ok(());
+        }
+        let Some(origin) = origin.to_str().ok().and_then(Origin::parse) else { return Err(OriginRejection::Origin) };
+        let same_origin = request_host(uri, headers).and_then(|h| h.parse::<Authority>().ok()).is_some_and(|host| {
+            // The scheme the browser used is not visible here (TLS may end at a
+            // proxy), so a `Host` without a port means the origin scheme's default.
+            normalize_host(host.host()) == origin.host
+                && host.port_u16().or_else(|| default_port(&origin.scheme)) == Some(origin.port)
+        });
+        if same_origin || self.allowed.contains(&origin) || (self.loopback_origins && origin.is_loopback()) {
+            Ok(())
+        } else {
+            Err(OriginRejection::Origin)
+        }
+    }
+}
+
+fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| uri.authority().map(Authority::as_str))
+}
+
+/// A configured allowed host, without a port if it was given one.
+fn host_name(text: &str) -> String {
+    match text.parse::<Authority>() {
+        Ok(a) => normalize_host(a.host()),
+        Err(_) => normalize_host(text),
     }
 }
 
@@ -51,17 +182,73 @@ mod tests {
         h
     }
 
+    fn policy(addr: &str, origins: &[&str], hosts: &[&str]) -> OriginPolicy {
+        OriginPolicy::new(&Config {
+            addr: addr.parse().unwrap(),
+            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
+            allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            ..Config::default()
+        })
+    }
+
+    fn origin_ok(p: &OriginPolicy, origin: &str, host: &str) -> bool {
+        p.check_origin(&Uri::from_static("/_ws"), &headers(Some(origin), host)).is_ok()
+    }
+
+    fn host_ok(p: &OriginPolicy, host: &str) -> bool {
+        p.check_host(&Uri::from_static("/_ws"), &headers(None, host)).is_ok()
+    }
+
     #[test]
-    fn defaults_and_list() {
-        let p = OriginPolicy::new(&["https://app.example".into()]);
-        assert!(p.allows(&headers(None, "ws.example")));
-        assert!(p.allows(&headers(Some("https://ws.example"), "ws.example")));
-        assert!(p.allows(&headers(Some("http://localhost:8080"), "ws.example")));
-        assert!(p.allows(&headers(Some("http://127.0.0.1:8080"), "ws.example")));
-        assert!(p.allows(&headers(Some("https://APP.example"), "ws.example")));
-        assert!(!p.allows(&headers(Some("https://evil.example"), "ws.example")));
-        assert!(!p.allows(&headers(Some("null"), "ws.example")));
-        assert!(!p.allows(&headers(Some("http://localhost.evil.example"), "ws.example")));
-        assert!(OriginPolicy::new(&["*".into()]).allows(&headers(Some("https://evil.example"), "x")));
+    fn origins_compare_scheme_host_and_port() {
+        let p = policy("0.0.0.0:443", &["https://app.example"], &[]);
+        assert!(p.check_origin(&Uri::from_static("/"), &headers(None, "ws.example")).is_ok());
+        assert!(origin_ok(&p, "https://ws.example", "ws.example"));
+        assert!(origin_ok(&p, "https://ws.example:8443", "ws.example:8443"));
+        assert!(!origin_ok(&p, "https://ws.example:8443", "ws.example"));
+        assert!(origin_ok(&p, "https://APP.example", "ws.example"));
+        assert!(origin_ok(&p, "https://app.example:443", "ws.example"));
+        assert!(!origin_ok(&p, "http://app.example", "ws.example"), "scheme");
+        assert!(!origin_ok(&p, "https://app.example:8443", "ws.example"), "port");
+        assert!(!origin_ok(&p, "https://evil.example", "ws.example"));
+        assert!(!origin_ok(&p, "null", "ws.example"));
+        // Not listening on loopback: loopback origins are someone's local page.
+        assert!(!origin_ok(&p, "http://localhost:8080", "ws.example"));
+        assert!(!origin_ok(&p, "http://127.0.0.1:8080", "ws.example"));
+        assert!(origin_ok(&policy("0.0.0.0:443", &["*"], &[]), "https://evil.example", "x"));
+    }
+
+    #[test]
+    fn loopback_origins_when_listening_on_loopback_or_told() {
+        let p = policy("127.0.0.1:3000", &[], &[]);
+        assert!(origin_ok(&p, "http://localhost:8080", "127.0.0.1:3000"));
+        assert!(origin_ok(&p, "http://127.0.0.1:8080", "127.0.0.1:3000"));
+        assert!(origin_ok(&p, "http://[::1]:8080", "127.0.0.1:3000"));
+        assert!(!origin_ok(&p, "http://localhost.evil.example", "127.0.0.1:3000"));
+        let told = OriginPolicy::new(&Config {
+            addr: "0.0.0.0:3000".parse().unwrap(),
+            allow_loopback_origins: true,
+            ..Config::default()
+        });
+        assert!(origin_ok(&told, "http://localhost:8080", "ws.example"));
+    }
+
+    #[test]
+    fn hosts_on_loopback() {
+        let p = policy("127.0.0.1:3000", &[], &[]);
+        for ok in ["127.0.0.1:3000", "localhost", "LOCALHOST:1", "app.localhost:80", "127.1.2.3", "[::1]:3000"] {
+            assert!(host_ok(&p, ok), "{ok}");
+        }
+        for bad in ["evil.example:3000", "localhost.evil.example", "10.0.0.1", "[::2]:3000", "127.0.0.1.evil.example"] {
+            assert!(!host_ok(&p, bad), "{bad}");
+        }
+        let extra = policy("127.0.0.1:3000", &[], &["dev.example:3000"]);
+        assert!(host_ok(&extra, "dev.example"));
+        assert!(host_ok(&extra, "localhost"));
+        assert!(host_ok(&policy("127.0.0.1:3000", &[], &["*"]), "evil.example"));
+        assert!(host_ok(&policy("0.0.0.0:3000", &[], &[]), "evil.example"), "no check off loopback");
+        let listed = policy("0.0.0.0:3000", &[], &["ws.example"]);
+        assert!(host_ok(&listed, "ws.example:3000"));
+        assert!(!host_ok(&listed, "evil.example"));
     }
 }

@@ -66,7 +66,7 @@ impl PubSub {
     pub fn new(config: &Config) -> Self {
         Self {
             heartbeat: config.heartbeat,
-            auth: config.jwt_secret.as_deref().map(|s| JwtAuth::new(s.as_bytes())),
+            auth: JwtAuth::from_config(config),
             max_topics: config.max_topics_per_peer,
             publish_rate: config.publish_rate,
             publish_burst: config.publish_burst,

@@ -6,9 +6,10 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
+use tower_http::services::fs::ServeFileSystemResponseBody;
 
 use crate::limits::IpSlot;
 
@@ -34,13 +35,17 @@ pub(crate) struct ConnCtx<H> {
     pub(crate) upgrading: std::sync::atomic::AtomicBool,
 }
 
-/// A connection's place under `max_connections` and `max_connections_per_ip`,
-/// released when dropped.
+/// A connection's place under `max_connections` and the per-address limits,
+/// released when dropped. A connection from a trusted proxy has no address
+/// slot: each WebSocket upgrade on it takes one for the client it names.
 #[derive(Debug)]
 pub(crate) struct ConnSlot {
     pub(crate) _permit: OwnedSemaphorePermit,
-    pub(crate) _ip: IpSlot,
+    pub(crate) _ip: Option<IpSlot>,
 }
+
+/// The body of every response: in memory, or a file streamed from disk.
+pub(crate) type RouteBody = Either<Full<Bytes>, ServeFileSystemResponseBody>;
 
 /// A plain-text response, the shape of every error this server answers with.
 pub fn text_response(status: StatusCode, text: impl Into<String>) -> HttpResponse {
@@ -50,7 +55,14 @@ pub fn text_response(status: StatusCode, text: impl Into<String>) -> HttpRespons
     res
 }
 
-pub(crate) async fn route<H: Hooks>(req: Request<Incoming>, ctx: Arc<ConnCtx<H>>) -> Result<HttpResponse, Infallible> {
+pub(crate) async fn route<H: Hooks>(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx<H>>,
+) -> Result<Response<RouteBody>, Infallible> {
+    if let Err(rejection) = ctx.state.origins.check_host(req.uri(), req.headers()) {
+        tracing::debug!(remote = %ctx.remote, host = ?req.headers().get(header::HOST), "host refused");
+        return Ok(rejection.response().map(Either::Left));
+    }
     let path = req.uri().path();
     let res = if path == ctx.state.config.path {
         ctx.upgrading.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -62,11 +74,11 @@ pub(crate) async fn route<H: Hooks>(req: Request<Incoming>, ctx: Arc<ConnCtx<H>>
     } else if let (Some(dir), true) =
         (&ctx.state.config.static_dir, matches!(*req.method(), Method::GET | Method::HEAD))
     {
-        statics::serve(dir, path, req.method() == Method::HEAD).await
+        return Ok(statics::serve(dir, req).await);
     } else {
         text_response(StatusCode::NOT_FOUND, "not found\n")
     };
-    Ok(res)
+    Ok(res.map(Either::Left))
 }
 
 /// The WebSocket path, checked in this order: the Origin (403), the
@@ -75,12 +87,26 @@ pub(crate) async fn route<H: Hooks>(req: Request<Incoming>, ctx: Arc<ConnCtx<H>>
 /// carrying a token learns whether it is accepted: browsers hide the status
 /// of a refused WebSocket handshake, and the client probes with such a GET.
 async fn websocket<H: Hooks>(req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) -> HttpResponse {
-    if !ctx.state.origins.allows(req.headers()) {
+    if let Err(rejection) = ctx.state.origins.check_origin(req.uri(), req.headers()) {
         tracing::debug!(remote = %ctx.remote, origin = ?req.headers().get(header::ORIGIN), "origin refused");
-        return text_response(StatusCode::FORBIDDEN, "this origin may not connect\n");
+        return rejection.response();
     }
+    // From a trusted proxy, the client it names is subject to the per-address
+    // limits here, once per WebSocket, as a direct client is at accept time.
+    let (client, ip_slot) = if ctx.state.per_ip.trusts(ctx.remote.ip()) {
+        let ip = ctx.state.per_ip.client_ip(ctx.remote.ip(), req.headers());
+        match ctx.state.per_ip.try_acquire(ip) {
+            Ok(slot) => (SocketAddr::new(ip, 0), Some(slot)),
+            Err(rejection) => {
+                tracing::debug!(remote = %ctx.remote, client = %ip, %rejection, "address refused");
+                return rejection.response();
+            }
+        }
+    } else {
+        (ctx.remote, None)
+    };
     let allow_origin = req.headers().get(header::ORIGIN).cloned();
-    let mut res = upgrade(req, ctx).await;
+    let mut res = upgrade(req, ctx, client, ip_slot).await;
     // The client's probe is a cross-origin fetch in development: let it read the status.
     if let Some(origin) = allow_origin {
         res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -89,12 +115,19 @@ async fn websocket<H: Hooks>(req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) -> H
     res
 }
 
-async fn upgrade<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) -> HttpResponse {
+/// `client` is the address hooks and the peer list see: behind a trusted
+/// proxy, the one it names (port 0: proxies do not pass the port on).
+async fn upgrade<H: Hooks>(
+    mut req: Request<Incoming>,
+    ctx: &Arc<ConnCtx<H>>,
+    client: SocketAddr,
+    ip_slot: Option<IpSlot>,
+) -> HttpResponse {
     let upgrade_req = UpgradeRequest {
         method: req.method().clone(),
         uri: req.uri().clone(),
         headers: req.headers().clone(),
-        remote_addr: ctx.remote,
+        remote_addr: client,
     };
     let context = match ctx.hooks.upgrade(&upgrade_req).await {
         Ok(context) => context,
@@ -110,7 +143,7 @@ async fn upgrade<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) ->
     let state = Arc::clone(&ctx.state);
     let (outbox, outbox_rx) = Outbox::new(state.config.outbox_bounds());
     let user = ctx.hooks.user(&context);
-    let core = state.register_peer(ctx.remote, outbox, user);
+    let core = state.register_peer(client, outbox, user);
     let peer = Peer::new(core, context, Arc::clone(&state));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hooks = Arc::clone(&ctx.hooks);
@@ -120,6 +153,7 @@ async fn upgrade<H: Hooks>(mut req: Request<Incoming>, ctx: &Arc<ConnCtx<H>>) ->
     // taken over in a task of its own.
     shutdown.clone().spawn(async move {
         let _slot = slot;
+        let _ip_slot = ip_slot;
         match on_upgrade.await {
             Ok(upgraded) => connection::serve(state, hooks, upgraded, peer, outbox_rx, shutdown).await,
             Err(e) => {

@@ -94,20 +94,37 @@ impl ShutdownController {
 
 /// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM: what a server binary
 /// passes to [`crate::RunningServer::run_until`].
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+///
+/// The handlers are installed when this is called, not when the future is
+/// first polled: a binary calls it before announcing its address, so a
+/// SIGTERM sent right after never meets the default action (an abrupt exit
+/// with no 1001 for anyone). Call it inside the tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut streams: Vec<_> = [SignalKind::interrupt(), SignalKind::terminate()]
+            .into_iter()
+            .filter_map(|kind| match signal(kind) {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for a shutdown signal");
+                    None
+                }
+            })
+            .collect();
+        async move {
+            if streams.is_empty() {
+                return std::future::pending().await;
             }
-            Err(_) => std::future::pending().await,
+            let any = futures_util::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv())));
+            any.await;
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

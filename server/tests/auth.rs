@@ -94,7 +94,7 @@ async fn a_plain_get_probe_learns_401_or_426() {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let req = format!(
-            "GET /_ws{query} HTTP/1.1\r\nHost: x\r\nOrigin: http://localhost:8080\r\nConnection: close\r\n\r\n"
+            "GET /_ws{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://localhost:8080\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = String::new();
@@ -235,4 +235,64 @@ async fn publish_rate_limit() {
         }
     }
     assert_eq!((acks, limited), (vec![1, 2, 3], vec![4, 5]));
+}
+
+#[tokio::test]
+async fn null_topic_claims_grant_nothing() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    for claim in ["subscribe", "publish"] {
+        let t = token("mallory", json!({ claim: null }));
+        assert_eq!(try_connect(addr, &format!("?token={t}"), &[]).await.err(), Some(401), "{claim}: null");
+    }
+    // An empty list is a valid token that allows no topic.
+    let none = token("nobody", json!({"subscribe": [], "publish": []}));
+    let mut c = try_connect(addr, &format!("?token={none}"), &[]).await.unwrap();
+    c.send(json!({"type": "subscribe", "topic": "t"})).await;
+    assert!(matches!(c.recv().await, ServerFrame::Error { code: ErrorCode::Forbidden, .. }));
+}
+
+#[tokio::test]
+async fn not_before_is_checked_with_the_expiry_leeway() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    let early = token("eve", json!({"nbf": now() + 120}));
+    assert_eq!(try_connect(addr, &format!("?token={early}"), &[]).await.err(), Some(401));
+    // Issuer clocks a little ahead are tolerated, as for exp.
+    let slightly = token("eve", json!({"nbf": now() + 2}));
+    assert!(try_connect(addr, &format!("?token={slightly}"), &[]).await.is_ok());
+    let past = token("eve", json!({"nbf": now() - 60}));
+    assert!(try_connect(addr, &format!("?token={past}"), &[]).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_expected_audience_is_required() {
+    let mut config = auth_config();
+    config.jwt_audience = Some("crosswire".into());
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    for claims in [json!({}), json!({"aud": "billing"}), json!({"aud": ["billing"]})] {
+        let t = token("frank", claims.clone());
+        assert_eq!(try_connect(addr, &format!("?token={t}"), &[]).await.err(), Some(401), "{claims}");
+    }
+    for claims in [json!({"aud": "crosswire"}), json!({"aud": ["billing", "crosswire"]})] {
+        let t = token("frank", claims.clone());
+        assert!(try_connect(addr, &format!("?token={t}"), &[]).await.is_ok(), "{claims}");
+    }
+    // Without an expected audience, a token meant for another service is refused.
+    let server = start_pubsub(auth_config()).await;
+    let t = token("frank", json!({"aud": "billing"}));
+    assert_eq!(try_connect(server.local_addr(), &format!("?token={t}"), &[]).await.err(), Some(401));
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    let t = token("grace", json!({}));
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let value = format!("{scheme} {t}");
+        assert!(try_connect(addr, "", &[("authorization", &value)]).await.is_ok(), "{scheme}");
+    }
+    assert_eq!(try_connect(addr, "", &[("authorization", &format!("Basic {t}"))]).await.err(), Some(401));
 }

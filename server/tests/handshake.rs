@@ -105,9 +105,10 @@ async fn accept_key_is_correct() {
 async fn healthz_and_unknown_paths() {
     let server = start_pubsub(config()).await;
     let (status, _, body) =
-        raw(server.local_addr(), "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        raw(server.local_addr(), "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
-    let (status, _, _) = raw(server.local_addr(), "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let (status, _, _) =
+        raw(server.local_addr(), "GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
     assert_eq!(status, 404);
 }
 
@@ -120,7 +121,7 @@ async fn static_files_are_served_without_escaping_the_root() {
     let mut config = config();
     config.static_dir = Some(dir.clone());
     let server = start_pubsub(config).await;
-    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let (status, head, body) = raw(server.local_addr(), &get("/")).await;
     assert_eq!((status, body.as_str()), (200, "<h1>demo</h1>"));
     assert!(head.contains("content-type: text/html"));
@@ -141,7 +142,7 @@ async fn over_the_connection_limit_gets_503() {
     config.max_connections = 1;
     let server = start_pubsub(config).await;
     let _first = Client::connect(server.local_addr()).await;
-    let (status, head, body) = raw(server.local_addr(), "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (status, head, body) = raw(server.local_addr(), "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert_eq!(status, 503, "{head}");
     assert!(body.contains("connection limit"));
 }

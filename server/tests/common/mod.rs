@@ -165,6 +165,41 @@ pub fn message_data(frame: &ServerFrame) -> (u64, String, Value) {
     }
 }
 
+/// Connects to `/_ws{query}` with extra request headers; a refusal gives its HTTP status.
+pub async fn connect_with(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Result<Client, u16> {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+    let mut req = format!("ws://{addr}/_ws{query}").into_client_request().unwrap();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("answered within the wait") {
+        Ok((ws, _)) => {
+            let mut client = Client { ws, peer: String::new() };
+            if let ServerFrame::Welcome { peer, .. } = client.recv().await {
+                client.peer = peer;
+            }
+            Ok(client)
+        }
+        Err(Error::Http(res)) => Err(res.status().as_u16()),
+        Err(e) => panic!("unexpected connect error {e}"),
+    }
+}
+
+/// Sends one raw HTTP/1.1 request (which should ask for `Connection: close`)
+/// and returns the status, the lowercased head and the body.
+pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut buf)).await.expect("the server closes within the wait").ok();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
 /// Waits until `condition` holds, polling the server's own state; panics
 /// with `what` after [`WAIT`]. For state that settles asynchronously (a peer
 /// count after a close): reading it right away races on a loaded machine.
