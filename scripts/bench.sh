@@ -38,11 +38,12 @@ SCENARIOS=${BENCH_SCENARIOS:-${ORDER[*]}}
 COMMON="--duration 20 --drain-timeout 5 --connect-timeout 30 --warmup 20 --connect-batch 50"
 
 # crosswire's limits are for production; a benchmark must not trip them:
-# per-peer publish rate limit (default 100/s), connections per IP (256), and
-# the slow-consumer queue (128 frames; the load generator's window keeps each
-# subscriber's backlog far below 65536, and Bun's equivalent is its 16 MiB
-# per-socket backpressure limit). Everything else is the default.
-CROSSWIRE_FLAGS="--publish-rate 1000000 --publish-burst 1000000 --max-connections-per-ip 100000 --max-connections 100000 --outbound-queue 65536"
+# the per-peer publish rate limit (default 100/s), the per-address connect
+# rate (200/s after a burst of 2000), and the slow-consumer bounds, set here to
+# Bun's equivalent, its 16 MiB per-socket backpressure limit (the load
+# generator's window keeps each subscriber's backlog far below). Everything
+# else is the default.
+CROSSWIRE_FLAGS="--publish-rate 1000000 --publish-burst 1000000 --connect-rate-per-ip 0 --max-connections 100000 --outbound-queue 65536 --max-queue-bytes 16777216"
 
 # How busy both CPUs were (percent) over half a second, from /proc/stat:
 # unlike the load average, this reflects what is running right now.
