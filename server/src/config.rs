@@ -36,6 +36,10 @@ pub struct Config {
     /// limit is 16 MiB): a peer is slow when its backlog is large, not when a
     /// burst sits in its queue for a millisecond.
     pub max_queue_bytes: usize,
+    /// Live bytes queued across every peer; a push that would pass it cuts
+    /// its peer as a slow consumer (1013). Counted per queue, so a frame
+    /// queued for many peers counts for each. Default 1 GiB.
+    pub max_total_queue_bytes: usize,
     /// A connection (WebSocket or plain HTTP) whose socket accepts no bytes
     /// for this long while the server has something to write is dropped,
     /// without a close frame (none could be written). Default 10 s.
@@ -121,6 +125,7 @@ impl Default for Config {
             max_message_size: 64 * 1024,
             outbound_queue: 4096,
             max_queue_bytes: 4 * 1024 * 1024,
+            max_total_queue_bytes: 1024 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(5),
@@ -258,6 +263,9 @@ pub struct Args {
     /// Bytes a peer's outbound queue holds before it is closed as a slow consumer.
     #[arg(long, env = "CROSSWIRE_MAX_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_queue_bytes: usize,
+    /// Bytes queued across every peer before pushes cut their peer as a slow consumer.
+    #[arg(long, env = "CROSSWIRE_MAX_TOTAL_QUEUE_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_total_queue_bytes: usize,
     /// Milliseconds a peer's socket may accept no bytes before it is dropped.
     #[arg(long, env = "CROSSWIRE_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
@@ -350,6 +358,7 @@ impl Args {
             max_message_size: self.max_message_bytes,
             outbound_queue: self.outbound_queue,
             max_queue_bytes: self.max_queue_bytes,
+            max_total_queue_bytes: self.max_total_queue_bytes,
             write_timeout: Duration::from_millis(self.write_timeout_ms),
             max_connections: self.max_connections,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),

@@ -130,6 +130,7 @@ impl<H: Hooks> Server<H> {
             origins: origin::OriginPolicy::new(&self.config),
             refusals: Arc::new(Semaphore::new(listener::MAX_REFUSALS_IN_FLIGHT)),
             shutdown: shutdown.handles(),
+            queue_budget: outbox::QueueBudget::new(self.config.max_total_queue_bytes),
             config: self.config,
         });
         let accept = listener::Listener { listener, state: Arc::clone(&state), hooks: Arc::new(self.hooks) };
@@ -210,6 +211,8 @@ pub(crate) struct ServerState {
     pub(crate) refusals: Arc<Semaphore>,
     /// How every task of this server is spawned, so shutdown reaches it.
     pub(crate) shutdown: shutdown::ShutdownHandles,
+    /// Live bytes queued across every peer.
+    pub(crate) queue_budget: Arc<outbox::QueueBudget>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -329,6 +332,12 @@ impl ServerHandle {
     /// epoch someone may come back to).
     pub fn topic_count(&self) -> usize {
         self.state.topics.len()
+    }
+
+    /// Live bytes queued for peers now, server-wide, as the queues reserved
+    /// them (bounded by [`Config::max_total_queue_bytes`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.state.queue_budget.reserved()
     }
 
     /// Bytes of history retained now, server-wide (bounded by

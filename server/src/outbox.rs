@@ -53,6 +53,42 @@ pub(crate) struct Bounds {
     pub(crate) bytes: usize,
 }
 
+/// Live bytes queued across every peer of a server, as credit each queue
+/// reserves in chunks: the per-peer bound alone would let ten thousand
+/// backed-up peers hold ten thousand times it. A chunk at a time keeps the
+/// shared counter off the per-frame path. It counts what each queue holds,
+/// so a frame queued for many peers counts for each (it is stored once):
+/// the budget errs on the safe side.
+#[derive(Debug)]
+pub(crate) struct QueueBudget {
+    reserved: AtomicUsize,
+    limit: usize,
+}
+
+/// The unit of credit a queue takes from the [`QueueBudget`].
+const CHUNK: usize = 16 * 1024;
+
+impl QueueBudget {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self { reserved: AtomicUsize::new(0), limit })
+    }
+
+    /// Bytes reserved by every queue now (at most the limit).
+    pub(crate) fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, bytes: usize) -> bool {
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |r| r.checked_add(bytes).filter(|&n| n <= self.limit))
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 /// How the server wants a connection to end.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Closing {
@@ -78,6 +114,7 @@ struct Shared {
     notify: Notify,
     close: watch::Sender<Option<Closing>>,
     bounds: Bounds,
+    budget: Arc<QueueBudget>,
     /// Live `Outbox` clones.
     senders: AtomicUsize,
 }
@@ -88,6 +125,8 @@ struct State {
     /// Frames and bytes of live traffic (not answers or replays) still queued.
     live_frames: usize,
     live_bytes: usize,
+    /// Credit this queue holds from the server-wide budget (whole chunks).
+    reserved: usize,
     /// Set by the first refused push or close request: nothing is queued after it.
     refusing: bool,
     rx_closed: bool,
@@ -116,14 +155,16 @@ impl Drop for Outbox {
 }
 
 impl Outbox {
-    /// A queue whose live traffic is held to `bounds`.
-    pub(crate) fn new(bounds: Bounds) -> (Self, OutboxReceiver) {
+    /// A queue whose live traffic is held to `bounds`, and with every other
+    /// queue of the server to `budget`.
+    pub(crate) fn new(bounds: Bounds, budget: Arc<QueueBudget>) -> (Self, OutboxReceiver) {
         let (close, close_rx) = watch::channel(None);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             close,
             bounds,
+            budget,
             senders: AtomicUsize::new(1),
         });
         let rx = OutboxReceiver { frames: FrameReceiver { shared: Arc::clone(&shared) }, close: close_rx };
@@ -157,6 +198,16 @@ impl Outbox {
                 drop(st);
                 self.close_now(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
                 return Err(SendError::QueueFull);
+            }
+            let short = (st.live_bytes + len).saturating_sub(st.reserved);
+            if short > 0 {
+                let chunk = short.div_ceil(CHUNK) * CHUNK;
+                if !self.shared.budget.reserve(chunk) {
+                    drop(st);
+                    self.close_now(close_code::SLOW_CONSUMER, "slow consumer: the server's queue budget is spent");
+                    return Err(SendError::QueueFull);
+                }
+                st.reserved += chunk;
             }
             st.live_frames += 1;
             st.live_bytes += len;
@@ -193,9 +244,7 @@ impl Outbox {
             let mut st = self.shared.lock();
             st.refusing = true;
             if !flush {
-                st.frames.clear();
-                st.live_frames = 0;
-                st.live_bytes = 0;
+                st.clear(&self.shared.budget);
             }
         }
         self.shared.close.send_if_modified(|slot| match slot {
@@ -216,6 +265,16 @@ impl Outbox {
     pub(crate) fn backlog(&self) -> Bounds {
         let st = self.shared.lock();
         Bounds { frames: st.live_frames, bytes: st.live_bytes }
+    }
+}
+
+impl State {
+    /// Drops everything queued and gives back its credit.
+    fn clear(&mut self, budget: &QueueBudget) {
+        self.frames.clear();
+        self.live_frames = 0;
+        self.live_bytes = 0;
+        budget.release(std::mem::take(&mut self.reserved));
     }
 }
 
@@ -242,7 +301,7 @@ impl Drop for FrameReceiver {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.rx_closed = true;
-        st.frames.clear();
+        st.clear(&self.shared.budget);
     }
 }
 
@@ -269,6 +328,13 @@ impl FrameReceiver {
         if q.live {
             st.live_frames -= 1;
             st.live_bytes -= q.frame.len();
+            // Credit goes back once two chunks are idle (not at every frame),
+            // and all of it once the queue is empty: idle peers hold none.
+            let keep = st.live_bytes.div_ceil(CHUNK) * CHUNK;
+            if st.reserved >= keep + 2 * CHUNK || (keep == 0 && st.reserved > 0) {
+                self.shared.budget.release(st.reserved - keep);
+                st.reserved = keep;
+            }
         }
         Some(q.frame)
     }
@@ -286,6 +352,10 @@ mod tests {
         Bounds { frames, bytes: usize::MAX }
     }
 
+    fn unlimited() -> Arc<QueueBudget> {
+        QueueBudget::new(usize::MAX)
+    }
+
     fn drain(rx: &mut OutboxReceiver) -> Vec<String> {
         std::iter::from_fn(|| rx.frames.try_recv()).map(|m| m.into_text().unwrap().to_string()).collect()
     }
@@ -296,7 +366,7 @@ mod tests {
 
     #[test]
     fn a_refused_push_drops_the_queue_and_refuses_everything_after() {
-        let (outbox, mut rx) = Outbox::new(bounds(2));
+        let (outbox, mut rx) = Outbox::new(bounds(2), unlimited());
         assert!(outbox.push(text(1)).is_ok());
         assert!(outbox.push(text(2)).is_ok());
         assert_eq!(outbox.push(text(3)), Err(SendError::QueueFull));
@@ -311,7 +381,7 @@ mod tests {
 
     #[test]
     fn the_byte_bound_counts_payloads() {
-        let (outbox, _rx) = Outbox::new(Bounds { frames: 100, bytes: 10 });
+        let (outbox, _rx) = Outbox::new(Bounds { frames: 100, bytes: 10 }, unlimited());
         assert!(outbox.push(WsMessage::text("12345")).is_ok());
         assert!(outbox.push(WsMessage::text("12345")).is_ok());
         assert_eq!(outbox.backlog(), Bounds { frames: 2, bytes: 10 });
@@ -320,7 +390,7 @@ mod tests {
 
     #[test]
     fn answers_and_replays_do_not_count_as_live_backlog() {
-        let (outbox, mut rx) = Outbox::new(bounds(2));
+        let (outbox, mut rx) = Outbox::new(bounds(2), unlimited());
         for n in 0..1000 {
             assert!(outbox.push_reserved(text(n)).is_ok(), "a replay of any length fits");
         }
@@ -334,14 +404,14 @@ mod tests {
 
     #[test]
     fn a_graceful_close_keeps_what_is_queued_and_a_verdict_drops_it() {
-        let (outbox, mut rx) = Outbox::new(bounds(8));
+        let (outbox, mut rx) = Outbox::new(bounds(8), unlimited());
         outbox.push(text(1)).unwrap();
         outbox.close(1000, "bye");
         assert_eq!(outbox.push(text(2)), Err(SendError::Closed), "nothing after a close");
         assert_eq!(rx.close.borrow().as_ref().map(|c| c.flush), Some(true));
         assert_eq!(drain(&mut rx), ["1"]);
 
-        let (outbox, mut rx) = Outbox::new(bounds(8));
+        let (outbox, mut rx) = Outbox::new(bounds(8), unlimited());
         outbox.push(text(1)).unwrap();
         outbox.close(1000, "bye");
         outbox.close_now(close_code::GOING_AWAY, "shutdown");
@@ -351,9 +421,32 @@ mod tests {
         assert!(drain(&mut rx).is_empty());
     }
 
+    #[test]
+    fn queues_share_the_server_wide_budget_and_give_it_back() {
+        let budget = QueueBudget::new(4 * CHUNK);
+        let big = || WsMessage::text("x".repeat(CHUNK));
+        let (a, mut arx) = Outbox::new(bounds(100), Arc::clone(&budget));
+        let (b, brx) = Outbox::new(bounds(100), Arc::clone(&budget));
+        for _ in 0..3 {
+            a.push(big()).unwrap();
+        }
+        assert_eq!(budget.reserved(), 3 * CHUNK);
+        b.push(big()).unwrap();
+        assert_eq!(b.push(big()), Err(SendError::QueueFull), "the budget is spent: the pusher is cut");
+        assert_eq!(budget.reserved(), 3 * CHUNK, "the cut queue gave its credit back");
+        // Draining gives credit back too, so the budget is never lost.
+        drain(&mut arx);
+        assert_eq!(budget.reserved(), 0);
+        drop(brx);
+        let (c, _crx) = Outbox::new(bounds(100), Arc::clone(&budget));
+        for _ in 0..4 {
+            c.push(big()).unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn the_receiver_wakes_for_frames_and_ends_with_the_last_sender() {
-        let (outbox, mut rx) = Outbox::new(bounds(4));
+        let (outbox, mut rx) = Outbox::new(bounds(4), unlimited());
         let second = outbox.clone();
         let reader = tokio::spawn(async move {
             let mut got = vec![];
@@ -374,7 +467,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_receiver_ends_when_every_sender_is_gone() {
-        let (outbox, mut rx) = Outbox::new(bounds(4));
+        let (outbox, mut rx) = Outbox::new(bounds(4), unlimited());
         let clone = outbox.clone();
         clone.push(text(7)).unwrap();
         drop(outbox);
@@ -385,7 +478,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_push_after_the_receiver_is_gone_fails() {
-        let (outbox, rx) = Outbox::new(bounds(4));
+        let (outbox, rx) = Outbox::new(bounds(4), unlimited());
         drop(rx);
         assert_eq!(outbox.push(text(1)), Err(SendError::Closed));
     }

@@ -141,7 +141,7 @@ async fn upgrade<H: Hooks>(
         }
     };
     let state = Arc::clone(&ctx.state);
-    let (outbox, outbox_rx) = Outbox::new(state.config.outbox_bounds());
+    let (outbox, outbox_rx) = Outbox::new(state.config.outbox_bounds(), Arc::clone(&state.queue_budget));
     let user = ctx.hooks.user(&context);
     let core = state.register_peer(client, outbox, user);
     let peer = Peer::new(core, context, Arc::clone(&state));

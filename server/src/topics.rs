@@ -559,7 +559,8 @@ mod tests {
     }
 
     fn sub(capacity: usize) -> (Subscriber, OutboxReceiver) {
-        let (outbox, rx) = Outbox::new(Bounds { frames: capacity, bytes: usize::MAX });
+        let (outbox, rx) =
+            Outbox::new(Bounds { frames: capacity, bytes: usize::MAX }, crate::outbox::QueueBudget::new(usize::MAX));
         (Subscriber { outbox, user: None, presence: false }, rx)
     }
 

@@ -151,3 +151,39 @@ async fn presence_churn_does_not_cut_the_watchers() {
     assert!(handle.peers().iter().all(|p| !p.closing), "no watcher was cut");
     assert_eq!(handle.peers().len(), 11);
 }
+
+/// Many backed-up peers cannot together hold more than the server-wide
+/// queue budget, whatever each one's own bound allows.
+#[tokio::test]
+async fn backed_up_peers_share_one_queue_budget() {
+    let mut config = config();
+    config.max_queue_bytes = 4 * 1024 * 1024;
+    config.max_total_queue_bytes = 1024 * 1024;
+    config.write_timeout = Duration::from_secs(120);
+    let server = start_pubsub(config).await;
+    let handle = server.handle();
+    let addr = server.local_addr();
+    let mut stalled = vec![];
+    for _ in 0..8 {
+        let mut s = connect_small_buffer(addr).await;
+        s.subscribe("firehose").await;
+        stalled.push(s);
+    }
+    let mut publisher = Client::connect(addr).await;
+    let blob = "q".repeat(16 * 1024);
+    for i in 0..400u64 {
+        publisher.send(json!({"type": "publish", "topic": "firehose", "data": {"i": i, "blob": blob}})).await;
+        if i % 20 == 19 {
+            publisher.ping(i).await;
+            assert!(handle.queued_bytes() <= 1024 * 1024, "{} bytes queued", handle.queued_bytes());
+        }
+    }
+    publisher.ping(0).await;
+    wait_until("every stalled peer was cut", || handle.peers().iter().filter(|p| p.closing).count() == 8).await;
+    for s in &mut stalled {
+        let (seqs, close) = seqs_until_close(s, "firehose").await;
+        assert_contiguous(&seqs, 1, "a peer cut by the shared budget");
+        assert_eq!(close.map(|c| u16::from(c.code)), Some(crosswire_shared::close_code::SLOW_CONSUMER));
+    }
+    wait_until("their credit was given back", || handle.queued_bytes() == 0).await;
+}

@@ -319,7 +319,7 @@ async fn subscribing_again_with_since_replays_after_it() {
 
 /// A publisher's ack is queued before any later message of the topic, so a
 /// client can always tell its own seq (never echoed live) from a gap.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ack_comes_before_any_later_message() {
     let server = start_pubsub(config()).await;
     let addr = server.local_addr();

@@ -60,24 +60,36 @@ async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
 /// The `…818, 820…` case: once a push to a full queue fails, the write loop
 /// draining a few frames must not let later ones in, or the cut peer gets a
 /// frame after a hole and recovers from after it.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_peer_receives_no_message_after_the_refused_one() {
     let mut config = config();
     config.write_timeout = Duration::from_secs(120);
-    config.max_queue_bytes = 256 * 1024;
+    config.outbound_queue = 32;
     let server = start_pubsub(config).await;
+    let handle = server.handle();
     let addr = server.local_addr();
     let mut slow = connect_small_buffer(addr).await;
     slow.subscribe("t").await;
     let mut publisher = Client::connect(addr).await;
     let blob = "z".repeat(4000);
-    const N: u64 = 3000;
-    for i in 1..=N {
-        publisher.send(json!({"type": "publish", "topic": "t", "data": {"i": i, "blob": blob}})).await;
+    let mut published = 0u64;
+    // Until a push is refused.
+    while !handle.peers().iter().any(|p| p.id == slow.peer && p.closing) {
+        published += 1;
+        assert!(published < 100_000, "the slow peer was never cut");
+        publisher.publish("t", json!({"i": published, "blob": blob}), published).await;
     }
-    publisher.ping(0).await;
+    // The peer reads a little (its queue drains a few frames), and more is published.
+    for _ in 0..3 {
+        let _ = slow.recv().await;
+    }
+    for _ in 0..200 {
+        published += 1;
+        publisher.publish("t", json!({"i": published, "blob": blob}), published).await;
+    }
     let (seqs, close) = seqs_until_close(&mut slow, "t").await;
-    assert!((seqs.len() as u64) < N, "cut before the end ({} of {N})", seqs.len());
+    let seqs: Vec<u64> = (1..=3).chain(seqs).collect();
+    assert!((seqs.len() as u64) < published, "cut before the end ({} of {published})", seqs.len());
     assert_contiguous(&seqs, 1, "a cut peer's messages");
     assert_eq!(close.map(|c| u16::from(c.code)), Some(close_code::SLOW_CONSUMER));
 }
