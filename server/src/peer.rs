@@ -387,6 +387,17 @@ impl<C> Peer<C> {
     pub(crate) fn outbox(&self) -> &Outbox {
         &self.inner.core.outbox
     }
+
+    /// A topic's retained `message` frames for a protocol `history` request
+    /// (see `Topics::history`): read access only, no subscription.
+    pub(crate) fn history(
+        &self,
+        topic: &Topic,
+        since: Option<&Since>,
+        limit: usize,
+    ) -> Result<(Arc<str>, u64, Vec<tungstenite::Message>), ()> {
+        self.inner.state.topics.history(topic, since, limit)
+    }
 }
 
 #[cfg(test)]
