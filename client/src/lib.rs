@@ -74,6 +74,7 @@ mod error;
 mod event;
 mod queue;
 pub mod session;
+pub mod token;
 pub mod url;
 
 #[cfg(target_arch = "wasm32")]
@@ -90,7 +91,7 @@ pub use backoff::{Backoff, BackoffConfig};
 pub use config::{Config, TokenFuture, TokenRefresher};
 pub use crosswire_shared::{ErrorCode, PeerId, PresenceEntry, Since, Topic};
 pub use error::ClientError;
-pub use event::{Event, Message, Millis, Status, TopicStatus};
+pub use event::{Event, History, Message, Millis, Received, Status, TopicStatus};
 pub use queue::OfflineQueue;
 
 #[cfg(target_arch = "wasm32")]
