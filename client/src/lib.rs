@@ -69,24 +69,21 @@
 
 mod ack;
 mod backoff;
+mod client;
 mod config;
+mod driver;
 mod error;
 mod event;
+mod hooks;
+mod provider;
 mod queue;
 pub mod session;
+#[cfg(target_arch = "wasm32")]
+mod socket;
 pub mod token;
 pub mod url;
 
-#[cfg(target_arch = "wasm32")]
-mod client;
-#[cfg(target_arch = "wasm32")]
-mod hooks;
-#[cfg(target_arch = "wasm32")]
-mod provider;
-#[cfg(target_arch = "wasm32")]
-mod socket;
-
-pub use ack::{AckFuture, AckResult};
+pub use ack::{AckFuture, AckResult, HistoryFuture, Reply};
 pub use backoff::{Backoff, BackoffConfig};
 pub use config::{Config, TokenFuture, TokenRefresher};
 pub use crosswire_shared::{ErrorCode, PeerId, PresenceEntry, Since, Topic};
@@ -94,9 +91,9 @@ pub use error::ClientError;
 pub use event::{Event, History, Message, Millis, Received, Status, TopicStatus};
 pub use queue::OfflineQueue;
 
-#[cfg(target_arch = "wasm32")]
 pub use client::{Crosswire, Listener, Subscription};
-#[cfg(target_arch = "wasm32")]
-pub use hooks::{use_crosswire, use_presence, use_status, use_topic, Received, UseTopicHandle};
-#[cfg(target_arch = "wasm32")]
+pub use hooks::{
+    use_crosswire, use_presence, use_status, use_topic, use_topic_callback, use_topic_with, TopicOptions, TopicSender,
+    UseTopicHandle,
+};
 pub use provider::{CrosswireContext, CrosswireProvider, CrosswireProviderProps};

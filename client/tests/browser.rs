@@ -395,12 +395,12 @@ async fn a_refused_token_is_reported_refreshed_and_retried_only_at_max_backoff()
         let c = c.clone();
         async move {
             c.set(c.get() + 1);
-            Some(format!("fresh{}", c.get()))
+            Ok::<_, String>(format!("fresh{}", c.get()))
         }
     });
     let a = Crosswire::new(proxied(), config().with_token("stale").with_token_refresher(refresher));
-    wait_until("unauthorized", 5_000, || matches!(a.status(), Status::Unauthorized { retry_at: Some(_) })).await;
-    let Status::Unauthorized { retry_at: Some(at) } = a.status() else { unreachable!() };
+    wait_until("unauthorized", 5_000, || matches!(a.status(), Status::Unauthorized { retry_at: Some(_), .. })).await;
+    let Status::Unauthorized { retry_at: Some(at), .. } = a.status() else { unreachable!() };
     let now = js_sys::Date::now() as u64;
     assert!(
         at > now && at <= now + 500,
@@ -505,13 +505,13 @@ async fn the_server_refuses_a_bad_token_then_accepts_the_refreshed_one_and_enfor
     let good = token.to_owned();
     let refresher = TokenRefresher::new(move || {
         let token = good.clone();
-        async move { Some(token) }
+        async move { Ok::<_, String>(token) }
     });
     let a = Crosswire::new(url, config().with_token("not-a-jwt").with_token_refresher(refresher));
     let ra = Recorder::new(&a);
     // The handshake fails; the HTTP probe reads the server's 401.
     wait_until("Unauthorized", 5_000, || {
-        ra.saw(|e| matches!(e, Event::Status(Status::Unauthorized { retry_at: Some(_) })))
+        ra.saw(|e| matches!(e, Event::Status(Status::Unauthorized { retry_at: Some(_), .. })))
     })
     .await;
     // At the (test's) max backoff the refresher supplies a valid token.
