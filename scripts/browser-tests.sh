@@ -75,9 +75,9 @@ start_server() { # log port [args...]
   SERVER_PORT=${line##*:}
 }
 
-start_proxy() { # target-port log
+start_proxy() { # target-port log [jwt-secret]
   : >"$2.out"
-  node tests/browser/proxy.mjs --target "127.0.0.1:$1" >"$2.out" 2>"$2.err" &
+  node tests/browser/proxy.mjs --target "127.0.0.1:$1" ${3:+--jwt-secret "$3"} >"$2.out" 2>"$2.err" &
   PIDS+=("$!")
   local line
   line=$(wait_line "$2.out" '^\{"proxy"' 10) || { say "the proxy did not start"; cat "$2.err"; return 1; }
@@ -88,12 +88,14 @@ start_proxy() { # target-port log
 run_wasm() {
   say "wasm-bindgen-test in headless Chromium"
   start_server "$OUT/wasm-server" 0 || { fail 1 "wasm: server"; return; }
-  start_proxy "$SERVER_PORT" "$OUT/wasm-proxy" || { fail 1 "wasm: proxy"; return; }
+  # The proxy also mints tokens for the auth server below (its /token endpoint
+  # plays an app's token endpoint for the refresher tests).
+  local secret="crosswire-browser-tests-$RANDOM$RANDOM$RANDOM"
+  start_proxy "$SERVER_PORT" "$OUT/wasm-proxy" "$secret" || { fail 1 "wasm: proxy"; return; }
   say "server on :$SERVER_PORT, proxy on :$PROXY_PORT (control :$CONTROL_PORT)"
   local main_pid=$SERVER_PID main_port=$SERVER_PORT auth_ws="" token=""
   # A second server with token auth, when this server build has it.
   if "$SERVER_BIN" --help | grep -q -- --jwt-secret; then
-    local secret="crosswire-browser-tests-$RANDOM$RANDOM$RANDOM"
     if start_server "$OUT/wasm-auth-server" 0 --jwt-secret "$secret"; then
       auth_ws="ws://127.0.0.1:$SERVER_PORT/_ws"
       # An HS256 token for user wasm-test, allowed only the test:* topics.
@@ -146,7 +148,7 @@ run_e2e() {
   wasm=$(ls dist/*_bg.wasm | head -1)
   say "trunk build took $((SECONDS - start)) s; $(basename "$wasm"): $(stat -c %s "$wasm") bytes, $(gzip -9c "$wasm" | wc -c) gzipped"
   say "end-to-end test with playwright-core"
-  timeout 300 node tests/browser/e2e.mjs --server "$SERVER_BIN" --static "$ROOT/dist" --out "$OUT" 2>&1 | tee "$OUT/e2e.log"
+  timeout 420 node tests/browser/e2e.mjs --server "$SERVER_BIN" --static "$ROOT/dist" --out "$OUT" 2>&1 | tee "$OUT/e2e.log"
   local status=${PIPESTATUS[0]}
   local ok bad
   ok=$(grep -Ec '^ok ' "$OUT/e2e.log")

@@ -100,6 +100,10 @@ pub struct Config {
     /// token over the open connection, in milliseconds (default 30 000; at
     /// most half the token's lifetime).
     pub refresh_before_ms: u64,
+    /// Refresh the token over the open connection before it expires (default
+    /// true). Off, an expiring token ends the connection (4001) and the client
+    /// reconnects at once with a new one; for servers without `refresh`.
+    pub refresh_in_place: bool,
     /// How many publishes made while offline are kept (default 100); beyond
     /// that the oldest is dropped and reported.
     pub queue_capacity: usize,
@@ -124,6 +128,7 @@ impl Default for Config {
             ack_timeout_ms: 15_000,
             offline_ping_timeout_ms: 3_000,
             refresh_before_ms: 30_000,
+            refresh_in_place: true,
             queue_capacity: 100,
             pause_when_hidden: false,
             token: None,

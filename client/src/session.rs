@@ -383,7 +383,7 @@ impl Session {
 
     /// When to refresh the token over the open connection, if that applies.
     fn refresh_at(&self) -> Option<Millis> {
-        if self.config.token_refresher.is_none() || self.in_place != InPlace::Idle {
+        if !self.config.refresh_in_place || self.config.token_refresher.is_none() || self.in_place != InPlace::Idle {
             return None;
         }
         let (exp, obtained) = self.token_exp?;

@@ -907,6 +907,20 @@ fn a_refused_refresh_is_reported_and_the_expiry_close_reconnects() {
 }
 
 #[test]
+fn refresh_in_place_can_be_turned_off() {
+    let config = Config {
+        heartbeat_ms: Some(0),
+        refresh_in_place: false,
+        token: Some(jwt(1_000 + 3_600, "a")),
+        token_refresher: Some(refresher()),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    h.open("p1");
+    assert_eq!(h.s.next_deadline(), None, "the 4001 at expiry reconnects instead");
+}
+
+#[test]
 fn a_refresher_error_in_place_keeps_the_connection_until_expiry() {
     let mut h = with_refresher(Some(jwt(1_000 + 3_600, "a")));
     h.open("p1");
