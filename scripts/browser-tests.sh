@@ -8,7 +8,8 @@
 #      restart); screenshots go to test-output/.
 # Everything listens on 127.0.0.1. Prints "browser: N passed, M failed" last
 # and exits non-zero on failure. Needs what scripts/setup.sh --browser installs.
-#   scripts/browser-tests.sh [wasm|e2e]   # one part only
+#   3. the README's Yew example, built as a new app outside the repository.
+#   scripts/browser-tests.sh [wasm|e2e|readme]   # one part only
 #   CROSSWIRE_SERVER_BIN=path/to/crosswire-server scripts/browser-tests.sh   # skip building the server
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,9 +39,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in wasm-bindgen-test-runner chromedriver chromium node; do
-  command -v "$tool" >/dev/null || { say "missing $tool: run scripts/setup.sh --browser"; echo "browser: 0 passed, 1 failed"; exit 1; }
-done
+if [ "$ONLY" != readme ]; then
+  for tool in wasm-bindgen-test-runner chromedriver chromium node; do
+    command -v "$tool" >/dev/null || { say "missing $tool: run scripts/setup.sh --browser"; echo "browser: 0 passed, 1 failed"; exit 1; }
+  done
+fi
 
 # Waits (bounded) for a file to contain a line matching a pattern; prints the match.
 wait_line() { # file pattern seconds
@@ -159,10 +162,43 @@ run_e2e() {
   fi
 }
 
+# The README's Yew example, built as written by a new app outside this
+# repository: its Cargo.toml gets the README's [dependencies] block (with the
+# path pointing here) and its src/lib.rs the README's Rust block, verbatim.
+run_readme() {
+  say "the README's Yew example as a new app, for wasm32"
+  local app
+  app=$(mktemp -d /tmp/crosswire-readme-app.XXXXXX)
+  local section
+  section=$(sed -n '/^## The browser client in your Yew app/,/^### The calls/p' README.md)
+  {
+    printf '[package]\nname = "readme-app"\nversion = "0.1.0"\nedition = "2021"\npublish = false\n\n'
+    awk '/^```toml$/ { on = 1; next } /^```$/ { if (on) exit } on' <<<"$section" \
+      | sed "s#path = \"../crosswire/client\"#path = \"$ROOT/client\"#"
+    printf '\n[workspace]\n'
+  } >"$app/Cargo.toml"
+  mkdir -p "$app/src"
+  awk '/^```rust$/ { on = 1; next } /^```$/ { if (on) exit } on' <<<"$section" >"$app/src/lib.rs"
+  if ! grep -q 'CrosswireProvider' "$app/src/lib.rs" || ! grep -q 'crosswire-client' "$app/Cargo.toml"; then
+    say "could not find the README's example"; fail 1 "readme: example not found"; return
+  fi
+  # The app's own lock file is resolved from the local registry cache; the
+  # shared target directory keeps the build incremental.
+  if (cd "$app" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/readme-app" \
+      timeout 900 cargo build --offline --target wasm32-unknown-unknown) >"$OUT/readme-app.log" 2>&1; then
+    pass 1
+    rm -rf "$app"
+  else
+    tail -30 "$OUT/readme-app.log"
+    fail 1 "readme: the README example does not build as a new app (see $OUT/readme-app.log, $app)"
+  fi
+}
+
 case $ONLY in
   wasm) run_wasm ;;
   e2e) run_e2e ;;
-  *) run_wasm; run_e2e ;;
+  readme) run_readme ;;
+  *) run_readme; run_wasm; run_e2e ;;
 esac
 
 for f in "${FAILURES[@]}"; do say "FAILED: $f"; done

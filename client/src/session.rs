@@ -907,10 +907,9 @@ impl Session {
             ServerFrame::Refreshed { id, exp } => {
                 if matches!(self.in_place, InPlace::Sent(want) if id == Some(want)) {
                     self.in_place = InPlace::Idle;
-                    // The server's word on the expiry wins over the token's.
-                    if let Some(exp) = exp {
-                        self.token_exp = Some((exp.saturating_mul(1000), now));
-                    }
+                    // The server's word on the expiry wins over the token's;
+                    // none means this connection does not expire.
+                    self.token_exp = exp.map(|exp| (exp.saturating_mul(1000), now));
                 }
             }
             ServerFrame::History { topic, id, epoch, seq, messages } => {

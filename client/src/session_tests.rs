@@ -907,6 +907,17 @@ fn a_refused_refresh_is_reported_and_the_expiry_close_reconnects() {
 }
 
 #[test]
+fn a_server_without_auth_ends_in_place_refreshes_for_the_connection() {
+    let mut h = with_refresher(Some(jwt(1_000 + 3_600, "a")));
+    h.open("p1");
+    h.tick_to_deadline();
+    h.input(Input::TokenRefreshed(Ok(jwt(1_000 + 7_200, "b"))));
+    let id = h.s.next_id - 1;
+    h.frame(&format!(r#"{{"type":"refreshed","id":{id}}}"#));
+    assert_eq!(h.s.next_deadline(), None, "no expiry, no refresh loop");
+}
+
+#[test]
 fn refresh_in_place_can_be_turned_off() {
     let config = Config {
         heartbeat_ms: Some(0),
