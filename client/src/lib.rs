@@ -13,10 +13,22 @@
 //! - Pure logic, built and tested on any target: [`Backoff`], [`OfflineQueue`]
 //!   and the [`session::Session`] state machine, which takes inputs and the
 //!   current time and returns commands.
-//! - The browser binding (wasm32 only): [`Crosswire`], one shared connection
-//!   over `web_sys::WebSocket` that carries out the session's commands.
-//! - The Yew API (wasm32 only): [`CrosswireProvider`] owns one connection per
-//!   app; [`use_status`], [`use_topic`] and [`use_presence`] read it.
+//! - The client, [`Crosswire`]: one shared connection that carries out the
+//!   session's commands through a platform driver: `web_sys::WebSocket`,
+//!   timers and page events on wasm32; detached elsewhere (no socket, status
+//!   `Connecting`), which is what server-side rendering sees.
+//! - The Yew API, on any target and with whichever renderer the app enables
+//!   (`csr`, `ssr`, `hydration`): [`CrosswireProvider`] owns one connection
+//!   per app and starts it in an effect (so SSR opens no socket);
+//!   [`use_status`], [`use_topic`] / [`use_topic_with`] (a capped list, O(1)
+//!   per message), [`use_topic_callback`] (for apps that keep their own
+//!   state) and [`use_presence`] read it.
+//!
+//! Tokens: a [`TokenRefresher`] supplies the first token when none is given,
+//! a new one before every reconnect and after a 4001 close (the client then
+//! reconnects at once), and one shortly before the current token's `exp`,
+//! which is handed to the server over the open connection (`refresh`) so
+//! nothing is resubscribed or lost.
 //!
 //! # Example
 //!
