@@ -195,12 +195,14 @@ mod app {
                 format!("Reconnecting in {}", countdown.clone().unwrap_or_default()),
                 format!("attempt {attempt}{}", code.map(|c| format!(", last close code {c}")).unwrap_or_default()),
             ),
-            Status::Unauthorized { .. } => (
+            Status::Unauthorized { reason, .. } => (
                 "Unauthorized".to_owned(),
-                countdown
-                    .clone()
-                    .map(|c| format!("the server refused the token; retrying in {c}"))
-                    .unwrap_or_else(|| "the server refused the token".into()),
+                countdown.clone().map(|c| format!("the server refused the token; retrying in {c}")).unwrap_or_else(
+                    || match reason {
+                        Some(why) => format!("the token is no longer valid: {why}"),
+                        None => "the server refused the token".into(),
+                    },
+                ),
             ),
             Status::Forbidden { .. } => (
                 "Forbidden".to_owned(),
