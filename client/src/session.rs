@@ -845,7 +845,7 @@ impl Session {
             Err(e) => return self.notify(Event::Error(ClientError::Protocol(e.to_string()))),
         };
         match frame {
-            ServerFrame::Welcome { peer, heartbeat_ms, version } => {
+            ServerFrame::Welcome { peer, heartbeat_ms, version, exp } => {
                 if !matches!(self.conn, Conn::Open { .. }) {
                     return;
                 }
@@ -862,6 +862,10 @@ impl Session {
                     (interval > 0).then_some(Heartbeat { interval, next_ping: now + interval, awaiting: None });
                 self.conn = Conn::Ready { heartbeat };
                 self.backoff.opened(now);
+                // The server's hint covers tokens the client cannot read (not a JWT).
+                if let (Some(exp), None) = (exp, self.token_exp) {
+                    self.token_exp = Some((exp.saturating_mul(1000), now));
+                }
                 self.set_status(Status::Open { peer });
                 let topics: Vec<Topic> = self.topics.keys().cloned().collect();
                 for topic in &topics {

@@ -918,6 +918,17 @@ fn a_server_without_auth_ends_in_place_refreshes_for_the_connection() {
 }
 
 #[test]
+fn an_opaque_token_is_refreshed_in_place_by_the_welcome_expiry_hint() {
+    let mut h = with_refresher(Some("opaque".into()));
+    h.input(Input::Start);
+    h.input(Input::Opened);
+    let exp = 1_000 + 600;
+    h.frame(&format!(r#"{{"type":"welcome","peer":"p1","heartbeat_ms":0,"version":1,"exp":{exp}}}"#));
+    assert_eq!(h.s.next_deadline(), Some(exp * 1000 - 30_000));
+    assert_eq!(h.tick_to_deadline(), vec![Command::RefreshToken]);
+}
+
+#[test]
 fn refresh_in_place_can_be_turned_off() {
     let config = Config {
         heartbeat_ms: Some(0),

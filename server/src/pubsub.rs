@@ -275,6 +275,7 @@ impl Hooks for PubSub {
                 peer: peer.id().to_owned(),
                 heartbeat_ms: self.heartbeat.as_millis() as u64,
                 version: PROTOCOL_VERSION,
+                exp: peer.context().claims().map(|c| c.exp),
             },
         );
         if let Some(claims) = peer.context().claims() {

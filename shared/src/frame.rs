@@ -129,6 +129,11 @@ pub enum ServerFrame {
         heartbeat_ms: u64,
         /// The protocol version, [`crate::PROTOCOL_VERSION`].
         version: u32,
+        /// When the connection's token expires (seconds since the Unix
+        /// epoch), when the server authenticates: a hint for clients whose
+        /// tokens they cannot read, to `refresh` in time.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
     /// A subscribe took effect.
     Subscribed {
@@ -395,6 +400,7 @@ impl ServerFrame {
                 peer: peer(&env, "welcome")?,
                 heartbeat_ms: env.field("welcome", "heartbeat_ms", env.heartbeat_ms)?,
                 version: env.field("welcome", "version", env.version)?,
+                exp: env.exp,
             },
             "subscribed" => ServerFrame::Subscribed {
                 topic: env.topic("subscribed")?,
@@ -485,6 +491,7 @@ mod tests {
     fn server_frames_round_trip() {
         let frames = [
             r#"{"type":"welcome","peer":"p1","heartbeat_ms":25000,"version":1}"#,
+            r#"{"type":"welcome","peer":"p1","heartbeat_ms":25000,"version":1,"exp":1700000000}"#,
             r#"{"type":"subscribed","topic":"a","epoch":"e","seq":3,"recovered":true}"#,
             r#"{"type":"unsubscribed","topic":"a"}"#,
             r#"{"type":"message","topic":"a","seq":3,"from":"p2","data":"hi"}"#,
