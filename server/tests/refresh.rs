@@ -208,3 +208,26 @@ async fn history_needs_the_subscribe_permission() {
     alice.send(json!({"type": "history", "topic": "chat:a", "id": 5})).await;
     assert!(matches!(alice.recv().await, ServerFrame::History { id: Some(5), .. }));
 }
+
+#[tokio::test]
+async fn subscribing_again_without_presence_stops_join_and_leave_events() {
+    // What the client does when its last presence watcher of a topic goes.
+    let server = start_pubsub(config()).await;
+    let addr = server.local_addr();
+    let mut watcher = Client::connect(addr).await;
+    watcher.send(json!({"type": "subscribe", "topic": "room", "presence": true})).await;
+    assert!(matches!(watcher.recv().await, ServerFrame::Subscribed { .. }));
+    let mut other = Client::connect(addr).await;
+    other.subscribe("room").await;
+    assert!(matches!(watcher.recv().await, ServerFrame::Join { .. }));
+    watcher.send(json!({"type": "subscribe", "topic": "room"})).await;
+    assert!(matches!(watcher.recv().await, ServerFrame::Subscribed { .. }));
+    let mut third = Client::connect(addr).await;
+    third.subscribe("room").await;
+    other.send(json!({"type": "unsubscribe", "topic": "room"})).await;
+    assert!(matches!(other.recv().await, ServerFrame::Unsubscribed { .. }));
+    watcher.assert_quiet().await;
+    // Still subscribed to the messages themselves.
+    third.publish("room", json!("still here"), 1).await;
+    assert_eq!(message_data(&watcher.recv().await).2, json!("still here"));
+}
