@@ -230,8 +230,11 @@ impl Crosswire {
     /// Reconnects now, with a fresh backoff; also resumes after a final close
     /// (a policy close, a failed token refresh) or [`Crosswire::close`].
     pub fn reconnect(&self) {
-        self.inner.started.set(true);
-        self.inner.dispatch(Input::Reconnect);
+        if self.inner.started.get() {
+            self.inner.dispatch(Input::Reconnect);
+        } else {
+            self.start();
+        }
     }
 
     /// Closes the connection for good (until [`Crosswire::reconnect`]).
