@@ -36,8 +36,9 @@ mod app {
     const WS_PATH: &str = "/_ws";
     /// How many lines the page keeps (the oldest go first).
     const LOG_CAP: usize = 5_000;
-    /// How many errors the page keeps.
-    const ERROR_CAP: usize = 100;
+    /// How many errors the page keeps: all of them in any real session; the
+    /// bound only stops a server that floods errors from growing the page forever.
+    const ERROR_CAP: usize = 1_000;
 
     fn page_config() -> (String, Config) {
         let location = web_sys::window().map(|w| w.location());
