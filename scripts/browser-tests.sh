@@ -8,7 +8,8 @@
 #      restart); screenshots go to test-output/.
 # Everything listens on 127.0.0.1. Prints "browser: N passed, M failed" last
 # and exits non-zero on failure. Needs what scripts/setup.sh --browser installs.
-#   scripts/browser-tests.sh [wasm|e2e]   # one part only
+#   3. the README's Yew example, built as a new app outside the repository.
+#   scripts/browser-tests.sh [wasm|e2e|readme]   # one part only
 #   CROSSWIRE_SERVER_BIN=path/to/crosswire-server scripts/browser-tests.sh   # skip building the server
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,9 +39,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in wasm-bindgen-test-runner chromedriver chromium node; do
-  command -v "$tool" >/dev/null || { say "missing $tool: run scripts/setup.sh --browser"; echo "browser: 0 passed, 1 failed"; exit 1; }
-done
+if [ "$ONLY" != readme ]; then
+  for tool in wasm-bindgen-test-runner chromedriver chromium node; do
+    command -v "$tool" >/dev/null || { say "missing $tool: run scripts/setup.sh --browser"; echo "browser: 0 passed, 1 failed"; exit 1; }
+  done
+fi
 
 # Waits (bounded) for a file to contain a line matching a pattern; prints the match.
 wait_line() { # file pattern seconds
@@ -75,9 +78,9 @@ start_server() { # log port [args...]
   SERVER_PORT=${line##*:}
 }
 
-start_proxy() { # target-port log
+start_proxy() { # target-port log [jwt-secret]
   : >"$2.out"
-  node tests/browser/proxy.mjs --target "127.0.0.1:$1" >"$2.out" 2>"$2.err" &
+  node tests/browser/proxy.mjs --target "127.0.0.1:$1" ${3:+--jwt-secret "$3"} >"$2.out" 2>"$2.err" &
   PIDS+=("$!")
   local line
   line=$(wait_line "$2.out" '^\{"proxy"' 10) || { say "the proxy did not start"; cat "$2.err"; return 1; }
@@ -88,12 +91,14 @@ start_proxy() { # target-port log
 run_wasm() {
   say "wasm-bindgen-test in headless Chromium"
   start_server "$OUT/wasm-server" 0 || { fail 1 "wasm: server"; return; }
-  start_proxy "$SERVER_PORT" "$OUT/wasm-proxy" || { fail 1 "wasm: proxy"; return; }
+  # The proxy also mints tokens for the auth server below (its /token endpoint
+  # plays an app's token endpoint for the refresher tests).
+  local secret="crosswire-browser-tests-$RANDOM$RANDOM$RANDOM"
+  start_proxy "$SERVER_PORT" "$OUT/wasm-proxy" "$secret" || { fail 1 "wasm: proxy"; return; }
   say "server on :$SERVER_PORT, proxy on :$PROXY_PORT (control :$CONTROL_PORT)"
   local main_pid=$SERVER_PID main_port=$SERVER_PORT auth_ws="" token=""
   # A second server with token auth, when this server build has it.
   if "$SERVER_BIN" --help | grep -q -- --jwt-secret; then
-    local secret="crosswire-browser-tests-$RANDOM$RANDOM$RANDOM"
     if start_server "$OUT/wasm-auth-server" 0 --jwt-secret "$secret"; then
       auth_ws="ws://127.0.0.1:$SERVER_PORT/_ws"
       # An HS256 token for user wasm-test, allowed only the test:* topics.
@@ -146,7 +151,7 @@ run_e2e() {
   wasm=$(ls dist/*_bg.wasm | head -1)
   say "trunk build took $((SECONDS - start)) s; $(basename "$wasm"): $(stat -c %s "$wasm") bytes, $(gzip -9c "$wasm" | wc -c) gzipped"
   say "end-to-end test with playwright-core"
-  timeout 300 node tests/browser/e2e.mjs --server "$SERVER_BIN" --static "$ROOT/dist" --out "$OUT" 2>&1 | tee "$OUT/e2e.log"
+  timeout 420 node tests/browser/e2e.mjs --server "$SERVER_BIN" --static "$ROOT/dist" --out "$OUT" 2>&1 | tee "$OUT/e2e.log"
   local status=${PIPESTATUS[0]}
   local ok bad
   ok=$(grep -Ec '^ok ' "$OUT/e2e.log")
@@ -157,10 +162,43 @@ run_e2e() {
   fi
 }
 
+# The README's Yew example, built as written by a new app outside this
+# repository: its Cargo.toml gets the README's [dependencies] block (with the
+# path pointing here) and its src/lib.rs the README's Rust block, verbatim.
+run_readme() {
+  say "the README's Yew example as a new app, for wasm32"
+  local app
+  app=$(mktemp -d /tmp/crosswire-readme-app.XXXXXX)
+  local section
+  section=$(sed -n '/^## The browser client in your Yew app/,/^### The calls/p' README.md)
+  {
+    printf '[package]\nname = "readme-app"\nversion = "0.1.0"\nedition = "2021"\npublish = false\n\n'
+    awk '/^```toml$/ { on = 1; next } /^```$/ { if (on) exit } on' <<<"$section" \
+      | sed "s#path = \"../crosswire/client\"#path = \"$ROOT/client\"#"
+    printf '\n[workspace]\n'
+  } >"$app/Cargo.toml"
+  mkdir -p "$app/src"
+  awk '/^```rust$/ { on = 1; next } /^```$/ { if (on) exit } on' <<<"$section" >"$app/src/lib.rs"
+  if ! grep -q 'CrosswireProvider' "$app/src/lib.rs" || ! grep -q 'crosswire-client' "$app/Cargo.toml"; then
+    say "could not find the README's example"; fail 1 "readme: example not found"; return
+  fi
+  # The app's own lock file is resolved from the local registry cache; the
+  # shared target directory keeps the build incremental.
+  if (cd "$app" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/readme-app" \
+      timeout 900 cargo build --offline --target wasm32-unknown-unknown) >"$OUT/readme-app.log" 2>&1; then
+    pass 1
+    rm -rf "$app"
+  else
+    tail -30 "$OUT/readme-app.log"
+    fail 1 "readme: the README example does not build as a new app (see $OUT/readme-app.log, $app)"
+  fi
+}
+
 case $ONLY in
   wasm) run_wasm ;;
   e2e) run_e2e ;;
-  *) run_wasm; run_e2e ;;
+  readme) run_readme ;;
+  *) run_readme; run_wasm; run_e2e ;;
 esac
 
 for f in "${FAILURES[@]}"; do say "FAILED: $f"; done

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-WASM_BINDGEN_VERSION=$(sed -n 's/^wasm-bindgen = "=\([0-9.]*\)".*/\1/p' Cargo.toml)
+# The version Cargo.lock resolved (the manifest only asks for 0.2, so apps using
+# the library are free; this workspace's lock file is the pin).
+WASM_BINDGEN_VERSION=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
 TRUNK_VERSION=0.21.14
 
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then

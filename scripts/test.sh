@@ -42,7 +42,7 @@ counted() {
 step "setup" scripts/setup.sh --browser
 step "rustfmt" cargo fmt --all --check
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
-step "clippy (wasm32 client)" cargo clippy -p crosswire-client --target wasm32-unknown-unknown --all-targets --locked -- -D warnings
+step "clippy (wasm32 client and demo)" cargo clippy -p crosswire-client -p crosswire-demo --target wasm32-unknown-unknown --all-targets --locked -- -D warnings
 step "cargo test" counted cargo-test cargo test --workspace --locked
 step "autobahn" counted autobahn scripts/autobahn.sh
 if [ -x scripts/browser-tests.sh ]; then

@@ -1,4 +1,5 @@
-//! A single-use future for the answer to a publish with `ack`.
+//! Single-use futures for the server's answer to a request: a publish with
+//! `ack`, a `history` request.
 
 use std::{
     cell::RefCell,
@@ -8,51 +9,60 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use crate::ClientError;
+use crate::{ClientError, History};
 
 /// The outcome of a publish with `ack`: the seq the server gave the message.
 pub type AckResult = Result<u64, ClientError>;
 
-#[derive(Default)]
-struct Slot {
-    result: Option<AckResult>,
+/// Resolves to the seq the server assigned to a published message, or to why
+/// it was not acknowledged ([`ClientError::Server`], [`ClientError::AckTimeout`],
+/// [`ClientError::Disconnected`], [`ClientError::QueueOverflow`],
+/// [`ClientError::Ended`], [`ClientError::Closed`]). It always resolves
+/// within the ack timeout, counted from the publish call.
+///
+/// Dropping the future is fine: the publish still goes out.
+pub type AckFuture = Reply<u64>;
+
+/// Resolves to a topic's retained messages, or to why not
+/// ([`ClientError::Server`] with `history_unavailable` or `forbidden`,
+/// [`ClientError::RequestTimeout`], [`ClientError::Ended`], [`ClientError::Closed`]).
+pub type HistoryFuture = Reply<History>;
+
+struct Slot<T> {
+    result: Option<Result<T, ClientError>>,
     waker: Option<Waker>,
     done: bool,
 }
 
-/// Resolves to the seq the server assigned to a published message, or to why
-/// it was not acknowledged ([`ClientError::Server`], [`ClientError::AckTimeout`],
-/// [`ClientError::Disconnected`], [`ClientError::QueueOverflow`], [`ClientError::Closed`]).
-///
-/// Dropping the future is fine: the publish still goes out.
-#[must_use = "futures do nothing unless awaited; drop it to ignore the ack"]
-pub struct AckFuture {
-    slot: Rc<RefCell<Slot>>,
+/// A single-use future for the server's answer to one request.
+#[must_use = "futures do nothing unless awaited; drop it to ignore the answer"]
+pub struct Reply<T> {
+    slot: Rc<RefCell<Slot<T>>>,
 }
 
-/// The sending half of an [`AckFuture`].
-pub(crate) struct AckSender {
-    slot: Rc<RefCell<Slot>>,
+/// The sending half of a [`Reply`].
+pub(crate) struct ReplySender<T> {
+    slot: Rc<RefCell<Slot<T>>>,
 }
 
 /// A connected sender and future.
-pub(crate) fn channel() -> (AckSender, AckFuture) {
-    let slot = Rc::new(RefCell::new(Slot::default()));
-    (AckSender { slot: slot.clone() }, AckFuture { slot })
+pub(crate) fn channel<T>() -> (ReplySender<T>, Reply<T>) {
+    let slot = Rc::new(RefCell::new(Slot { result: None, waker: None, done: false }));
+    (ReplySender { slot: slot.clone() }, Reply { slot })
 }
 
-impl AckFuture {
+impl<T> Reply<T> {
     /// A future that is already resolved, for errors found before sending.
-    pub fn ready(result: AckResult) -> Self {
+    pub fn ready(result: Result<T, ClientError>) -> Self {
         let (tx, rx) = channel();
         tx.send(result);
         rx
     }
 }
 
-impl AckSender {
+impl<T> ReplySender<T> {
     /// Resolves the future; later calls are ignored.
-    pub(crate) fn send(self, result: AckResult) {
+    pub(crate) fn send(self, result: Result<T, ClientError>) {
         let waker = {
             let mut slot = self.slot.borrow_mut();
             if slot.done {
@@ -68,7 +78,7 @@ impl AckSender {
     }
 }
 
-impl Drop for AckSender {
+impl<T> Drop for ReplySender<T> {
     fn drop(&mut self) {
         let waker = {
             let mut slot = self.slot.borrow_mut();
@@ -85,10 +95,10 @@ impl Drop for AckSender {
     }
 }
 
-impl Future for AckFuture {
-    type Output = AckResult;
+impl<T> Future for Reply<T> {
+    type Output = Result<T, ClientError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AckResult> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut slot = self.slot.borrow_mut();
         match slot.result.take() {
             Some(r) => Poll::Ready(r),
@@ -101,9 +111,9 @@ impl Future for AckFuture {
     }
 }
 
-impl std::fmt::Debug for AckFuture {
+impl<T> std::fmt::Debug for Reply<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AckFuture").field("done", &self.slot.borrow().done).finish()
+        f.debug_struct("Reply").field("done", &self.slot.borrow().done).finish()
     }
 }
 

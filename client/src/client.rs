@@ -1,4 +1,5 @@
-//! The browser binding: one connection, driven by a [`Session`].
+//! The client: one connection, driven by a [`Session`], carried out by the
+//! platform's driver (the browser's WebSocket on wasm32; detached elsewhere).
 
 use std::{
     cell::{Cell, RefCell},
@@ -7,17 +8,14 @@ use std::{
     rc::{Rc, Weak},
 };
 
-use crosswire_shared::{PresenceEntry, RawValue, Topic};
-use gloo_timers::callback::Timeout;
+use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
 use serde::Serialize;
-use wasm_bindgen::{closure::Closure, JsCast};
-use wasm_bindgen_futures::{spawn_local, JsFuture};
 
 use crate::{
-    ack::{self, AckFuture, AckSender},
+    ack::{self, AckFuture, HistoryFuture, ReplySender},
+    driver::{self, Driver, PageEvent, SocketEvent},
     session::{Command, Input, Session},
-    socket::{Socket, SocketEvent},
-    url, ClientError, Config, Event, Millis, Status, TopicStatus,
+    url, ClientError, Config, Event, History, Status, TopicStatus,
 };
 
 /// A shared connection to a crosswire server. Cheap to clone: clones are
@@ -25,6 +23,8 @@ use crate::{
 ///
 /// Yew apps get one from [`crate::CrosswireProvider`] through
 /// [`crate::use_crosswire`]; other code may create one with [`Crosswire::new`].
+/// Outside a browser (server-side rendering, native tests) a client never
+/// opens a socket: its status stays [`Status::Connecting`].
 ///
 /// ```ignore
 /// use crosswire_client::{Config, Crosswire, Event, Topic};
@@ -36,6 +36,7 @@ use crate::{
 ///     web_sys::console::log_1(&m.data.get().into());
 /// });
 /// let seq = client.publish_with_ack(&topic, &"hello").await?;
+/// let page = client.history(&topic, None, Some(50)).await?; // the latest 50, without subscribing
 /// ```
 #[derive(Clone)]
 pub struct Crosswire {
@@ -60,54 +61,89 @@ struct Inner {
     url: String,
     config: Config,
     session: RefCell<Session>,
-    socket: RefCell<Option<Socket>>,
+    driver: Driver,
     /// Bumped whenever the socket is replaced: events of older sockets, and
     /// answers to older probes, are ignored.
     generation: Cell<u64>,
-    timer: RefCell<Option<(Millis, Timeout)>>,
     listeners: RefCell<Vec<(u64, ListenerFn)>>,
     next_listener: Cell<u64>,
-    acks: RefCell<HashMap<u64, AckSender>>,
-    token: RefCell<Option<String>>,
+    acks: RefCell<HashMap<u64, ReplySender<u64>>>,
+    histories: RefCell<HashMap<u64, ReplySender<History>>>,
     pending: RefCell<VecDeque<Input>>,
     dispatching: Cell<bool>,
-    page: RefCell<Option<PageEvents>>,
+    started: Cell<bool>,
 }
 
-fn now() -> Millis {
-    js_sys::Date::now() as Millis
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.driver.shut_down();
+    }
 }
 
 impl Crosswire {
     /// Creates the client and starts connecting to `url` (`ws://` or `wss://`).
     pub fn new(url: &str, config: Config) -> Self {
-        let session = Session::new(config.clone(), Box::new(js_sys::Math::random));
+        let client = Self::idle(url, config);
+        client.start();
+        client
+    }
+
+    /// Creates the client without connecting: subscriptions and publishes
+    /// made before [`Crosswire::start`] wait for it. [`crate::CrosswireProvider`]
+    /// starts its client in an effect, so server-side rendering, which runs no
+    /// effects, never opens a socket.
+    pub fn idle(url: &str, config: Config) -> Self {
+        let session = Session::new(config.clone(), Box::new(driver::random));
         let inner = Rc::new(Inner {
             url: url.to_owned(),
-            token: RefCell::new(config.token.clone()),
             config,
             session: RefCell::new(session),
-            socket: RefCell::new(None),
+            driver: Driver::new(),
             generation: Cell::new(0),
-            timer: RefCell::new(None),
             listeners: RefCell::new(Vec::new()),
             next_listener: Cell::new(0),
             acks: RefCell::new(HashMap::new()),
+            histories: RefCell::new(HashMap::new()),
             pending: RefCell::new(VecDeque::new()),
             dispatching: Cell::new(false),
-            page: RefCell::new(None),
+            started: Cell::new(false),
         });
-        *inner.page.borrow_mut() = PageEvents::install(&inner);
-        if let Some(hidden) = document_hidden() {
-            inner.dispatch(Input::Visibility { hidden });
-        }
-        inner.dispatch(Input::Start);
         Self { inner }
+    }
+
+    /// Starts connecting (once; later calls do nothing).
+    pub fn start(&self) {
+        if self.inner.started.replace(true) {
+            return;
+        }
+        let weak = Rc::downgrade(&self.inner);
+        self.inner.driver.watch_page(Rc::new(move |event| {
+            let Some(inner) = weak.upgrade() else { return };
+            inner.dispatch(match event {
+                PageEvent::Online => Input::Online,
+                PageEvent::Offline => Input::Offline,
+                PageEvent::Visibility { hidden } => Input::Visibility { hidden },
+            });
+        }));
+        if let Some(hidden) = self.inner.driver.hidden() {
+            self.inner.dispatch(Input::Visibility { hidden });
+        }
+        self.inner.dispatch(Input::Start);
+    }
+
+    /// Whether [`Crosswire::start`] (or [`Crosswire::reconnect`]) was called.
+    pub fn is_started(&self) -> bool {
+        self.inner.started.get()
     }
 
     /// The WebSocket URL (without the token).
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// The configuration the client was created with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
     }
 
     /// The current connection status.
@@ -136,7 +172,8 @@ impl Crosswire {
     /// Subscribes to `topic` until the returned [`Subscription`] is dropped.
     /// Subscriptions are reference counted: the server hears one `subscribe`
     /// however many holders there are, and `unsubscribe` when the last one
-    /// goes. With `presence`, the client also tracks who is subscribed.
+    /// goes. With `presence`, the client also tracks who is subscribed; when
+    /// the last presence holder goes, the server stops sending join/leave events.
     pub fn subscribe(&self, topic: &Topic, presence: bool) -> Subscription {
         self.inner.dispatch(Input::Subscribe { topic: topic.clone(), presence });
         Subscription { inner: Rc::downgrade(&self.inner), topic: topic.clone(), presence }
@@ -146,14 +183,26 @@ impl Crosswire {
     /// connection is not open the publish waits in the offline queue.
     pub fn publish<T: Serialize + ?Sized>(&self, topic: &Topic, data: &T) -> Result<(), ClientError> {
         let data = to_raw(data)?;
-        self.inner.dispatch(Input::Publish { topic: topic.clone(), data, ack: None });
+        self.inner.dispatch(Input::Publish { topic: topic.clone(), data, ack: None, echo: false });
         Ok(())
     }
 
     /// Publishes `data` and resolves to the seq the server assigned it, or to
-    /// the error. Queued publishes keep their future; the ack timeout counts
-    /// from when the publish is actually sent.
+    /// the error, always within [`Config::ack_timeout_ms`] of this call
+    /// (offline time included).
     pub fn publish_with_ack<T: Serialize + ?Sized>(&self, topic: &Topic, data: &T) -> AckFuture {
+        self.publish_acked(topic, data, false)
+    }
+
+    /// Like [`Crosswire::publish_with_ack`], and once acknowledged the message
+    /// is also delivered on this connection as an [`Event::Message`] with
+    /// `local: true` and its seq: the server never sends a publisher its own
+    /// messages, so this is how other components on the same connection see it.
+    pub fn publish_echo<T: Serialize + ?Sized>(&self, topic: &Topic, data: &T) -> AckFuture {
+        self.publish_acked(topic, data, true)
+    }
+
+    fn publish_acked<T: Serialize + ?Sized>(&self, topic: &Topic, data: &T, echo: bool) -> AckFuture {
         let data = match to_raw(data) {
             Ok(data) => data,
             Err(e) => return AckFuture::ready(Err(e)),
@@ -161,19 +210,35 @@ impl Crosswire {
         let id = self.inner.session.borrow_mut().next_id();
         let (tx, rx) = ack::channel();
         self.inner.acks.borrow_mut().insert(id, tx);
-        self.inner.dispatch(Input::Publish { topic: topic.clone(), data, ack: Some(id) });
+        self.inner.dispatch(Input::Publish { topic: topic.clone(), data, ack: Some(id), echo });
         rx
     }
 
-    /// Reconnects now, with a fresh backoff; also resumes after a policy
-    /// close (4xxx/1008) or [`Crosswire::close`].
+    /// A topic's retained messages, without subscribing: those after `since`
+    /// (the oldest `limit` of them), or the latest `limit` without `since`.
+    /// Needs the subscribe permission; fails with `history_unavailable` when
+    /// the server's history no longer reaches back to `since`. Asked (again)
+    /// once connected; resolves within [`Config::ack_timeout_ms`].
+    pub fn history(&self, topic: &Topic, since: Option<Since>, limit: Option<u32>) -> HistoryFuture {
+        let id = self.inner.session.borrow_mut().next_id();
+        let (tx, rx) = ack::channel();
+        self.inner.histories.borrow_mut().insert(id, tx);
+        self.inner.dispatch(Input::History { id, topic: topic.clone(), since, limit });
+        rx
+    }
+
+    /// Reconnects now, with a fresh backoff; also resumes after a final close
+    /// (a policy close, a failed token refresh) or [`Crosswire::close`].
     pub fn reconnect(&self) {
-        self.inner.dispatch(Input::Reconnect);
+        if self.inner.started.get() {
+            self.inner.dispatch(Input::Reconnect);
+        } else {
+            self.start();
+        }
     }
 
     /// Closes the connection for good (until [`Crosswire::reconnect`]).
-    /// Queued publishes are dropped and their futures fail with
-    /// [`ClientError::Closed`].
+    /// Queued publishes and pending requests fail with [`ClientError::Closed`].
     pub fn close(&self) {
         self.inner.dispatch(Input::Close);
     }
@@ -194,7 +259,7 @@ impl Inner {
         }
         loop {
             let Some(input) = self.pending.borrow_mut().pop_front() else { break };
-            let commands = self.session.borrow_mut().handle(input, now());
+            let commands = self.session.borrow_mut().handle(input, driver::now());
             for command in commands {
                 self.execute(command);
             }
@@ -205,46 +270,37 @@ impl Inner {
 
     fn execute(self: &Rc<Self>, command: Command) {
         match command {
-            Command::Connect { refresh_token } => {
+            Command::Connect { token } => {
                 let generation = self.generation.get() + 1;
                 self.generation.set(generation);
-                match (&self.config.token_refresher, refresh_token) {
-                    (Some(refresher), true) => {
-                        let refresh = refresher.refresh();
-                        let weak = Rc::downgrade(self);
-                        spawn_local(async move {
-                            let token = refresh.await;
-                            let Some(inner) = weak.upgrade() else { return };
-                            if let Some(token) = token {
-                                *inner.token.borrow_mut() = Some(token);
-                            }
-                            if inner.generation.get() == generation {
-                                inner.open_socket(generation);
-                            }
-                        });
+                self.open_socket(generation, &url::with_token(&self.url, token.as_deref()));
+            }
+            Command::RefreshToken => {
+                let weak = Rc::downgrade(self);
+                let refresh = self.config.token_refresher.as_ref().map(|r| r.refresh());
+                driver::spawn(async move {
+                    let result = match refresh {
+                        Some(refresh) => refresh.await,
+                        None => Err("no token refresher is configured".to_owned()),
+                    };
+                    if let Some(inner) = weak.upgrade() {
+                        inner.dispatch(Input::TokenRefreshed(result));
                     }
-                    _ => self.open_socket(generation),
-                }
+                });
             }
-            Command::Send(text) => {
-                if let Some(socket) = &*self.socket.borrow() {
-                    socket.send(&text);
-                }
-            }
+            Command::Send(text) => self.driver.send(&text),
             Command::CloseSocket { code, reason } => {
                 self.generation.set(self.generation.get() + 1);
-                if let Some(socket) = self.socket.borrow_mut().take() {
-                    socket.close(code, &reason);
-                }
+                self.driver.close(code, &reason);
             }
             Command::Probe => {
                 let generation = self.generation.get();
-                let token = self.token.borrow().clone();
+                let token = self.session.borrow().token().map(str::to_owned);
                 let target = url::probe_url(&url::with_token(&self.url, token.as_deref()));
                 let weak = Rc::downgrade(self);
-                spawn_local(async move {
+                driver::spawn(async move {
                     let status = match target {
-                        Some(target) => probe(&target).await,
+                        Some(target) => driver::probe(target).await,
                         None => None,
                     };
                     if let Some(inner) = weak.upgrade() {
@@ -255,22 +311,30 @@ impl Inner {
                 });
             }
             Command::Notify(event) => {
-                if let Event::Ack { id, result } = &event {
-                    if let Some(tx) = self.acks.borrow_mut().remove(id) {
-                        tx.send(result.clone());
+                match &event {
+                    Event::Ack { id, result } => {
+                        if let Some(tx) = self.acks.borrow_mut().remove(id) {
+                            tx.send(result.clone());
+                        }
                     }
+                    Event::History { id, result } => {
+                        if let Some(tx) = self.histories.borrow_mut().remove(id) {
+                            tx.send(result.clone());
+                        }
+                    }
+                    _ => {}
                 }
                 let listeners: Vec<ListenerFn> = self.listeners.borrow().iter().map(|(_, f)| f.clone()).collect();
                 for f in listeners {
                     f(&event);
                 }
             }
+            #[allow(unreachable_patterns)] // Command is non-exhaustive for other crates only
+            _ => {}
         }
     }
 
-    fn open_socket(self: &Rc<Self>, generation: u64) {
-        let token = self.token.borrow().clone();
-        let target = url::with_token(&self.url, token.as_deref());
+    fn open_socket(self: &Rc<Self>, generation: u64, target: &str) {
         let weak = Rc::downgrade(self);
         let on_event = Rc::new(move |event: SocketEvent| {
             let Some(inner) = weak.upgrade() else { return };
@@ -281,97 +345,31 @@ impl Inner {
                 SocketEvent::Open => Input::Opened,
                 SocketEvent::Text(text) => Input::Frame(text),
                 SocketEvent::Closed { code, reason } => {
-                    inner.socket.borrow_mut().take();
+                    inner.driver.forget_socket();
                     Input::Closed { code, reason }
                 }
             });
         });
-        match Socket::open(&target, on_event) {
-            Ok(socket) => *self.socket.borrow_mut() = Some(socket),
-            Err(e) => {
-                self.execute(Command::Notify(Event::Error(ClientError::Socket(e.clone()))));
-                self.dispatch(Input::Closed { code: 1006, reason: e });
-            }
+        if let Err(e) = self.driver.open(target, on_event) {
+            self.execute(Command::Notify(Event::Error(ClientError::Socket(e.clone()))));
+            self.dispatch(Input::Closed { code: 1006, reason: e });
         }
     }
 
     /// Keeps one timer armed for the session's next deadline.
     fn arm_timer(self: &Rc<Self>) {
         let deadline = self.session.borrow().next_deadline();
-        let mut timer = self.timer.borrow_mut();
-        if timer.as_ref().map(|(at, _)| *at) == deadline {
+        if self.driver.armed_at() == deadline {
             return;
         }
-        *timer = deadline.map(|at| {
-            let delay = at.saturating_sub(now()).min(i32::MAX as u64) as u32;
-            let weak = Rc::downgrade(self);
-            let timeout = Timeout::new(delay, move || {
-                if let Some(inner) = weak.upgrade() {
-                    if let Ok(mut timer) = inner.timer.try_borrow_mut() {
-                        if timer.as_ref().is_some_and(|(t, _)| *t == at) {
-                            // Forget it rather than drop it while it runs.
-                            if let Some((_, t)) = timer.take() {
-                                t.forget();
-                            }
-                        }
-                    }
-                    inner.dispatch(Input::Tick);
-                }
-            });
-            (at, timeout)
-        });
-    }
-}
-
-/// Fetches the `http(s)` form of the WebSocket URL and returns its status.
-async fn probe(target: &str) -> Option<u16> {
-    let window = web_sys::window()?;
-    let response = JsFuture::from(window.fetch_with_str(target)).await.ok()?;
-    let response: web_sys::Response = response.dyn_into().ok()?;
-    Some(response.status())
-}
-
-fn document_hidden() -> Option<bool> {
-    Some(web_sys::window()?.document()?.hidden())
-}
-
-/// `online` on the window and `visibilitychange` on the document, removed on drop.
-struct PageEvents {
-    online: Closure<dyn FnMut()>,
-    visibility: Closure<dyn FnMut()>,
-}
-
-impl PageEvents {
-    fn install(inner: &Rc<Inner>) -> Option<Self> {
-        let window = web_sys::window()?;
-        let document = window.document()?;
-        let weak = Rc::downgrade(inner);
-        let online = Closure::<dyn FnMut()>::new(move || {
+        let weak = Rc::downgrade(self);
+        let at = deadline.unwrap_or_default();
+        self.driver.arm(deadline, move || {
             if let Some(inner) = weak.upgrade() {
-                inner.dispatch(Input::Online);
+                inner.driver.fired(at);
+                inner.dispatch(Input::Tick);
             }
         });
-        let weak = Rc::downgrade(inner);
-        let visibility = Closure::<dyn FnMut()>::new(move || {
-            if let (Some(inner), Some(hidden)) = (weak.upgrade(), document_hidden()) {
-                inner.dispatch(Input::Visibility { hidden });
-            }
-        });
-        window.add_event_listener_with_callback("online", online.as_ref().unchecked_ref()).ok()?;
-        document.add_event_listener_with_callback("visibilitychange", visibility.as_ref().unchecked_ref()).ok()?;
-        Some(Self { online, visibility })
-    }
-}
-
-impl Drop for PageEvents {
-    fn drop(&mut self) {
-        if let Some(window) = web_sys::window() {
-            let _ = window.remove_event_listener_with_callback("online", self.online.as_ref().unchecked_ref());
-            if let Some(document) = window.document() {
-                let f = self.visibility.as_ref().unchecked_ref();
-                let _ = document.remove_event_listener_with_callback("visibilitychange", f);
-            }
-        }
     }
 }
 

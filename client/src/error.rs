@@ -33,6 +33,22 @@ pub enum ClientError {
     /// the request completed.
     #[error("the crosswire client was closed")]
     Closed,
+    /// The connection ended for good (a policy close, an expired token with
+    /// no way to refresh it, a server speaking another protocol version):
+    /// queued and new requests fail with this until the app calls `reconnect()`.
+    #[error("the connection ended for good ({reason}); call reconnect() to try again")]
+    Ended {
+        /// The close code, if the server sent one.
+        code: Option<u16>,
+        /// Why.
+        reason: String,
+    },
+    /// A request (a `history` call) got no answer in time.
+    #[error("no answer from the server within {0} ms")]
+    RequestTimeout(u64),
+    /// The token refresher failed, or the server refused the token it gave.
+    #[error("token refresh failed: {0}")]
+    TokenRefresh(String),
     /// A topic name the app gave is not valid.
     #[error("invalid topic: {0}")]
     InvalidTopic(#[from] InvalidTopic),

@@ -1,6 +1,10 @@
 //! What the client tells the app: connection status, topic status, messages.
 
-use std::rc::Rc;
+use std::{
+    any::{Any, TypeId},
+    cell::RefCell,
+    rc::Rc,
+};
 
 use crosswire_shared::{PeerId, PresenceEntry, RawValue, Since, Topic};
 
@@ -32,12 +36,16 @@ pub enum Status {
         /// The close code of the lost connection, if it had one.
         code: Option<u16>,
     },
-    /// The server refused the credentials (HTTP 401 on the handshake or close
-    /// code 4001). With `retry_at`, the client retries at the maximum backoff
-    /// after refreshing the token; without, only when the app calls `reconnect()`.
+    /// The server refused the credentials (HTTP 401 on the handshake, or close
+    /// code 4001 with no token refresher), or the token refresher failed.
+    /// With `retry_at`, the client retries (jittered, near the maximum
+    /// backoff) after refreshing the token; without, only when the app calls
+    /// `reconnect()`.
     Unauthorized {
         /// When the next try starts, if one is scheduled.
         retry_at: Option<Millis>,
+        /// What went wrong, when known (the refresher's error, the close reason).
+        reason: Option<String>,
     },
     /// The server refused this origin or client (HTTP 403 or close code 4003).
     /// Retries like [`Status::Unauthorized`].
@@ -65,7 +73,7 @@ impl Status {
     pub fn retry_at(&self) -> Option<Millis> {
         match self {
             Status::Reconnecting { retry_at, .. } => Some(*retry_at),
-            Status::Unauthorized { retry_at } | Status::Forbidden { retry_at } => *retry_at,
+            Status::Unauthorized { retry_at, .. } | Status::Forbidden { retry_at } => *retry_at,
             _ => None,
         }
     }
@@ -117,7 +125,7 @@ impl TopicStatus {
 }
 
 /// A message received on a topic, payload still raw JSON.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Message {
     /// The topic.
     pub topic: Topic,
@@ -127,6 +135,27 @@ pub struct Message {
     pub from: PeerId,
     /// The published JSON, verbatim.
     pub data: Rc<RawValue>,
+    /// This connection's own publish, echoed locally once acknowledged (see
+    /// `publish_echo`); the server never sends a publisher its own messages.
+    pub local: bool,
+    /// Typed decodings, shared by every listener of this message: each type
+    /// is decoded once per message, not once per component.
+    decoded: Rc<RefCell<Decoded>>,
+}
+
+/// A message's payload decoded into each type asked for.
+type Decoded = Vec<(TypeId, Rc<dyn Any>)>;
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("topic", &self.topic)
+            .field("seq", &self.seq)
+            .field("from", &self.from)
+            .field("data", &self.data.get())
+            .field("local", &self.local)
+            .finish()
+    }
 }
 
 impl PartialEq for Message {
@@ -134,11 +163,30 @@ impl PartialEq for Message {
         self.topic == other.topic
             && self.seq == other.seq
             && self.from == other.from
+            && self.local == other.local
             && self.data.get() == other.data.get()
     }
 }
 
+/// A message decoded into the app's type `T`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received<T> {
+    /// The message's seq within the topic.
+    pub seq: u64,
+    /// Who published it.
+    pub from: PeerId,
+    /// This connection's own publish, echoed locally.
+    pub local: bool,
+    /// The payload.
+    pub data: T,
+}
+
 impl Message {
+    /// A received message.
+    pub fn new(topic: Topic, seq: u64, from: PeerId, data: Rc<RawValue>) -> Self {
+        Self { topic, seq, from, data, local: false, decoded: Rc::default() }
+    }
+
     /// Deserializes the payload.
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
         serde_json::from_str(self.data.get()).map_err(|e| ClientError::Payload {
@@ -147,6 +195,35 @@ impl Message {
             error: e.to_string(),
         })
     }
+
+    /// The payload decoded into `T`, shared: the first caller for a type
+    /// decodes it, later callers (other components of the same message) get
+    /// the same `Rc`.
+    pub fn received<T: serde::de::DeserializeOwned + 'static>(&self) -> Result<Rc<Received<T>>, ClientError> {
+        let id = TypeId::of::<Received<T>>();
+        if let Some((_, any)) = self.decoded.borrow().iter().find(|(t, _)| *t == id) {
+            if let Ok(done) = any.clone().downcast::<Received<T>>() {
+                return Ok(done);
+            }
+        }
+        let done =
+            Rc::new(Received { seq: self.seq, from: self.from.clone(), local: self.local, data: self.decode::<T>()? });
+        self.decoded.borrow_mut().push((id, done.clone() as Rc<dyn Any>));
+        Ok(done)
+    }
+}
+
+/// The answer to a `history` request: a topic's retained messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    /// The topic.
+    pub topic: Topic,
+    /// The topic history's epoch (empty for a topic with no history).
+    pub epoch: String,
+    /// The topic's last seq when the server answered.
+    pub seq: u64,
+    /// The messages, in seq order.
+    pub messages: Vec<Message>,
 }
 
 /// Something the app may want to know; delivered to every listener.
@@ -177,6 +254,13 @@ pub enum Event {
         id: u64,
         /// The seq, or why not.
         result: Result<u64, ClientError>,
+    },
+    /// A `history` request was answered.
+    History {
+        /// The request id.
+        id: u64,
+        /// The messages, or why not.
+        result: Result<History, ClientError>,
     },
     /// Something went wrong that is not tied to an ack (a queue overflow, an
     /// unreadable frame, a refused request, an unrecoverable gap).

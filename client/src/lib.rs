@@ -13,10 +13,22 @@
 //! - Pure logic, built and tested on any target: [`Backoff`], [`OfflineQueue`]
 //!   and the [`session::Session`] state machine, which takes inputs and the
 //!   current time and returns commands.
-//! - The browser binding (wasm32 only): [`Crosswire`], one shared connection
-//!   over `web_sys::WebSocket` that carries out the session's commands.
-//! - The Yew API (wasm32 only): [`CrosswireProvider`] owns one connection per
-//!   app; [`use_status`], [`use_topic`] and [`use_presence`] read it.
+//! - The client, [`Crosswire`]: one shared connection that carries out the
+//!   session's commands through a platform driver: `web_sys::WebSocket`,
+//!   timers and page events on wasm32; detached elsewhere (no socket, status
+//!   `Connecting`), which is what server-side rendering sees.
+//! - The Yew API, on any target and with whichever renderer the app enables
+//!   (`csr`, `ssr`, `hydration`): [`CrosswireProvider`] owns one connection
+//!   per app and starts it in an effect (so SSR opens no socket);
+//!   [`use_status`], [`use_topic`] / [`use_topic_with`] (a capped list, O(1)
+//!   per message), [`use_topic_callback`] (for apps that keep their own
+//!   state) and [`use_presence`] read it.
+//!
+//! Tokens: a [`TokenRefresher`] supplies the first token when none is given,
+//! a new one before every reconnect and after a 4001 close (the client then
+//! reconnects at once), and one shortly before the current token's `exp`,
+//! which is handed to the server over the open connection (`refresh`) so
+//! nothing is resubscribed or lost.
 //!
 //! # Example
 //!
@@ -69,33 +81,31 @@
 
 mod ack;
 mod backoff;
+mod client;
 mod config;
+mod driver;
 mod error;
 mod event;
+mod hooks;
+mod provider;
 mod queue;
 pub mod session;
-pub mod url;
-
-#[cfg(target_arch = "wasm32")]
-mod client;
-#[cfg(target_arch = "wasm32")]
-mod hooks;
-#[cfg(target_arch = "wasm32")]
-mod provider;
 #[cfg(target_arch = "wasm32")]
 mod socket;
+pub mod token;
+pub mod url;
 
-pub use ack::{AckFuture, AckResult};
+pub use ack::{AckFuture, AckResult, HistoryFuture, Reply};
 pub use backoff::{Backoff, BackoffConfig};
 pub use config::{Config, TokenFuture, TokenRefresher};
 pub use crosswire_shared::{ErrorCode, PeerId, PresenceEntry, Since, Topic};
 pub use error::ClientError;
-pub use event::{Event, Message, Millis, Status, TopicStatus};
+pub use event::{Event, History, Message, Millis, Received, Status, TopicStatus};
 pub use queue::OfflineQueue;
 
-#[cfg(target_arch = "wasm32")]
 pub use client::{Crosswire, Listener, Subscription};
-#[cfg(target_arch = "wasm32")]
-pub use hooks::{use_crosswire, use_presence, use_status, use_topic, Received, UseTopicHandle};
-#[cfg(target_arch = "wasm32")]
+pub use hooks::{
+    use_crosswire, use_presence, use_status, use_topic, use_topic_callback, use_topic_with, TopicOptions, TopicSender,
+    UseTopicHandle,
+};
 pub use provider::{CrosswireContext, CrosswireProvider, CrosswireProviderProps};

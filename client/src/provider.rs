@@ -22,7 +22,9 @@ pub struct CrosswireProviderProps {
 }
 
 /// Owns one connection for everything below it. Changing `url` or `config`
-/// replaces the connection; unmounting closes it.
+/// replaces the connection; unmounting closes it. The connection starts in an
+/// effect: server-side rendering (which runs no effects) opens no socket, and
+/// the hooks render their initial state (status `Connecting`, no messages).
 ///
 /// ```ignore
 /// html! {
@@ -34,9 +36,10 @@ pub struct CrosswireProviderProps {
 #[component]
 pub fn CrosswireProvider(props: &CrosswireProviderProps) -> Html {
     let client =
-        use_memo((props.url.clone(), props.config.clone()), |(url, config)| Crosswire::new(url, config.clone()));
+        use_memo((props.url.clone(), props.config.clone()), |(url, config)| Crosswire::idle(url, config.clone()));
     use_effect_with(client.clone(), |client| {
         let client = Crosswire::clone(client);
+        client.start();
         move || client.close()
     });
     html! {

@@ -29,6 +29,26 @@ impl<T> OfflineQueue<T> {
         self.items.drain(..).collect()
     }
 
+    /// Removes and returns the items for which `remove` is true, oldest first.
+    pub fn take_if(&mut self, mut remove: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.items.len());
+        for item in self.items.drain(..) {
+            if remove(&item) {
+                taken.push(item);
+            } else {
+                kept.push_back(item);
+            }
+        }
+        self.items = kept;
+        taken
+    }
+
+    /// The items, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter()
+    }
+
     /// How many items wait.
     pub fn len(&self) -> usize {
         self.items.len()
@@ -60,6 +80,16 @@ mod tests {
         assert_eq!(q.len(), 3);
         assert_eq!(q.drain(), vec![3, 4, 5]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn take_if_keeps_the_order_of_both_halves() {
+        let mut q = OfflineQueue::new(10);
+        for i in 1..=6 {
+            assert_eq!(q.push(i), None);
+        }
+        assert_eq!(q.take_if(|i| i % 2 == 0), vec![2, 4, 6]);
+        assert_eq!(q.iter().copied().collect::<Vec<_>>(), vec![1, 3, 5]);
     }
 
     #[test]

@@ -3,17 +3,21 @@
 //! [`Session::handle`] takes an [`Input`] (something that happened: the socket
 //! opened, a frame arrived, the app published, time passed) together with the
 //! current time, and returns the [`Command`]s the binding must carry out (open
-//! a socket, send a frame, tell the app). It never reads a clock, never sleeps
-//! and never touches the browser, so native tests drive it with fake time and
-//! a fake random source. The browser binding calls [`Session::handle`] with
-//! [`Input::Tick`] at [`Session::next_deadline`].
+//! a socket, send a frame, fetch a token, tell the app). It never reads a
+//! clock, never sleeps and never touches the browser, so native tests drive it
+//! with fake time and a fake random source. The browser binding calls
+//! [`Session::handle`] with [`Input::Tick`] at [`Session::next_deadline`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 
-use crosswire_shared::{close_code, ClientFrame, ErrorCode, PresenceEntry, RawValue, ServerFrame, Since, Topic};
+use crosswire_shared::{
+    close_code, ClientFrame, ErrorCode, PresenceEntry, RawValue, ServerFrame, Since, Topic, PROTOCOL_VERSION,
+};
 
-use crate::{Backoff, ClientError, Config, Event, Message, Millis, OfflineQueue, Status, TopicStatus};
+use crate::{
+    token::jwt_exp, Backoff, ClientError, Config, Event, History, Message, Millis, OfflineQueue, Status, TopicStatus,
+};
 
 /// Something that happened, fed to [`Session::handle`].
 #[derive(Debug)]
@@ -36,6 +40,8 @@ pub enum Input {
     Tick,
     /// The HTTP status the handshake probe got, `None` if it failed.
     Probed(Option<u16>),
+    /// The token refresher answered a [`Command::RefreshToken`].
+    TokenRefreshed(Result<String, String>),
     /// The app wants a topic (reference counted).
     Subscribe {
         /// The topic.
@@ -58,13 +64,29 @@ pub enum Input {
         data: Box<RawValue>,
         /// An ack id from [`Session::next_id`], to get an [`Event::Ack`].
         ack: Option<u64>,
+        /// Once acknowledged, also deliver it locally as an [`Event::Message`]
+        /// with `local: true` (needs `ack`).
+        echo: bool,
+    },
+    /// The app asks for a topic's retained messages ([`Event::History`]).
+    History {
+        /// A request id from [`Session::next_id`].
+        id: u64,
+        /// The topic.
+        topic: Topic,
+        /// Only messages after this position.
+        since: Option<Since>,
+        /// At most this many.
+        limit: Option<u32>,
     },
     /// The app closes the connection for good.
     Close,
-    /// The app asks to reconnect now (also after a policy close).
+    /// The app asks to reconnect now (also after a final close).
     Reconnect,
     /// The browser went back online.
     Online,
+    /// The browser reported losing the network.
+    Offline,
     /// The page was hidden or shown.
     Visibility {
         /// Whether the page is hidden now.
@@ -76,12 +98,13 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Command {
-    /// Open a new socket; first ask the token refresher for a fresh token if
-    /// `refresh_token` (every connect except the very first).
+    /// Open a new socket with this token (as the `token` query parameter).
     Connect {
-        /// Whether to refresh the token first.
-        refresh_token: bool,
+        /// The token to connect with.
+        token: Option<String>,
     },
+    /// Run the token refresher and feed back [`Input::TokenRefreshed`].
+    RefreshToken,
     /// Send a text frame on the open socket.
     Send(String),
     /// Close the current socket and forget it: its later events must not be
@@ -102,18 +125,43 @@ struct Queued {
     topic: Topic,
     data: Box<RawValue>,
     ack: Option<u64>,
+    echo: bool,
+    /// When its ack future fails with a timeout, counted from the publish call.
+    deadline: Millis,
+}
+
+struct Inflight {
+    topic: Topic,
+    deadline: Millis,
+    /// The payload, kept to deliver locally once acknowledged.
+    echo: Option<Rc<RawValue>>,
+}
+
+struct HistoryRequest {
+    topic: Topic,
+    since: Option<Since>,
+    limit: Option<u32>,
+    deadline: Millis,
+    /// Sent on the current connection; otherwise sent once welcomed (asking
+    /// twice is harmless, so a request lost with a connection is asked again).
+    sent: bool,
 }
 
 struct TopicEntry {
     refs: u32,
     presence_refs: u32,
     epoch: Option<String>,
+    /// The last seq up to which every message was seen (or was our own).
     last_seq: Option<u64>,
     /// Seqs of this client's own acknowledged publishes beyond `last_seq`: the
     /// server does not echo them live, but a replay would.
     own_seqs: BTreeSet<u64>,
-    sent_since: Option<Since>,
-    awaiting_subscribed: bool,
+    /// The `since` of each `subscribe` sent and not yet answered, in order
+    /// (the server answers them in order).
+    pending: VecDeque<Option<Since>>,
+    /// A seq jumped past a hole: a resubscribe with `since` is under way, and
+    /// live messages until its `subscribed` are dropped (the replay has them).
+    recovering: bool,
     status: TopicStatus,
     presence: Option<Vec<PresenceEntry>>,
 }
@@ -126,8 +174,8 @@ impl TopicEntry {
             epoch: None,
             last_seq: None,
             own_seqs: BTreeSet::new(),
-            sent_since: None,
-            awaiting_subscribed: false,
+            pending: VecDeque::new(),
+            recovering: false,
             status: TopicStatus::Subscribing,
             presence: None,
         }
@@ -141,6 +189,16 @@ impl TopicEntry {
         self.last_seq = Some(seq);
         self.own_seqs = self.own_seqs.split_off(&(seq + 1));
     }
+
+    /// The next seq that would not be contiguous: after `last_seq` and our
+    /// own acknowledged publishes right after it.
+    fn next_expected(&self, last: u64) -> u64 {
+        let mut next = last + 1;
+        while self.own_seqs.contains(&next) {
+            next += 1;
+        }
+        next
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -153,6 +211,10 @@ struct Heartbeat {
 #[derive(Debug, Clone, Copy)]
 enum Conn {
     Idle,
+    /// Waiting for the token refresher before connecting.
+    Refreshing {
+        deadline: Millis,
+    },
     /// A socket was requested and has not opened.
     Connecting {
         deadline: Millis,
@@ -178,6 +240,18 @@ enum Conn {
     Closed,
 }
 
+/// Where the refresh of the token over the open connection stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum InPlace {
+    Idle,
+    /// The refresher runs.
+    Fetching,
+    /// `refresh` sent with this id.
+    Sent(u64),
+    /// It failed on this connection: the 4001 at expiry will reconnect.
+    Failed,
+}
+
 /// The connection state machine. See the [module docs](self).
 pub struct Session {
     config: Config,
@@ -186,12 +260,22 @@ pub struct Session {
     backoff: Backoff,
     topics: BTreeMap<Topic, TopicEntry>,
     queue: OfflineQueue<Queued>,
-    inflight: BTreeMap<u64, (Topic, Millis)>,
+    inflight: BTreeMap<u64, Inflight>,
+    history: BTreeMap<u64, HistoryRequest>,
     next_id: u64,
     status: Status,
     hidden: bool,
-    closed_by_app: bool,
+    /// Why requests fail at once while [`Conn::Closed`].
+    ended: Option<ClientError>,
     connects: u64,
+    token: Option<String>,
+    /// The token's expiry (ms) and when it was obtained.
+    token_exp: Option<(Millis, Millis)>,
+    in_place: InPlace,
+    /// A ping sent because the browser reported a network change, and its deadline.
+    suspect: Option<(u64, Millis)>,
+    /// When the last 4001 reconnect started: a second one soon after backs off.
+    expired_at: Option<Millis>,
     out: Vec<Command>,
 }
 
@@ -213,21 +297,31 @@ impl Session {
     /// A session that has not started; `random` returns numbers in `[0, 1)`
     /// for the backoff jitter (`Math.random` in the browser).
     pub fn new(config: Config, random: Box<dyn FnMut() -> f64>) -> Self {
-        Self {
+        let mut session = Self {
             backoff: Backoff::new(config.backoff),
             queue: OfflineQueue::new(config.queue_capacity),
+            token: None,
             config,
             random,
             conn: Conn::Idle,
             topics: BTreeMap::new(),
             inflight: BTreeMap::new(),
+            history: BTreeMap::new(),
             next_id: 1,
             status: Status::Connecting { attempt: 0 },
             hidden: false,
-            closed_by_app: false,
+            ended: None,
             connects: 0,
+            token_exp: None,
+            in_place: InPlace::Idle,
+            suspect: None,
+            expired_at: None,
             out: Vec::new(),
+        };
+        if let Some(token) = session.config.token.clone() {
+            session.set_token(token, 0);
         }
+        session
     }
 
     /// The current connection status.
@@ -255,7 +349,12 @@ impl Session {
         self.queue.len()
     }
 
-    /// A fresh id, for [`Input::Publish`]'s `ack`.
+    /// The current token.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// A fresh id, for [`Input::Publish`]'s `ack` and [`Input::History`].
     pub fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -265,16 +364,31 @@ impl Session {
     /// When the binding must next feed [`Input::Tick`], if ever.
     pub fn next_deadline(&self) -> Option<Millis> {
         let conn = match self.conn {
-            Conn::Connecting { deadline } | Conn::Open { deadline } | Conn::Probing { deadline } => Some(deadline),
-            Conn::Ready { heartbeat: Some(hb) } => Some(hb.awaiting.map_or(hb.next_ping, |(_, at)| at)),
+            Conn::Connecting { deadline }
+            | Conn::Open { deadline }
+            | Conn::Probing { deadline }
+            | Conn::Refreshing { deadline } => Some(deadline),
+            Conn::Ready { heartbeat } => {
+                let hb = heartbeat.map(|hb| hb.awaiting.map_or(hb.next_ping, |(_, at)| at));
+                [hb, self.suspect.map(|(_, at)| at), self.refresh_at()].into_iter().flatten().min()
+            }
             Conn::Waiting { retry_at, .. } if !self.paused() => Some(retry_at),
             _ => None,
         };
-        let acks = self.inflight.values().map(|(_, at)| *at).min();
-        match (conn, acks) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let acks = self.inflight.values().map(|i| i.deadline);
+        let queued = self.queue.iter().filter(|q| q.ack.is_some()).map(|q| q.deadline);
+        let history = self.history.values().map(|h| h.deadline);
+        conn.into_iter().chain(acks).chain(queued).chain(history).min()
+    }
+
+    /// When to refresh the token over the open connection, if that applies.
+    fn refresh_at(&self) -> Option<Millis> {
+        if !self.config.refresh_in_place || self.config.token_refresher.is_none() || self.in_place != InPlace::Idle {
+            return None;
         }
+        let (exp, obtained) = self.token_exp?;
+        let margin = self.config.refresh_before_ms.min(exp.saturating_sub(obtained) / 2);
+        Some(exp.saturating_sub(margin))
     }
 
     /// Processes one input at time `now` and returns what to do, in order.
@@ -306,19 +420,41 @@ impl Session {
                     self.after_probe(code, now);
                 }
             }
+            Input::TokenRefreshed(result) => self.token_refreshed(result, now),
             Input::Subscribe { topic, presence } => self.subscribe(topic, presence),
             Input::Unsubscribe { topic, presence } => self.unsubscribe(topic, presence),
-            Input::Publish { topic, data, ack } => self.publish(topic, data, ack, now),
+            Input::Publish { topic, data, ack, echo } => {
+                let deadline = now + self.config.ack_timeout_ms;
+                self.publish(Queued { topic, data, ack, echo: echo && ack.is_some(), deadline });
+            }
+            Input::History { id, topic, since, limit } => {
+                let deadline = now + self.config.ack_timeout_ms;
+                self.history.insert(id, HistoryRequest { topic, since, limit, deadline, sent: false });
+                match &self.ended {
+                    Some(error) => {
+                        let error = error.clone();
+                        self.fail_history(error);
+                    }
+                    None if self.is_ready() => self.send_history(),
+                    None => {}
+                }
+            }
             Input::Close => self.close(),
             Input::Reconnect => {
                 self.close_socket(CLIENT_CLOSE, "reconnecting", ClientError::Disconnected);
-                self.closed_by_app = false;
+                self.ended = None;
                 self.backoff.reset();
                 self.connect(now);
             }
-            Input::Online => {
-                if matches!(self.conn, Conn::Waiting { auth: false, .. }) {
-                    self.connect(now);
+            Input::Online => match self.conn {
+                Conn::Waiting { auth: false, .. } => self.connect(now),
+                // The connection may have died while the network was away.
+                Conn::Ready { .. } => self.suspect(now),
+                _ => {}
+            },
+            Input::Offline => {
+                if self.is_ready() {
+                    self.suspect(now);
                 }
             }
             Input::Visibility { hidden } => {
@@ -362,12 +498,83 @@ impl Session {
         }
     }
 
+    fn set_token(&mut self, token: String, now: Millis) {
+        self.token_exp = jwt_exp(&token).map(|exp| (exp.saturating_mul(1000), now));
+        self.token = Some(token);
+    }
+
     fn connect(&mut self, now: Millis) {
-        let refresh_token = self.connects > 0;
+        let has_refresher = self.config.token_refresher.is_some();
+        // Every reconnect gets a fresh token; so does the first connect when
+        // the app gave none (instead of a certain 401).
+        let refresh = has_refresher && (self.connects > 0 || self.token.is_none());
         self.connects += 1;
-        self.conn = Conn::Connecting { deadline: now + self.config.connect_timeout_ms };
-        self.out.push(Command::Connect { refresh_token });
+        self.in_place = InPlace::Idle;
+        if refresh {
+            self.conn = Conn::Refreshing { deadline: now + self.config.connect_timeout_ms };
+            self.out.push(Command::RefreshToken);
+        } else {
+            self.open_socket(now);
+        }
         self.set_status(Status::Connecting { attempt: self.backoff.attempt() });
+    }
+
+    fn open_socket(&mut self, now: Millis) {
+        self.conn = Conn::Connecting { deadline: now + self.config.connect_timeout_ms };
+        self.out.push(Command::Connect { token: self.token.clone() });
+    }
+
+    fn token_refreshed(&mut self, result: Result<String, String>, now: Millis) {
+        match (result, self.conn) {
+            (Ok(token), Conn::Refreshing { .. }) => {
+                self.set_token(token, now);
+                self.open_socket(now);
+            }
+            (Err(e), Conn::Refreshing { .. }) => {
+                self.end(Status::Unauthorized { retry_at: None, reason: Some(e.clone()) }, None, e.clone());
+                self.notify(Event::Error(ClientError::TokenRefresh(e)));
+            }
+            (Ok(token), Conn::Ready { .. }) if self.in_place == InPlace::Fetching => {
+                self.set_token(token.clone(), now);
+                let id = self.next_id();
+                self.in_place = InPlace::Sent(id);
+                self.send(&ClientFrame::Refresh { token, id: Some(id) });
+            }
+            (Err(e), Conn::Ready { .. }) if self.in_place == InPlace::Fetching => {
+                // The open connection lasts until the old token's expiry; the
+                // 4001 then reconnects, which asks the refresher again.
+                self.in_place = InPlace::Failed;
+                self.notify(Event::Error(ClientError::TokenRefresh(e)));
+            }
+            // A late answer: a fresh token is still worth keeping.
+            (Ok(token), _) => self.set_token(token, now),
+            (Err(_), _) => {}
+        }
+    }
+
+    /// Ends the connection for good: no retry, and everything waiting fails.
+    fn end(&mut self, status: Status, code: Option<u16>, reason: String) {
+        self.conn = Conn::Closed;
+        let error = ClientError::Ended { code, reason };
+        self.fail_waiting(error.clone());
+        self.ended = Some(error);
+        self.set_status(status);
+    }
+
+    /// Fails the queued publishes and pending history requests.
+    fn fail_waiting(&mut self, error: ClientError) {
+        for queued in self.queue.drain() {
+            if let Some(id) = queued.ack {
+                self.notify(Event::Ack { id, result: Err(error.clone()) });
+            }
+        }
+        self.fail_history(error);
+    }
+
+    fn fail_history(&mut self, error: ClientError) {
+        for (id, _) in std::mem::take(&mut self.history) {
+            self.notify(Event::History { id, result: Err(error.clone()) });
+        }
     }
 
     /// Closes the socket if there is one and fails what depended on it.
@@ -384,11 +591,16 @@ impl Session {
         for (id, _) in std::mem::take(&mut self.inflight) {
             self.notify(Event::Ack { id, result: Err(error.clone()) });
         }
+        for request in self.history.values_mut() {
+            request.sent = false;
+        }
+        self.suspect = None;
+        self.in_place = InPlace::Idle;
         let topics: Vec<Topic> = self.topics.keys().cloned().collect();
         for topic in topics {
             let Some(e) = self.topics.get_mut(&topic) else { continue };
-            e.awaiting_subscribed = false;
-            e.sent_since = None;
+            e.pending.clear();
+            e.recovering = false;
             // Who is there is unknown until the next snapshot.
             if e.presence.take().is_some_and(|peers| !peers.is_empty()) {
                 self.notify(Event::Presence { topic: topic.clone(), peers: Vec::new() });
@@ -403,13 +615,30 @@ impl Session {
         self.connection_gone(ClientError::Disconnected);
         self.backoff.closed(now);
         match code {
+            Some(close_code::UNAUTHORIZED) if self.config.token_refresher.is_some() => {
+                // The token expired: get a new one and come back at once
+                // (jittered, so a crowd of clients whose tokens expired
+                // together spreads out), unless this keeps happening.
+                let min_uptime = self.backoff.config().min_uptime_ms;
+                let again = self.expired_at.is_some_and(|at| now.saturating_sub(at) < min_uptime);
+                self.expired_at = Some(now);
+                let delay = if !again {
+                    (self.backoff.config().min_ms as f64 * (self.random)().clamp(0.0, 1.0)) as u64
+                } else {
+                    self.backoff.next_delay((self.random)()).1
+                };
+                let retry_at = now + delay;
+                self.conn = Conn::Waiting { retry_at, auth: false };
+                self.set_status(Status::Reconnecting { attempt: self.backoff.attempt(), retry_at, code });
+            }
             Some(c) if c == 1008 || (4000..5000).contains(&c) => {
-                self.conn = Conn::Closed;
-                self.set_status(match c {
-                    close_code::UNAUTHORIZED => Status::Unauthorized { retry_at: None },
+                let why = if reason.is_empty() { format!("closed by the server with {c}") } else { reason.clone() };
+                let status = match c {
+                    close_code::UNAUTHORIZED => Status::Unauthorized { retry_at: None, reason: Some(why.clone()) },
                     close_code::FORBIDDEN => Status::Forbidden { retry_at: None },
                     _ => Status::Closed { code: Some(c), reason },
-                });
+                };
+                self.end(status, Some(c), why);
             }
             _ if before_open => {
                 self.conn = Conn::Probing { deadline: now + self.config.connect_timeout_ms };
@@ -427,11 +656,16 @@ impl Session {
     }
 
     fn after_probe(&mut self, http_status: Option<u16>, now: Millis) {
-        let retry_at = now + self.backoff.config().max_ms;
+        // Refused credentials are retried slowly, but jittered over the upper
+        // half of the maximum backoff so refused clients do not come back in
+        // lockstep.
+        let max = self.backoff.config().max_ms;
+        let retry_at = now + max / 2 + ((max / 2) as f64 * (self.random)().clamp(0.0, 1.0)) as u64;
         match http_status {
             Some(401) => {
                 self.conn = Conn::Waiting { retry_at, auth: true };
-                self.set_status(Status::Unauthorized { retry_at: Some(retry_at) });
+                let reason = Some("the server refused the token (HTTP 401)".to_owned());
+                self.set_status(Status::Unauthorized { retry_at: Some(retry_at), reason });
             }
             Some(403) => {
                 self.conn = Conn::Waiting { retry_at, auth: true };
@@ -441,34 +675,66 @@ impl Session {
         }
     }
 
+    /// The browser reported a network change: a ping with a short deadline
+    /// tells whether the connection survived.
+    fn suspect(&mut self, now: Millis) {
+        if self.suspect.is_none() {
+            let id = self.next_id();
+            self.send(&ClientFrame::Ping { id: Some(id) });
+            self.suspect = Some((id, now + self.config.offline_ping_timeout_ms));
+        }
+    }
+
     fn tick(&mut self, now: Millis) {
         match self.conn {
             Conn::Connecting { deadline } | Conn::Open { deadline } if now >= deadline => {
                 self.out.push(Command::CloseSocket { code: CLIENT_CLOSE, reason: "connect timeout".into() });
                 self.lost(now, None, String::new(), false);
             }
-            Conn::Ready { heartbeat: Some(mut hb) } => {
-                if hb.awaiting.is_some_and(|(_, at)| now >= at) {
+            Conn::Refreshing { deadline } if now >= deadline => self.schedule_retry(now, None),
+            Conn::Ready { heartbeat } => {
+                let dead = heartbeat.and_then(|hb| hb.awaiting).is_some_and(|(_, at)| now >= at)
+                    || self.suspect.is_some_and(|(_, at)| now >= at);
+                if dead {
                     let code = close_code::HEARTBEAT_TIMEOUT;
                     self.out.push(Command::CloseSocket { code, reason: "no pong from the server".into() });
                     self.lost(now, Some(code), String::new(), false);
-                } else if hb.awaiting.is_none() && now >= hb.next_ping {
-                    let id = self.next_id();
-                    self.send(&ClientFrame::Ping { id: Some(id) });
-                    hb.awaiting = Some((id, now + self.config.pong_timeout_ms));
-                    hb.next_ping = now + hb.interval;
-                    self.conn = Conn::Ready { heartbeat: Some(hb) };
+                } else {
+                    if let Some(mut hb) = heartbeat {
+                        if hb.awaiting.is_none() && now >= hb.next_ping {
+                            let id = self.next_id();
+                            self.send(&ClientFrame::Ping { id: Some(id) });
+                            hb.awaiting = Some((id, now + self.config.pong_timeout_ms));
+                            hb.next_ping = now + hb.interval;
+                            self.conn = Conn::Ready { heartbeat: Some(hb) };
+                        }
+                    }
+                    if self.refresh_at().is_some_and(|at| now >= at) {
+                        self.in_place = InPlace::Fetching;
+                        self.out.push(Command::RefreshToken);
+                    }
                 }
             }
             Conn::Probing { deadline } if now >= deadline => self.after_probe(None, now),
             Conn::Waiting { retry_at, .. } if now >= retry_at && !self.paused() => self.connect(now),
             _ => {}
         }
-        let expired: Vec<u64> = self.inflight.iter().filter(|(_, (_, at))| now >= *at).map(|(id, _)| *id).collect();
+        let timeout = ClientError::AckTimeout(self.config.ack_timeout_ms);
+        let expired: Vec<u64> = self.inflight.iter().filter(|(_, i)| now >= i.deadline).map(|(id, _)| *id).collect();
         for id in expired {
             self.inflight.remove(&id);
-            let result = Err(ClientError::AckTimeout(self.config.ack_timeout_ms));
-            self.notify(Event::Ack { id, result });
+            self.notify(Event::Ack { id, result: Err(timeout.clone()) });
+        }
+        for queued in self.queue.take_if(|q| q.ack.is_some() && now >= q.deadline) {
+            if let Some(id) = queued.ack {
+                self.notify(Event::Ack { id, result: Err(timeout.clone()) });
+            }
+        }
+        let expired: Vec<u64> = self.history.iter().filter(|(_, h)| now >= h.deadline).map(|(id, _)| *id).collect();
+        for id in expired {
+            self.history.remove(&id);
+            let result = Err(ClientError::RequestTimeout(self.config.ack_timeout_ms));
+            self.notify(Event::History { id, result });
         }
     }
 
@@ -484,17 +750,17 @@ impl Session {
             self.notify(Event::Topic { topic: topic.clone(), status: TopicStatus::Subscribing });
         }
         if self.is_ready() && (first || presence_new) {
-            self.send_subscribe(&topic);
+            self.send_subscribe(&topic, false);
         }
     }
 
-    fn send_subscribe(&mut self, topic: &Topic) {
+    /// Sends `subscribe` for `topic`. After a reconnect, or with `recover`
+    /// (a hole in the seqs), it says where we left off; a live topic that
+    /// only changes its presence interest re-subscribes without `since`.
+    fn send_subscribe(&mut self, topic: &Topic, recover: bool) {
         let Some(entry) = self.topics.get_mut(topic) else { return };
-        // After a reconnect, say where we left off; a live topic that only
-        // gains presence re-subscribes without `since`.
-        let since = if entry.status.is_live() { None } else { entry.since() };
-        entry.sent_since = since.clone();
-        entry.awaiting_subscribed = true;
+        let since = if entry.status.is_live() && !recover { None } else { entry.since() };
+        entry.pending.push_back(since.clone());
         let presence = entry.presence_refs > 0;
         self.send(&ClientFrame::Subscribe { topic: topic.clone(), since, presence });
     }
@@ -502,47 +768,75 @@ impl Session {
     fn unsubscribe(&mut self, topic: Topic, presence: bool) {
         let Some(entry) = self.topics.get_mut(&topic) else { return };
         entry.refs = entry.refs.saturating_sub(1);
-        if presence {
-            entry.presence_refs = entry.presence_refs.saturating_sub(1);
-        }
+        let presence_gone = presence && entry.presence_refs > 0 && {
+            entry.presence_refs -= 1;
+            entry.presence_refs == 0
+        };
         if entry.refs == 0 {
             self.topics.remove(&topic);
             if self.is_ready() {
                 self.send(&ClientFrame::Unsubscribe { topic });
             }
+        } else if presence_gone {
+            // Nobody watches presence any more: subscribing again without it
+            // stops the server's join/leave events for this topic.
+            entry.presence = None;
+            if self.is_ready() {
+                self.send_subscribe(&topic, false);
+            }
         }
     }
 
-    fn publish(&mut self, topic: Topic, data: Box<RawValue>, ack: Option<u64>, now: Millis) {
-        if self.is_ready() {
-            self.send(&ClientFrame::Publish { topic: topic.clone(), data, ack });
-            if let Some(id) = ack {
-                self.inflight.insert(id, (topic, now + self.config.ack_timeout_ms));
-            }
-        } else if self.closed_by_app {
-            if let Some(id) = ack {
-                self.notify(Event::Ack { id, result: Err(ClientError::Closed) });
-            }
-            self.notify(Event::Error(ClientError::Closed));
-        } else if let Some(dropped) = self.queue.push(Queued { topic, data, ack }) {
-            let error = ClientError::QueueOverflow { topic: dropped.topic };
-            if let Some(id) = dropped.ack {
+    fn publish(&mut self, queued: Queued) {
+        if let Some(error) = &self.ended {
+            let error = error.clone();
+            if let Some(id) = queued.ack {
                 self.notify(Event::Ack { id, result: Err(error.clone()) });
             }
-            self.notify(Event::Error(error));
+            return self.notify(Event::Error(error));
+        }
+        if !self.is_ready() {
+            if let Some(dropped) = self.queue.push(queued) {
+                let error = ClientError::QueueOverflow { topic: dropped.topic };
+                if let Some(id) = dropped.ack {
+                    self.notify(Event::Ack { id, result: Err(error.clone()) });
+                }
+                self.notify(Event::Error(error));
+            }
+            return;
+        }
+        let Queued { topic, data, ack, echo, deadline } = queued;
+        let echo = echo.then(|| Rc::<RawValue>::from(data.clone()));
+        self.send(&ClientFrame::Publish { topic: topic.clone(), data, ack });
+        if let Some(id) = ack {
+            self.inflight.insert(id, Inflight { topic, deadline, echo });
+        }
+    }
+
+    fn send_history(&mut self) {
+        let unsent: Vec<u64> = self.history.iter().filter(|(_, h)| !h.sent).map(|(id, _)| *id).collect();
+        for id in unsent {
+            let Some(h) = self.history.get_mut(&id) else { continue };
+            h.sent = true;
+            let frame =
+                ClientFrame::History { topic: h.topic.clone(), since: h.since.clone(), limit: h.limit, id: Some(id) };
+            self.send(&frame);
         }
     }
 
     fn close(&mut self) {
         self.close_socket(CLIENT_CLOSE, "closed by the app", ClientError::Closed);
-        for queued in self.queue.drain() {
-            if let Some(id) = queued.ack {
-                self.notify(Event::Ack { id, result: Err(ClientError::Closed) });
-            }
-        }
+        self.fail_waiting(ClientError::Closed);
         self.conn = Conn::Closed;
-        self.closed_by_app = true;
+        self.ended = Some(ClientError::Closed);
         self.set_status(Status::Closed { code: Some(CLIENT_CLOSE), reason: "closed by the app".into() });
+    }
+
+    fn own_peer(&self) -> String {
+        match &self.status {
+            Status::Open { peer } => peer.clone(),
+            _ => String::new(),
+        }
     }
 
     fn frame(&mut self, text: &str, now: Millis) {
@@ -551,46 +845,62 @@ impl Session {
             Err(e) => return self.notify(Event::Error(ClientError::Protocol(e.to_string()))),
         };
         match frame {
-            ServerFrame::Welcome { peer, heartbeat_ms, .. } => {
+            ServerFrame::Welcome { peer, heartbeat_ms, version, exp } => {
                 if !matches!(self.conn, Conn::Open { .. }) {
                     return;
+                }
+                if version != PROTOCOL_VERSION {
+                    // Retrying cannot help: this server speaks another protocol.
+                    let reason =
+                        format!("the server speaks protocol version {version}; this client speaks {PROTOCOL_VERSION}");
+                    self.out.push(Command::CloseSocket { code: CLIENT_CLOSE, reason: "unsupported protocol".into() });
+                    self.connection_gone(ClientError::Disconnected);
+                    return self.end(Status::Closed { code: None, reason: reason.clone() }, None, reason);
                 }
                 let interval = self.config.heartbeat_ms.unwrap_or(heartbeat_ms);
                 let heartbeat =
                     (interval > 0).then_some(Heartbeat { interval, next_ping: now + interval, awaiting: None });
                 self.conn = Conn::Ready { heartbeat };
                 self.backoff.opened(now);
+                // The server's hint covers tokens the client cannot read (not a JWT).
+                if let (Some(exp), None) = (exp, self.token_exp) {
+                    self.token_exp = Some((exp.saturating_mul(1000), now));
+                }
                 self.set_status(Status::Open { peer });
                 let topics: Vec<Topic> = self.topics.keys().cloned().collect();
                 for topic in &topics {
-                    self.send_subscribe(topic);
+                    self.send_subscribe(topic, false);
                 }
                 for queued in self.queue.drain() {
-                    self.publish(queued.topic, queued.data, queued.ack, now);
+                    self.publish(queued);
+                }
+                self.send_history();
+                // A token that expired while away is replaced at once.
+                if self.refresh_at().is_some_and(|at| now >= at) {
+                    self.in_place = InPlace::Fetching;
+                    self.out.push(Command::RefreshToken);
                 }
             }
             ServerFrame::Subscribed { topic, epoch, seq, recovered } => self.subscribed(topic, epoch, seq, recovered),
-            ServerFrame::Message { topic, seq, from, data } => {
-                let Some(entry) = self.topics.get_mut(&topic) else { return };
-                if entry.last_seq.is_some_and(|last| seq <= last) {
-                    return; // a duplicate
-                }
-                let own = entry.own_seqs.contains(&seq);
-                entry.advance(seq);
-                if !own {
-                    self.notify(Event::Message(Message { topic, seq, from, data: Rc::from(data) }));
-                }
-            }
+            ServerFrame::Message { topic, seq, from, data } => self.message(topic, seq, from, data),
             ServerFrame::Ack { ack, seq } => {
-                let Some((topic, _)) = self.inflight.remove(&ack) else { return };
-                if let Some(entry) = self.topics.get_mut(&topic) {
+                let Some(inflight) = self.inflight.remove(&ack) else { return };
+                if let Some(entry) = self.topics.get_mut(&inflight.topic) {
                     if entry.last_seq.is_some_and(|last| seq > last) {
                         entry.own_seqs.insert(seq);
                     }
                 }
                 self.notify(Event::Ack { id: ack, result: Ok(seq) });
+                if let Some(data) = inflight.echo {
+                    let mut message = Message::new(inflight.topic, seq, self.own_peer(), data);
+                    message.local = true;
+                    self.notify(Event::Message(message));
+                }
             }
             ServerFrame::Pong { id } => {
+                if self.suspect.is_some_and(|(want, _)| id == Some(want)) {
+                    self.suspect = None;
+                }
                 if let Conn::Ready { heartbeat: Some(mut hb) } = self.conn {
                     if hb.awaiting.is_some_and(|(want, _)| id.is_none_or(|id| id == want)) {
                         hb.awaiting = None;
@@ -598,19 +908,50 @@ impl Session {
                     }
                 }
             }
-            ServerFrame::Error { code, message, ack, topic } => {
+            ServerFrame::Refreshed { id, exp } => {
+                if matches!(self.in_place, InPlace::Sent(want) if id == Some(want)) {
+                    self.in_place = InPlace::Idle;
+                    // The server's word on the expiry wins over the token's;
+                    // none means this connection does not expire.
+                    self.token_exp = exp.map(|exp| (exp.saturating_mul(1000), now));
+                }
+            }
+            ServerFrame::History { topic, id, epoch, seq, messages } => {
+                let Some(id) = id else { return };
+                if self.history.remove(&id).is_none() {
+                    return;
+                }
+                let messages = messages
+                    .into_iter()
+                    .map(|m| Message::new(topic.clone(), m.seq, m.from, Rc::from(m.data)))
+                    .collect();
+                self.notify(Event::History { id, result: Ok(History { topic, epoch, seq, messages }) });
+            }
+            ServerFrame::Error { code, message, ack, topic, id } => {
                 let error = ClientError::Server { code, message, topic: topic.clone() };
                 if let Some(id) = ack {
                     if self.inflight.remove(&id).is_some() {
                         return self.notify(Event::Ack { id, result: Err(error) });
                     }
                 }
+                if let Some(id) = id {
+                    if self.history.remove(&id).is_some() {
+                        return self.notify(Event::History { id, result: Err(error) });
+                    }
+                    if self.in_place == InPlace::Sent(id) {
+                        self.in_place = InPlace::Failed;
+                        return self.notify(Event::Error(ClientError::TokenRefresh(error.to_string())));
+                    }
+                }
                 let about_subscribe = !matches!(code, ErrorCode::RateLimited | ErrorCode::TooLarge);
                 if let Some(topic) = &topic {
                     if let Some(entry) = self.topics.get_mut(topic) {
-                        if entry.awaiting_subscribed && about_subscribe {
-                            entry.awaiting_subscribed = false;
-                            entry.sent_since = None;
+                        // A refused subscribe, or a subscription a refreshed
+                        // token no longer allows.
+                        let revoked = code == ErrorCode::Forbidden && entry.status.is_live();
+                        if (!entry.pending.is_empty() && about_subscribe) || revoked {
+                            entry.pending.pop_front();
+                            entry.recovering = false;
                             self.set_topic_status(topic, TopicStatus::Refused(error.clone()));
                         }
                     }
@@ -619,6 +960,9 @@ impl Session {
             }
             ServerFrame::Presence { topic, peers, .. } => {
                 let Some(entry) = self.topics.get_mut(&topic) else { return };
+                if entry.presence_refs == 0 {
+                    return; // an answer to interest since released
+                }
                 entry.presence = Some(peers.clone());
                 self.notify(Event::Presence { topic, peers });
             }
@@ -645,15 +989,48 @@ impl Session {
         }
     }
 
+    fn message(&mut self, topic: Topic, seq: u64, from: String, data: Box<RawValue>) {
+        let Some(entry) = self.topics.get_mut(&topic) else { return };
+        if entry.recovering {
+            return; // the replay the resubscribe asked for brings it, in order
+        }
+        if let Some(last) = entry.last_seq {
+            if seq <= last {
+                return; // a duplicate
+            }
+            if seq > entry.next_expected(last) {
+                // A hole that our own publishes do not explain: keep the
+                // position before it and let the server replay from there.
+                if entry.epoch.is_some() {
+                    entry.recovering = true;
+                    self.send_subscribe(&topic, true);
+                }
+                return;
+            }
+        }
+        let own = entry.own_seqs.contains(&seq);
+        entry.advance(seq);
+        if !own {
+            self.notify(Event::Message(Message::new(topic, seq, from, Rc::from(data))));
+        }
+    }
+
     fn subscribed(&mut self, topic: Topic, epoch: String, seq: u64, recovered: bool) {
         let Some(entry) = self.topics.get_mut(&topic) else { return };
-        entry.awaiting_subscribed = false;
+        let sent = entry.pending.pop_front().flatten();
+        if entry.recovering {
+            if sent.is_none() {
+                // The answer to an earlier subscribe; the recovery's comes next.
+                return;
+            }
+            entry.recovering = false;
+        }
         let same_epoch = entry.epoch.as_deref() == Some(epoch.as_str());
         if !same_epoch {
             entry.own_seqs.clear(); // a new epoch resets tracking
         }
         let mut gap = None;
-        match entry.sent_since.take() {
+        match sent {
             Some(since) if recovered && since.epoch == epoch => entry.advance(since.seq),
             Some(since) => {
                 // Nothing is lost if everything after `since` was our own.

@@ -6,12 +6,7 @@ use std::rc::Rc;
 use wasm_bindgen::{closure::Closure, JsCast};
 use web_sys::{BinaryType, CloseEvent, Event, MessageEvent, WebSocket};
 
-/// What a socket reports.
-pub(crate) enum SocketEvent {
-    Open,
-    Text(String),
-    Closed { code: u16, reason: String },
-}
+use crate::driver::SocketEvent;
 
 pub(crate) struct Socket {
     ws: WebSocket,

@@ -395,12 +395,12 @@ async fn a_refused_token_is_reported_refreshed_and_retried_only_at_max_backoff()
         let c = c.clone();
         async move {
             c.set(c.get() + 1);
-            Some(format!("fresh{}", c.get()))
+            Ok::<_, String>(format!("fresh{}", c.get()))
         }
     });
     let a = Crosswire::new(proxied(), config().with_token("stale").with_token_refresher(refresher));
-    wait_until("unauthorized", 5_000, || matches!(a.status(), Status::Unauthorized { retry_at: Some(_) })).await;
-    let Status::Unauthorized { retry_at: Some(at) } = a.status() else { unreachable!() };
+    wait_until("unauthorized", 5_000, || matches!(a.status(), Status::Unauthorized { retry_at: Some(_), .. })).await;
+    let Status::Unauthorized { retry_at: Some(at), .. } = a.status() else { unreachable!() };
     let now = js_sys::Date::now() as u64;
     assert!(
         at > now && at <= now + 500,
@@ -505,13 +505,13 @@ async fn the_server_refuses_a_bad_token_then_accepts_the_refreshed_one_and_enfor
     let good = token.to_owned();
     let refresher = TokenRefresher::new(move || {
         let token = good.clone();
-        async move { Some(token) }
+        async move { Ok::<_, String>(token) }
     });
     let a = Crosswire::new(url, config().with_token("not-a-jwt").with_token_refresher(refresher));
     let ra = Recorder::new(&a);
     // The handshake fails; the HTTP probe reads the server's 401.
     wait_until("Unauthorized", 5_000, || {
-        ra.saw(|e| matches!(e, Event::Status(Status::Unauthorized { retry_at: Some(_) })))
+        ra.saw(|e| matches!(e, Event::Status(Status::Unauthorized { retry_at: Some(_), .. })))
     })
     .await;
     // At the (test's) max backoff the refresher supplies a valid token.
@@ -531,4 +531,286 @@ async fn the_server_refuses_a_bad_token_then_accepts_the_refreshed_one_and_enfor
     );
     assert!(within("an allowed publish", 5_000, a.publish_with_ack(&allowed, "fine")).await.is_ok());
     a.close();
+}
+
+// ---- Tokens that expire, with a refresher (issue 9) ----
+
+/// The auth server's URL and a long-lived token for it, unless this server
+/// build has no token auth.
+fn auth_server() -> Option<(&'static str, &'static str)> {
+    let (Some(url), Some(token)) = (option_env!("CROSSWIRE_TEST_WS_AUTH"), option_env!("CROSSWIRE_TEST_TOKEN")) else {
+        panic!("CROSSWIRE_TEST_WS_AUTH is not set: run the browser tests with scripts/browser-tests.sh");
+    };
+    (!url.is_empty()).then_some((url, token))
+}
+
+/// A refresher that gets tokens valid for `exp_in` seconds from the proxy's
+/// `/token` endpoint (what an app's token endpoint does), counting its calls.
+fn counting_refresher(exp_in: u32) -> (TokenRefresher, Rc<Cell<u32>>) {
+    let calls = Rc::new(Cell::new(0u32));
+    let c = calls.clone();
+    let refresher = TokenRefresher::new(move || {
+        c.set(c.get() + 1);
+        async move {
+            let answer = control(&format!("/token?exp_in={exp_in}")).await;
+            answer["token"].as_str().map(str::to_owned).ok_or_else(|| format!("no token in {answer}"))
+        }
+    });
+    (refresher, calls)
+}
+
+/// `b` publishes 1..=n on `topic`, one every `every_ms`; returns when done.
+async fn publish_slowly(b: &Crosswire, topic: &Topic, n: u32, every_ms: u32) {
+    for i in 1..=n {
+        b.publish(topic, &i).unwrap();
+        TimeoutFuture::new(every_ms).await;
+    }
+}
+
+fn numbers(r: &Recorder, topic: &Topic) -> Vec<u32> {
+    r.messages(topic).into_iter().map(|m| m.2.parse().unwrap()).collect()
+}
+
+#[wasm_bindgen_test]
+async fn an_expiring_token_is_replaced_by_reconnecting_at_once_and_no_message_is_lost() {
+    let Some((url, long)) = auth_server() else { return };
+    let (refresher, calls) = counting_refresher(2);
+    // No token given: the first connect asks the refresher too. Refresh in
+    // place is off, so each expiry is a 4001 close and a reconnect.
+    let a = Crosswire::new(url, Config { refresh_in_place: false, ..config() }.with_token_refresher(refresher));
+    let b = Crosswire::new(url, config().with_token(long));
+    let ra = Recorder::new(&a);
+    let topic = fresh_topic("expiry");
+    let (_sa, _sb) = (a.subscribe(&topic, false), b.subscribe(&topic, false));
+    live(&a, &topic).await;
+    live(&b, &topic).await;
+    assert_eq!(calls.get(), 1, "the first connect used the refresher");
+    publish_slowly(&b, &topic, 40, 100).await; // 4 s: past at least one expiry
+    wait_until("every message", 10_000, || ra.messages(&topic).len() >= 40).await;
+    TimeoutFuture::new(200).await; // room for duplicates, if any
+    assert_eq!(numbers(&ra, &topic), (1..=40).collect::<Vec<_>>(), "in order, none lost, none twice");
+    assert!(ra.saw(|e| matches!(e, Event::Status(Status::Reconnecting { code: Some(4001), .. }))), "4001 seen");
+    assert!(calls.get() >= 2, "a new token for each reconnect: {} calls", calls.get());
+    a.close();
+    b.close();
+}
+
+#[wasm_bindgen_test]
+async fn a_token_is_refreshed_over_the_open_connection_before_it_expires() {
+    let Some((url, long)) = auth_server() else { return };
+    let (refresher, calls) = counting_refresher(3);
+    let a = Crosswire::new(url, config().with_token_refresher(refresher));
+    let b = Crosswire::new(url, config().with_token(long));
+    let ra = Recorder::new(&a);
+    let topic = fresh_topic("in-place");
+    let (_sa, _sb) = (a.subscribe(&topic, false), b.subscribe(&topic, false));
+    live(&a, &topic).await;
+    live(&b, &topic).await;
+    let first_peer = peer(&a);
+    publish_slowly(&b, &topic, 50, 100).await; // 5 s: tokens last 2–3 s
+    wait_until("every message", 10_000, || ra.messages(&topic).len() >= 50).await;
+    assert_eq!(numbers(&ra, &topic), (1..=50).collect::<Vec<_>>());
+    assert!(calls.get() >= 3, "refreshed in place at least twice: {} calls", calls.get());
+    assert!(!ra.saw(|e| matches!(e, Event::Status(Status::Reconnecting { .. }))), "never reconnected");
+    assert_eq!(peer(&a), first_peer, "the same connection throughout");
+    a.close();
+    b.close();
+}
+
+#[wasm_bindgen_test]
+async fn without_a_refresher_an_expired_token_is_final_and_publishes_fail_at_once() {
+    let Some((url, _)) = auth_server() else { return };
+    let token = control("/token?exp_in=1").await["token"].as_str().unwrap().to_owned();
+    let a = Crosswire::new(url, config().with_token(token));
+    open(&a).await;
+    wait_until("the 4001", 5_000, || matches!(a.status(), Status::Unauthorized { retry_at: None, .. })).await;
+    let started = js_sys::Date::now();
+    let result = within("the failed publish", 1_000, a.publish_with_ack(&fresh_topic("late"), &1)).await;
+    assert!(matches!(result, Err(ClientError::Ended { code: Some(4001), .. })), "{result:?}");
+    assert!(js_sys::Date::now() - started < 500.0, "at once, not after a timeout");
+    a.close();
+}
+
+// ---- Acks always end; the offline event ----
+
+#[wasm_bindgen_test]
+async fn an_ack_times_out_while_offline() {
+    control("/block").await;
+    let a = Crosswire::new(proxied(), Config { ack_timeout_ms: 500, ..config() });
+    let started = js_sys::Date::now();
+    let result = within("the ack", 3_000, a.publish_with_ack(&fresh_topic("offline-ack"), &1)).await;
+    control("/unblock").await;
+    assert_eq!(result, Err(ClientError::AckTimeout(500)));
+    let took = js_sys::Date::now() - started;
+    assert!((450.0..2_000.0).contains(&took), "resolved after {took} ms");
+    a.close();
+}
+
+#[wasm_bindgen_test]
+async fn the_browsers_offline_event_checks_the_connection_at_once() {
+    // The path goes dead silently; the heartbeat (25 s from the server) would
+    // take long, the offline event makes the client ask at once.
+    let topic = fresh_topic("offline-event");
+    let a = Crosswire::new(proxied(), Config { offline_ping_timeout_ms: 300, ..config() });
+    let ra = Recorder::new(&a);
+    let _sa = a.subscribe(&topic, false);
+    live(&a, &topic).await;
+    let first_peer = peer(&a);
+    control("/freeze").await;
+    let window = web_sys::window().unwrap();
+    window.dispatch_event(&web_sys::Event::new("offline").unwrap()).unwrap();
+    wait_until("the dead connection to be noticed", 3_000, || {
+        ra.saw(|e| matches!(e, Event::Status(Status::Reconnecting { code: Some(3008), .. })))
+    })
+    .await;
+    live(&a, &topic).await;
+    assert_ne!(peer(&a), first_peer);
+    a.close();
+}
+
+// ---- History, local echo, SSR + hydration ----
+
+#[wasm_bindgen_test]
+async fn history_returns_retained_messages_without_subscribing() {
+    let topic = fresh_topic("history");
+    let b = Crosswire::new(direct(), config());
+    open(&b).await;
+    let mut seqs = Vec::new();
+    for i in 1..=5 {
+        seqs.push(within("b's ack", 5_000, b.publish_with_ack(&topic, &i)).await.unwrap());
+    }
+    let a = Crosswire::new(direct(), config());
+    let ra = Recorder::new(&a);
+    let latest = within("history", 5_000, a.history(&topic, None, Some(3))).await.unwrap();
+    let got: Vec<(u64, String)> = latest.messages.iter().map(|m| (m.seq, m.data.get().to_owned())).collect();
+    assert_eq!(got, vec![(seqs[2], "3".into()), (seqs[3], "4".into()), (seqs[4], "5".into())]);
+    let since = crosswire_client::Since { epoch: latest.epoch.clone(), seq: seqs[0] };
+    let page = within("history since", 5_000, a.history(&topic, Some(since), Some(2))).await.unwrap();
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![seqs[1], seqs[2]]);
+    let gone = crosswire_client::Since { epoch: "another-epoch".into(), seq: 1 };
+    let refused = within("refused history", 5_000, a.history(&topic, Some(gone), None)).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Server { code: crosswire_client::ErrorCode::HistoryUnavailable, .. })),
+        "{refused:?}"
+    );
+    assert!(ra.messages(&topic).is_empty(), "reading is not subscribing");
+    a.close();
+    b.close();
+}
+
+#[derive(Properties, PartialEq)]
+struct EchoRoomProps {
+    name: AttrValue,
+    topic: AttrValue,
+    echo: bool,
+}
+
+#[component]
+fn EchoRoom(props: &EchoRoomProps) -> Html {
+    let options = crosswire_client::TopicOptions { echo: props.echo, ..Default::default() };
+    let chat = crosswire_client::use_topic_with::<Chat>(&props.topic, options);
+    let say = {
+        let (chat, name) = (chat.clone(), props.name.to_string());
+        Callback::from(move |_| chat.publish(Chat { text: name.clone() }))
+    };
+    html! {
+        <div class={props.name.clone()}>
+            <button onclick={say}>{ "say" }</button>
+            <ul>{ for chat.messages().iter().map(|m| html! { <li data-seq={m.seq.to_string()}>{ &m.data.text }</li> }) }</ul>
+        </div>
+    }
+}
+
+#[derive(Properties, PartialEq)]
+struct EchoAppProps {
+    topic: AttrValue,
+}
+
+#[component]
+fn EchoApp(props: &EchoAppProps) -> Html {
+    html! {
+        <CrosswireProvider url={direct()} config={config()}>
+            <EchoRoom name="one" topic={props.topic.clone()} echo=true />
+            <EchoRoom name="two" topic={props.topic.clone()} echo=true />
+            <EchoRoom name="quiet" topic={props.topic.clone()} echo=false />
+        </CrosswireProvider>
+    }
+}
+
+#[wasm_bindgen_test]
+async fn with_local_echo_two_components_on_one_connection_see_each_others_messages() {
+    let topic = fresh_topic("echo");
+    let document = web_sys::window().unwrap().document().unwrap();
+    let root = document.create_element("div").unwrap();
+    document.body().unwrap().append_child(&root).unwrap();
+    let app = yew::Renderer::<EchoApp>::with_root_and_props(
+        root.clone(),
+        EchoAppProps { topic: topic.as_str().to_owned().into() },
+    )
+    .render();
+    let items = |sel: &str| -> Vec<(String, String)> {
+        let list = root.query_selector_all(sel).unwrap();
+        (0..list.length())
+            .map(|i| {
+                let el: web_sys::Element = wasm_bindgen::JsCast::dyn_into(list.get(i).unwrap()).unwrap();
+                (el.text_content().unwrap_or_default(), el.get_attribute("data-seq").unwrap_or_default())
+            })
+            .collect()
+    };
+    let other = Crosswire::new(direct(), config());
+    let _so = other.subscribe(&topic, false);
+    live(&other, &topic).await;
+    wait_until("the app's subscription", 5_000, || root.query_selector(".one button").unwrap().is_some()).await;
+    TimeoutFuture::new(300).await; // the app's subscribe reaches the server
+    let click = |sel: &str| {
+        let button: web_sys::HtmlElement =
+            wasm_bindgen::JsCast::dyn_into(root.query_selector(sel).unwrap().unwrap()).unwrap();
+        button.click();
+    };
+    click(".one button");
+    wait_until("one's message in both echo rooms", 5_000, || items(".two li").len() == 1).await;
+    click(".two button");
+    wait_until("two's message in both echo rooms", 5_000, || items(".one li").len() == 2).await;
+    let (one, two) = (items(".one li"), items(".two li"));
+    assert_eq!(one, two);
+    assert_eq!(one.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["one", "two"]);
+    assert!(one.iter().all(|(_, seq)| seq.parse::<u64>().is_ok_and(|s| s > 0)), "with their seqs: {one:?}");
+    assert!(items(".quiet li").is_empty(), "a handle without echo sees only other connections' messages");
+    app.destroy();
+    other.close();
+}
+
+#[derive(Properties, PartialEq)]
+struct HydrateProps {
+    url: AttrValue,
+}
+
+#[component]
+fn StatusLine() -> Html {
+    let status = use_status();
+    html! { <p class="ssr-status">{ status.name() }</p> }
+}
+
+#[component]
+fn HydrateApp(props: &HydrateProps) -> Html {
+    html! {
+        <CrosswireProvider url={props.url.clone()} config={config()}>
+            <StatusLine />
+        </CrosswireProvider>
+    }
+}
+
+#[wasm_bindgen_test]
+async fn a_server_rendered_page_hydrates_and_only_then_connects() {
+    let props = || HydrateProps { url: direct().into() };
+    let html = yew::LocalServerRenderer::<HydrateApp>::with_props(props()).render().await;
+    assert!(html.contains(">connecting</p>"), "{html}");
+    let document = web_sys::window().unwrap().document().unwrap();
+    let root = document.create_element("div").unwrap();
+    root.set_inner_html(&html);
+    document.body().unwrap().append_child(&root).unwrap();
+    let app = yew::Renderer::<HydrateApp>::with_root_and_props(root.clone(), props()).hydrate();
+    let text = || root.query_selector(".ssr-status").unwrap().and_then(|e| e.text_content()).unwrap_or_default();
+    wait_until("the hydrated app to connect", 5_000, || text() == "open").await;
+    app.destroy();
 }

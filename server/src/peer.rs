@@ -213,4 +213,15 @@ impl<C> Peer<C> {
     pub(crate) fn outbox(&self) -> &Outbox {
         &self.inner.core.outbox
     }
+
+    /// A topic's retained `message` frames for a protocol `history` request
+    /// (see `Topics::history`): read access only, no subscription.
+    pub(crate) fn history(
+        &self,
+        topic: &Topic,
+        since: Option<&Since>,
+        limit: usize,
+    ) -> Result<(Arc<str>, u64, Vec<tungstenite::Message>), ()> {
+        self.inner.state.topics.history(topic, since, limit)
+    }
 }

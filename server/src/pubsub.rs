@@ -36,7 +36,8 @@ pub struct PubSub {
 /// its publish budget.
 #[derive(Debug)]
 pub struct Session {
-    claims: Option<Claims>,
+    /// Replaced by a `refresh`; a std mutex, only ever held for a lookup.
+    claims: Mutex<Option<Claims>>,
     user: Option<Arc<str>>,
     bucket: Mutex<TokenBucket>,
     /// Subscribe, unsubscribe and presence requests: each changes shared
@@ -46,17 +47,42 @@ pub struct Session {
 }
 
 impl Session {
-    /// The verified token's claims, when the server authenticates.
-    pub fn claims(&self) -> Option<&Claims> {
-        self.claims.as_ref()
+    /// The verified token's claims (the latest, after a `refresh`), when the
+    /// server authenticates.
+    pub fn claims(&self) -> Option<Claims> {
+        self.lock_claims().clone()
+    }
+
+    fn lock_claims(&self) -> std::sync::MutexGuard<'_, Option<Claims>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn may_subscribe(&self, topic: &Topic) -> bool {
-        self.claims.as_ref().is_none_or(|c| c.may_subscribe(topic))
+        self.lock_claims().as_ref().is_none_or(|c| c.may_subscribe(topic))
     }
 
     fn may_publish(&self, topic: &Topic) -> bool {
-        self.claims.as_ref().is_none_or(|c| c.may_publish(topic))
+        self.lock_claims().as_ref().is_none_or(|c| c.may_publish(topic))
+    }
+}
+
+/// The most messages one `history` answer carries.
+const MAX_HISTORY_LIMIT: usize = 1_000;
+
+/// Closes `peer` with 4001 when `claims` expire, replacing any earlier timer:
+/// a refreshed token moves the deadline.
+fn arm_expiry(peer: &Peer<Session>, claims: &Claims) {
+    let expires_in = claims.expires_in();
+    let closer = peer.clone();
+    let task = peer.spawn(async move {
+        tokio::time::sleep(expires_in).await;
+        // The server's verdict: nothing queued goes out after it, and the
+        // peer's frames are no longer acted on.
+        closer.outbox().close_now(close_code::UNAUTHORIZED, "token expired");
+    });
+    let old = peer.context().expiry.lock().expect("expiry lock").replace(task.abort_handle());
+    if let Some(old) = old {
+        old.abort();
     }
 }
 
@@ -139,11 +165,95 @@ impl PubSub {
                 let peers = peer.presence(&topic);
                 reply(peer, ServerFrame::Presence { topic, id, peers });
             }
+            ClientFrame::Refresh { token, id } => self.refresh(peer, &token, id),
+            ClientFrame::History { topic, since, limit, id } => {
+                // Reading a topic's history is reading the topic.
+                if !session.may_subscribe(&topic) {
+                    let message = format!("your token does not allow you to read the history of {topic:?}");
+                    return reply(
+                        peer,
+                        ServerFrame::Error { code: ErrorCode::Forbidden, message, ack: None, topic: Some(topic), id },
+                    );
+                }
+                let limit = limit.map_or(MAX_HISTORY_LIMIT, |l| (l as usize).min(MAX_HISTORY_LIMIT));
+                match peer.history(&topic, since.as_ref(), limit) {
+                    Ok((epoch, seq, frames)) => {
+                        // The retained frames are already-encoded `message`
+                        // frames: splice them in rather than decode and re-encode.
+                        let mut text = String::with_capacity(96 + frames.iter().map(|f| f.len() + 1).sum::<usize>());
+                        text.push_str(r#"{"type":"history","topic":"#);
+                        text.push_str(&serde_json::to_string(&topic).expect("a topic serializes"));
+                        if let Some(id) = id {
+                            text.push_str(&format!(r#","id":{id}"#));
+                        }
+                        text.push_str(r#","epoch":"#);
+                        text.push_str(&serde_json::to_string(&*epoch).expect("a string serializes"));
+                        text.push_str(&format!(r#","seq":{seq},"messages":["#));
+                        for (i, frame) in frames.iter().enumerate() {
+                            if i > 0 {
+                                text.push(',');
+                            }
+                            text.push_str(frame.to_text().unwrap_or("null"));
+                        }
+                        text.push_str("]}");
+                        let _ = peer.send(text);
+                    }
+                    Err(()) => {
+                        let message = match &since {
+                            Some(s) => format!(
+                                "the history of {topic:?} no longer reaches back to seq {} of epoch {}",
+                                s.seq, s.epoch
+                            ),
+                            None => format!("no history of {topic:?}"),
+                        };
+                        let code = ErrorCode::HistoryUnavailable;
+                        reply(peer, ServerFrame::Error { code, message, ack: None, topic: Some(topic), id });
+                    }
+                }
+            }
             // ClientFrame is non-exhaustive for other crates, not for this
             // workspace's decoder, which only yields the variants above.
             #[allow(unreachable_patterns)]
             _ => error(peer, ErrorCode::BadRequest, "unsupported frame", None, None),
         }
+    }
+}
+
+impl PubSub {
+    /// A new token over the open connection: verified like the one of the
+    /// upgrade, for the same user; it replaces the session's permissions and
+    /// moves its expiry. Subscriptions the new token no longer allows end,
+    /// each with a `forbidden` error naming the topic.
+    fn refresh(&self, peer: &Peer<Session>, token: &str, id: Option<u64>) {
+        let refused = |message: String| {
+            reply(peer, ServerFrame::Error { code: ErrorCode::Unauthorized, message, ack: None, topic: None, id })
+        };
+        let Some(auth) = &self.auth else {
+            // Nothing to refresh: the connection never expires.
+            return reply(peer, ServerFrame::Refreshed { id, exp: None });
+        };
+        let claims = match auth.verify(token) {
+            Ok(claims) => claims,
+            Err(e) => return refused(format!("refresh refused: {e}")),
+        };
+        let session = peer.context();
+        if session.user.as_deref() != Some(claims.sub.as_str()) {
+            return refused("refresh refused: the new token is for another user".to_owned());
+        }
+        let exp = claims.exp;
+        arm_expiry(peer, &claims);
+        *session.lock_claims() = Some(claims.clone());
+        for topic in peer.topics() {
+            if !claims.may_subscribe(&topic) {
+                peer.unsubscribe(&topic);
+                let message = format!("your new token does not allow you to subscribe to {topic:?}");
+                reply(
+                    peer,
+                    ServerFrame::Error { code: ErrorCode::Forbidden, message, ack: None, topic: Some(topic), id: None },
+                );
+            }
+        }
+        reply(peer, ServerFrame::Refreshed { id, exp: Some(exp) });
     }
 }
 
@@ -153,7 +263,7 @@ fn reply(peer: &Peer<Session>, frame: ServerFrame) {
 }
 
 fn error(peer: &Peer<Session>, code: ErrorCode, message: impl Into<String>, ack: Option<u64>, topic: Option<Topic>) {
-    reply(peer, ServerFrame::Error { code, message: message.into(), ack, topic });
+    reply(peer, ServerFrame::Error { code, message: message.into(), ack, topic, id: None });
 }
 
 fn forbidden(peer: &Peer<Session>, what: &str, topic: Topic, ack: Option<u64>) {
@@ -174,7 +284,7 @@ impl Hooks for PubSub {
         };
         Ok(Session {
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
-            claims,
+            claims: Mutex::new(claims),
             bucket: Mutex::new(TokenBucket::new(self.publish_rate, self.publish_burst)),
             churn: Mutex::new(TokenBucket::new(self.subscribe_rate, self.subscribe_burst)),
             expiry: Mutex::new(None),
@@ -192,19 +302,12 @@ impl Hooks for PubSub {
                 peer: peer.id().to_owned(),
                 heartbeat_ms: self.heartbeat.as_millis() as u64,
                 version: PROTOCOL_VERSION,
+                exp: peer.context().claims().map(|c| c.exp),
             },
         );
         if let Some(claims) = peer.context().claims() {
-            // A token stops being valid mid-connection too.
-            let expires_in = claims.expires_in();
-            let closer = peer.clone();
-            let task = peer.spawn(async move {
-                tokio::time::sleep(expires_in).await;
-                // The server's verdict: nothing queued goes out after it, and
-                // the peer's frames are no longer acted on.
-                closer.outbox().close_now(close_code::UNAUTHORIZED, "token expired");
-            });
-            *peer.context().expiry.lock().expect("expiry lock") = Some(task.abort_handle());
+            // A token stops being valid mid-connection too (unless refreshed).
+            arm_expiry(peer, &claims);
         }
     }
 

@@ -522,6 +522,40 @@ impl Topics {
     pub(crate) fn retained_bytes(&self) -> usize {
         self.retained.load(Ordering::Relaxed)
     }
+
+    /// A topic's retained messages for a `history` request, without
+    /// subscribing: the encoded `message` frames after `since` (the oldest
+    /// `limit` of them), or the latest `limit` when `since` is `None`, with the
+    /// topic's epoch and last seq. `Err(())` when `since` names another epoch
+    /// or reaches back past what is retained. Creates nothing: an unknown
+    /// topic has an empty history under the epoch `""`.
+    #[allow(clippy::result_unit_err)]
+    pub(crate) fn history(
+        &self,
+        topic: &Topic,
+        since: Option<&Since>,
+        limit: usize,
+    ) -> Result<(Arc<str>, u64, Vec<WsMessage>), ()> {
+        let mut shard = self.shard(topic);
+        let Some(state) = shard.get_mut(topic) else {
+            return match since {
+                Some(_) => Err(()),
+                None => Ok((Arc::from(""), 0, Vec::new())),
+            };
+        };
+        state.expire(Instant::now(), self.limits.history_ttl, &self.retained);
+        let frames = match since {
+            Some(since) if !state.can_recover(since) => return Err(()),
+            Some(since) => {
+                state.history.iter().filter(|r| r.seq > since.seq).take(limit).map(|r| r.frame.clone()).collect()
+            }
+            None => {
+                let skip = state.history.len().saturating_sub(limit);
+                state.history.iter().skip(skip).map(|r| r.frame.clone()).collect()
+            }
+        };
+        Ok((state.epoch.clone(), state.seq, frames))
+    }
 }
 
 /// The topic without subscribers that has been idle longest.

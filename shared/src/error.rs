@@ -30,6 +30,13 @@ pub enum ErrorCode {
     TopicLimit,
     /// The server failed in a way that is not the client's fault.
     Internal,
+    /// A `refresh` carried a token the server does not accept (malformed,
+    /// wrongly signed, expired, or for another user); the connection keeps its
+    /// old token until that one expires.
+    Unauthorized,
+    /// A `history` request reaches further back than the topic's retained
+    /// history (or names another epoch): the messages asked for are gone.
+    HistoryUnavailable,
     /// A code this version of the protocol crate does not know.
     #[serde(other)]
     Unknown,
@@ -47,6 +54,8 @@ impl ErrorCode {
             Self::TooManyTopics => "too_many_topics",
             Self::TopicLimit => "topic_limit",
             Self::Internal => "internal",
+            Self::Unauthorized => "unauthorized",
+            Self::HistoryUnavailable => "history_unavailable",
             Self::Unknown => "unknown",
         }
     }

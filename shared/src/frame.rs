@@ -76,6 +76,44 @@ pub enum ClientFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
     },
+    /// Hand the server a new token over the open connection, before the
+    /// current one expires: answered with `refreshed` (the new expiry) or an
+    /// `error` (`unauthorized`) carrying `id`. Nothing is resubscribed.
+    Refresh {
+        /// The new token.
+        token: String,
+        /// Echoed back in the answer.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    /// Ask for a topic's retained messages without subscribing: those after
+    /// `since` (or the latest ones), at most `limit`. Answered with `history`,
+    /// or an `error` (`history_unavailable`, `forbidden`) carrying `id`.
+    History {
+        /// The topic.
+        topic: Topic,
+        /// Only messages after this position (same epoch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<Since>,
+        /// The most messages to return (the oldest after `since`, or the
+        /// latest when `since` is absent).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        /// Echoed back in the answer.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+}
+
+/// One retained message in a `history` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryMessage {
+    /// The message's seq within the topic's epoch.
+    pub seq: u64,
+    /// The publishing peer.
+    pub from: PeerId,
+    /// The published JSON, verbatim.
+    pub data: Box<RawValue>,
 }
 
 /// A frame the server sends to the client.
@@ -91,6 +129,11 @@ pub enum ServerFrame {
         heartbeat_ms: u64,
         /// The protocol version, [`crate::PROTOCOL_VERSION`].
         version: u32,
+        /// When the connection's token expires (seconds since the Unix
+        /// epoch), when the server authenticates: a hint for clients whose
+        /// tokens they cannot read, to `refresh` in time.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
     /// A subscribe took effect.
     Subscribed {
@@ -144,6 +187,9 @@ pub enum ServerFrame {
         /// The topic of the request this answers.
         #[serde(skip_serializing_if = "Option::is_none")]
         topic: Option<Topic>,
+        /// The `id` of the `refresh` or `history` request this answers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
     },
     /// The answer to a presence request.
     Presence {
@@ -170,6 +216,30 @@ pub enum ServerFrame {
         /// Who left.
         #[serde(flatten)]
         who: PresenceEntry,
+    },
+    /// The answer to `refresh`: the new token was accepted.
+    Refreshed {
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// The new token's expiry, in seconds since the Unix epoch (absent
+        /// when the server does not authenticate).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
+    },
+    /// The answer to a `history` request.
+    History {
+        /// The topic.
+        topic: Topic,
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// The topic history's epoch.
+        epoch: String,
+        /// The topic's last seq.
+        seq: u64,
+        /// The retained messages asked for, in seq order.
+        messages: Vec<HistoryMessage>,
     },
 }
 
@@ -217,6 +287,10 @@ struct Envelope<'a> {
     message: Option<String>,
     peers: Option<Vec<PresenceEntry>>,
     user: Option<String>,
+    token: Option<String>,
+    limit: Option<u32>,
+    exp: Option<u64>,
+    messages: Option<Vec<HistoryMessage>>,
 }
 
 impl<'a> Envelope<'a> {
@@ -290,6 +364,16 @@ impl ClientFrame {
             }
             "ping" => ClientFrame::Ping { id: env.id },
             "presence" => ClientFrame::Presence { topic: env.topic("presence")?, id: env.id },
+            "refresh" => ClientFrame::Refresh {
+                token: env.token.take().ok_or_else(|| env.missing("refresh", "token"))?,
+                id: env.id,
+            },
+            "history" => ClientFrame::History {
+                topic: env.topic("history")?,
+                since: env.since.take(),
+                limit: env.limit,
+                id: env.id,
+            },
             other => {
                 return Err(DecodeError {
                     ack: env.ack,
@@ -316,6 +400,7 @@ impl ServerFrame {
                 peer: peer(&env, "welcome")?,
                 heartbeat_ms: env.field("welcome", "heartbeat_ms", env.heartbeat_ms)?,
                 version: env.field("welcome", "version", env.version)?,
+                exp: env.exp,
             },
             "subscribed" => ServerFrame::Subscribed {
                 topic: env.topic("subscribed")?,
@@ -339,6 +424,15 @@ impl ServerFrame {
                 message: env.message.take().unwrap_or_default(),
                 ack: env.ack,
                 topic: env.topic.as_deref().and_then(|t| Topic::new(t).ok()),
+                id: env.id,
+            },
+            "refreshed" => ServerFrame::Refreshed { id: env.id, exp: env.exp },
+            "history" => ServerFrame::History {
+                topic: env.topic("history")?,
+                id: env.id,
+                epoch: env.epoch.take().ok_or_else(|| env.missing("history", "epoch"))?,
+                seq: env.field("history", "seq", env.seq)?,
+                messages: env.messages.take().ok_or_else(|| env.missing("history", "messages"))?,
             },
             "presence" => ServerFrame::Presence {
                 topic: env.topic("presence")?,
@@ -383,6 +477,9 @@ mod tests {
             r#"{"type":"ping","id":3}"#,
             r#"{"type":"ping"}"#,
             r#"{"type":"presence","topic":"a","id":1}"#,
+            r#"{"type":"refresh","token":"t.k.n","id":4}"#,
+            r#"{"type":"history","topic":"a","since":{"epoch":"e","seq":3},"limit":10,"id":5}"#,
+            r#"{"type":"history","topic":"a"}"#,
         ];
         for text in frames {
             let frame = ClientFrame::decode(text).unwrap();
@@ -394,6 +491,7 @@ mod tests {
     fn server_frames_round_trip() {
         let frames = [
             r#"{"type":"welcome","peer":"p1","heartbeat_ms":25000,"version":1}"#,
+            r#"{"type":"welcome","peer":"p1","heartbeat_ms":25000,"version":1,"exp":1700000000}"#,
             r#"{"type":"subscribed","topic":"a","epoch":"e","seq":3,"recovered":true}"#,
             r#"{"type":"unsubscribed","topic":"a"}"#,
             r#"{"type":"message","topic":"a","seq":3,"from":"p2","data":"hi"}"#,
@@ -403,6 +501,10 @@ mod tests {
             r#"{"type":"presence","topic":"a","id":2,"peers":[{"peer":"p1","user":"u"},{"peer":"p2"}]}"#,
             r#"{"type":"join","topic":"a","peer":"p1","user":"u"}"#,
             r#"{"type":"leave","topic":"a","peer":"p1"}"#,
+            r#"{"type":"error","code":"unauthorized","message":"expired","id":3}"#,
+            r#"{"type":"error","code":"history_unavailable","message":"gone","topic":"a","id":4}"#,
+            r#"{"type":"refreshed","id":3,"exp":1700000000}"#,
+            r#"{"type":"history","topic":"a","id":4,"epoch":"e","seq":9,"messages":[{"seq":8,"from":"p","data":{"x":1}},{"seq":9,"from":"q","data":null}]}"#,
         ];
         for text in frames {
             let frame = ServerFrame::decode(text).unwrap();
@@ -445,6 +547,16 @@ mod tests {
         let f = ClientFrame::decode(r#"{"type":"sub\u0073cribe","topic":"a\/b"}"#).unwrap();
         let ClientFrame::Subscribe { topic, .. } = f else { panic!() };
         assert_eq!(topic.as_str(), "a/b");
+    }
+
+    #[test]
+    fn history_answers_read_retained_message_frames() {
+        // The server builds the answer from the retained `message` frames as
+        // they are; their extra fields are ignored.
+        let text = r#"{"type":"history","topic":"a","id":1,"epoch":"e","seq":2,"messages":[{"type":"message","topic":"a","seq":2,"from":"p","data":[1]}]}"#;
+        let ServerFrame::History { messages, .. } = ServerFrame::decode(text).unwrap() else { panic!() };
+        assert_eq!((messages[0].seq, messages[0].from.as_str(), messages[0].data.get()), (2, "p", "[1]"));
+        assert_eq!(err(r#"{"type":"refresh"}"#).message, "a refresh frame needs a \"token\" field");
     }
 
     #[test]

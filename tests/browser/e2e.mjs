@@ -9,6 +9,8 @@
 // 3. Recovery: a third page reaches the server through tests/browser/proxy.mjs;
 //    its connection is cut and refused while another page publishes; after it
 //    reconnects the missed messages appear, none twice.
+// 4. Volume: 2,000 messages on one topic all appear in the demo, in order (the
+//    demo once stopped showing messages after the 1,000th).
 // Prints TAP-style "ok N - ..." / "not ok N - ..." lines; exits non-zero on failure.
 // Screenshots: OUT/demo.png (the demo after the run), OUT/demo-reconnecting.png.
 import { spawn, execFileSync } from 'node:child_process';
@@ -78,8 +80,11 @@ function jwt(claims, secret) {
 }
 
 async function startServer(port, extra = []) {
+  // Room for the volume test: one publisher sends 2,000 messages as fast as it can.
+  const volume = ['--publish-rate', '100000', '--publish-burst', '100000', '--outbound-queue', '4096',
+    '--history-size', '4096'];
   const { child, match } = await startProcess(
-    SERVER, ['--host', '127.0.0.1', '--port', String(port), '--static', STATIC, ...extra],
+    SERVER, ['--host', '127.0.0.1', '--port', String(port), '--static', STATIC, ...volume, ...extra],
     /crosswire listening on http:\/\/127\.0\.0\.1:(\d+)/, 20_000, 'e2e-server');
   return { child, port: Number(match[1]) };
 }
@@ -184,6 +189,34 @@ async function main() {
     }
   });
 
+  await test('2,000 messages on one topic all appear in the demo, in order', async () => {
+    const topic = `bulk-${tag}`;
+    await a.fill('#topic-input', topic);
+    await a.click('#join');
+    await a.waitForFunction((t) => document.querySelector('#current-topic')?.textContent === t, topic, { timeout: 5_000 });
+    await waitLive(a, 10_000);
+    const N = 2000;
+    // Page b publishes straight over a WebSocket of its own, speaking the protocol.
+    await b.evaluate(async ({ wsUrl, topic, N }) => {
+      const ws = new WebSocket(wsUrl);
+      await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = fail; });
+      for (let i = 1; i <= N; i++) ws.send(JSON.stringify({ type: 'publish', topic, data: { text: `bulk ${i}` } }));
+      ws.send(JSON.stringify({ type: 'ping', id: 1 }));
+      await new Promise((ok) => { ws.onmessage = (e) => { if (JSON.parse(e.data).type === 'pong') ok(); }; });
+      ws.close();
+    }, { wsUrl: `ws://127.0.0.1:${port}/_ws`, topic, N });
+    await a.waitForFunction((n) => document.querySelectorAll('#messages li').length >= n, N, { timeout: 60_000 });
+    const seen = await texts(a);
+    const want = Array.from({ length: N }, (_, i) => `bulk ${i + 1}`);
+    if (JSON.stringify(seen) !== JSON.stringify(want)) {
+      const bad = seen.findIndex((t, i) => t !== want[i]);
+      throw new Error(`${seen.length} lines; first difference at ${bad}: ${seen[bad]} (wanted ${want[bad]})`);
+    }
+    await a.fill('#topic-input', 'test');
+    await a.click('#join');
+    await waitLive(a, 10_000);
+  });
+
   await test('server stopped: both pages show reconnecting', async () => {
     await stop(server.child);
     for (const p of pages) await waitState(p, ['reconnecting', 'connecting'], 10_000);
@@ -264,7 +297,8 @@ async function main() {
     await waitState(p, ['unauthorized'], 20_000);
     const detail = await p.textContent('#status-detail');
     const m = detail.match(/retrying in (\d+)\.\d s/);
-    if (!m || Number(m[1]) < 15) throw new Error(`expected a retry at the max backoff (20 s): "${detail}"`);
+    // Jittered over the upper half of the maximum backoff (10–20 s), never a fast loop.
+    if (!m || Number(m[1]) < 9) throw new Error(`expected a slow, jittered retry (10–20 s): "${detail}"`);
     await p.screenshot({ path: path.join(OUT, 'demo-unauthorized.png') });
     await p.goto(`http://127.0.0.1:${auth.port}/?token=${good}`, { timeout: 20_000 });
     await waitState(p, ['open'], 20_000);
@@ -276,7 +310,7 @@ async function main() {
   });
 }
 
-const overall = setTimeout(() => { console.log('not ok - the e2e test ran over 240 s'); cleanup().then(() => process.exit(1)); }, 240_000);
+const overall = setTimeout(() => { console.log('not ok - the e2e test ran over 360 s'); cleanup().then(() => process.exit(1)); }, 360_000);
 main()
   .catch((e) => { if (!String(e).startsWith("Error: not ok")) console.log(`# stopped: ${e && e.message}`); })
   .finally(async () => {

@@ -16,10 +16,15 @@
 //             status (CORS open) instead of forwarding, until /accept
 //   /accept   forward again
 //   /requests the request lines seen (newest last), e.g. to check a token
+//   /token?sub=U&exp_in=SECS&topics=P
+//             an HS256 token signed with --jwt-secret (what an app's token
+//             endpoint does), allowed to subscribe and publish to pattern P
+//             (default test:*) -> {"token":JWT,"exp":SECS,"issued":N}
 //   /status   {"connections":N,"blocked":bool,"refusing":N|null,"accepted":N,"cuts":N}
 // Everything binds 127.0.0.1 only.
 import net from 'node:net';
 import http from 'node:http';
+import crypto from 'node:crypto';
 
 function arg(name, fallback) {
   const i = process.argv.indexOf(`--${name}`);
@@ -32,6 +37,16 @@ const [targetHost, targetPort] = (() => {
   return [t.slice(0, i), Number(t.slice(i + 1))];
 })();
 const listenPort = Number(arg('listen', '0'));
+const jwtSecret = arg('jwt-secret', '');
+let issued = 0;
+
+function token(sub, expIn, topics) {
+  const b = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const exp = Math.floor(Date.now() / 1000) + expIn;
+  const body = b({ alg: 'HS256', typ: 'JWT' }) + '.' + b({ sub, exp, subscribe: [topics], publish: [topics] });
+  issued += 1;
+  return { token: body + '.' + crypto.createHmac('sha256', jwtSecret).update(body).digest('base64url'), exp, issued };
+}
 const controlPort = Number(arg('control', '0'));
 
 const pairs = new Set();
@@ -123,7 +138,15 @@ const control = http.createServer((req, res) => {
     case '/refuse': refusing = Number(url.searchParams.get('status') || 401); body = { refusing }; break;
     case '/accept': refusing = null; body = { refusing }; break;
     case '/requests': body = { requests }; break;
-    case '/status': body = { connections: pairs.size, blocked, refusing, accepted, cuts }; break;
+    case '/status': body = { connections: pairs.size, blocked, refusing, accepted, cuts, issued }; break;
+    case '/token':
+      if (!jwtSecret) {
+        res.writeHead(501, headers).end(JSON.stringify({ error: 'started without --jwt-secret' }));
+        return;
+      }
+      body = token(url.searchParams.get('sub') || 'wasm-test', Number(url.searchParams.get('exp_in') || 3600),
+        url.searchParams.get('topics') || 'test:*');
+      break;
     default:
       res.writeHead(404, headers).end(JSON.stringify({ error: `unknown path ${path}` }));
       return;

@@ -20,9 +20,11 @@ fn main() {
 
 #[cfg(target_arch = "wasm32")]
 mod app {
+    use std::{cell::RefCell, collections::VecDeque, rc::Rc};
+
     use crosswire_client::{
-        url::same_origin_ws, use_crosswire, use_presence, use_status, use_topic, ClientError, Config,
-        CrosswireProvider, Event as CrosswireEvent, Status, TopicStatus,
+        url::same_origin_ws, use_crosswire, use_presence, use_status, use_topic_callback, ClientError, Config,
+        CrosswireProvider, Event as CrosswireEvent, Received, Status, TopicOptions, TopicStatus,
     };
     use gloo_timers::callback::Interval;
     use serde_json::{json, Value};
@@ -32,6 +34,11 @@ mod app {
 
     /// The server's WebSocket path (the same one `Trunk.toml` proxies).
     const WS_PATH: &str = "/_ws";
+    /// How many lines the page keeps (the oldest go first).
+    const LOG_CAP: usize = 5_000;
+    /// How many errors the page keeps: all of them in any real session; the
+    /// bound only stops a server that floods errors from growing the page forever.
+    const ERROR_CAP: usize = 1_000;
 
     fn page_config() -> (String, Config) {
         let location = web_sys::window().map(|w| w.location());
@@ -78,42 +85,69 @@ mod app {
 
     enum LogAction {
         Clear,
-        Received(Vec<Line>),
+        Received(Line),
         Sent(Line),
         Acked(u64, u64),
         Failed(u64, String),
     }
 
-    #[derive(Default, PartialEq)]
+    /// The page's message log. The lines live in one buffer shared by
+    /// successive states and changed in place, so a message costs O(1) (not a
+    /// copy of the whole log); `version` tells Yew that something changed.
+    #[derive(Default)]
     struct Log {
-        lines: Vec<Line>,
+        lines: Rc<RefCell<VecDeque<Line>>>,
+        version: u64,
         next_id: u64,
     }
 
     impl Reducible for Log {
         type Action = LogAction;
-        fn reduce(self: std::rc::Rc<Self>, action: LogAction) -> std::rc::Rc<Self> {
-            let mut lines = self.lines.clone();
+        fn reduce(self: Rc<Self>, action: LogAction) -> Rc<Self> {
             let mut next_id = self.next_id;
+            let mut lines = self.lines.clone();
             match action {
-                LogAction::Clear => lines.clear(),
-                LogAction::Received(new) => lines.extend(new),
-                LogAction::Sent(line) => {
-                    next_id += 1;
-                    lines.push(line);
+                LogAction::Clear => lines = Rc::default(),
+                LogAction::Received(line) | LogAction::Sent(line) => {
+                    if line.local_id.is_some() {
+                        next_id += 1;
+                    }
+                    let mut list = lines.borrow_mut();
+                    list.push_back(line);
+                    while list.len() > LOG_CAP {
+                        list.pop_front();
+                    }
                 }
+                // Sent lines are recent: look from the end.
                 LogAction::Acked(id, seq) => {
-                    if let Some(l) = lines.iter_mut().find(|l| l.local_id == Some(id)) {
+                    if let Some(l) = lines.borrow_mut().iter_mut().rev().find(|l| l.local_id == Some(id)) {
                         l.seq = Some(seq);
                     }
                 }
                 LogAction::Failed(id, e) => {
-                    if let Some(l) = lines.iter_mut().find(|l| l.local_id == Some(id)) {
+                    if let Some(l) = lines.borrow_mut().iter_mut().rev().find(|l| l.local_id == Some(id)) {
                         l.failed = Some(e);
                     }
                 }
             }
-            std::rc::Rc::new(Log { lines, next_id })
+            Rc::new(Log { lines, version: self.version + 1, next_id })
+        }
+    }
+
+    /// Errors shown in the page, newest last; a reducer, so listeners never
+    /// hold a stale copy of the list.
+    #[derive(Default)]
+    struct Errors(VecDeque<String>);
+
+    impl Reducible for Errors {
+        type Action = String;
+        fn reduce(self: Rc<Self>, error: String) -> Rc<Self> {
+            let mut list = self.0.clone();
+            list.push_back(error);
+            while list.len() > ERROR_CAP {
+                list.pop_front();
+            }
+            Rc::new(Errors(list))
         }
     }
 
@@ -162,12 +196,14 @@ mod app {
                 format!("Reconnecting in {}", countdown.clone().unwrap_or_default()),
                 format!("attempt {attempt}{}", code.map(|c| format!(", last close code {c}")).unwrap_or_default()),
             ),
-            Status::Unauthorized { .. } => (
+            Status::Unauthorized { reason, .. } => (
                 "Unauthorized".to_owned(),
-                countdown
-                    .clone()
-                    .map(|c| format!("the server refused the token; retrying in {c}"))
-                    .unwrap_or_else(|| "the server refused the token".into()),
+                countdown.clone().map(|c| format!("the server refused the token; retrying in {c}")).unwrap_or_else(
+                    || match reason {
+                        Some(why) => format!("the token is no longer valid: {why}"),
+                        None => "the server refused the token".into(),
+                    },
+                ),
             ),
             Status::Forbidden { .. } => (
                 "Forbidden".to_owned(),
@@ -204,60 +240,55 @@ mod app {
         let topic = use_state(|| "test".to_owned());
         let topic_draft = use_state(|| "test".to_owned());
         let draft = use_state(String::new);
-        let chat = use_topic::<Value>(&topic);
         let presence = use_presence(&topic);
         let log = use_reducer(Log::default);
-        let seen = use_mut_ref(|| 0usize);
-        // Errors not about a topic (unreadable frames, a socket the browser
-        // refused to create) are shown too, never only logged.
+        let errors = use_reducer(Errors::default);
+        // Every message goes straight into the log: the page keeps its own
+        // (capped) list, so it needs no copy in a use_topic list.
+        let on_message = {
+            let (log, errors) = (log.dispatcher(), errors.dispatcher());
+            Callback::from(move |item: Result<Rc<Received<Value>>, ClientError>| match item {
+                Ok(m) => log.dispatch(LogAction::Received(Line {
+                    local_id: None,
+                    seq: Some(m.seq),
+                    from: m.from.clone(),
+                    text: text_of(&m.data),
+                    mine: false,
+                    failed: None,
+                })),
+                Err(e) => errors.dispatch(e.to_string()),
+            })
+        };
+        let chat = use_topic_callback::<Value>(&topic, TopicOptions::default(), on_message);
         let client = use_crosswire();
-        let general_errors = use_state(Vec::<String>::new);
+        let topic_status = use_state_eq(|| None::<TopicStatus>);
         {
-            let general_errors = general_errors.clone();
-            use_effect_with(client, move |client| {
-                let listener = client.listen(move |event| {
-                    if let CrosswireEvent::Error(e @ (ClientError::Protocol(_) | ClientError::Socket(_))) = event {
-                        let mut list = (*general_errors).clone();
-                        list.push(e.to_string());
-                        general_errors.set(list);
+            // The topic's state, and errors not about a topic (unreadable
+            // frames, a socket the browser refused to create, a failed token
+            // refresh), are shown too, never only logged.
+            let errors = errors.dispatcher();
+            let topic_status = topic_status.setter();
+            use_effect_with((client, (*topic).clone()), move |(client, name)| {
+                topic_status.set(crosswire_client::Topic::new(name).ok().and_then(|t| client.topic_status(&t)));
+                let name = name.clone();
+                let listener = client.listen(move |event| match event {
+                    CrosswireEvent::Error(
+                        e @ (ClientError::Protocol(_)
+                        | ClientError::Socket(_)
+                        | ClientError::TokenRefresh(_)
+                        | ClientError::Ended { .. }),
+                    ) => errors.dispatch(e.to_string()),
+                    CrosswireEvent::Topic { topic, status } if topic.as_str() == name => {
+                        topic_status.set(Some(status.clone()))
                     }
+                    _ => {}
                 });
                 move || drop(listener)
             });
         }
-
-        // Move newly received messages into the log (use_topic resets its list
-        // when the topic changes, and so does the log).
         {
             let log = log.dispatcher();
-            let seen = seen.clone();
-            use_effect_with((*topic).clone(), move |_| {
-                *seen.borrow_mut() = 0;
-                log.dispatch(LogAction::Clear);
-            });
-        }
-        {
-            let log = log.dispatcher();
-            let seen = seen.clone();
-            let messages = chat.messages().to_vec();
-            use_effect_with(messages.len(), move |len| {
-                let from = (*seen.borrow()).min(*len);
-                let new = messages[from..]
-                    .iter()
-                    .map(|m| Line {
-                        local_id: None,
-                        seq: Some(m.seq),
-                        from: m.from.clone(),
-                        text: text_of(&m.data),
-                        mine: false,
-                        failed: None,
-                    })
-                    .collect::<Vec<_>>();
-                *seen.borrow_mut() = *len;
-                if !new.is_empty() {
-                    log.dispatch(LogAction::Received(new));
-                }
-            });
+            use_effect_with((*topic).clone(), move |_| log.dispatch(LogAction::Clear));
         }
 
         let join = {
@@ -314,7 +345,7 @@ mod app {
             Callback::from(move |e: InputEvent| draft.set(input_value(&e)))
         };
 
-        let (topic_state, topic_label) = match chat.status() {
+        let (topic_state, topic_label) = match &*topic_status {
             None | Some(TopicStatus::Subscribing) => ("subscribing", "subscribing…".to_owned()),
             Some(TopicStatus::Live { recovered: true, .. }) => ("live", "live (missed messages recovered)".to_owned()),
             Some(TopicStatus::Live { .. }) => ("live", "live".to_owned()),
@@ -328,8 +359,7 @@ mod app {
             Status::Open { peer } => Some(peer.clone()),
             _ => None,
         };
-        let errors: Vec<String> =
-            general_errors.iter().cloned().chain(chat.errors().iter().map(ToString::to_string)).collect();
+        let lines = log.lines.borrow();
 
         html! {
             <main>
@@ -354,11 +384,11 @@ mod app {
                 <div class="columns">
                     <section class="messages">
                         <h2>{ "Messages" }</h2>
-                        if log.lines.is_empty() {
+                        if lines.is_empty() {
                             <p class="empty">{ "No messages yet." }</p>
                         }
                         <ul id="messages" data-testid="messages">
-                            { for log.lines.iter().map(|l| html! {
+                            { for lines.iter().map(|l| html! {
                                 <li class={classes!("msg", l.mine.then_some("mine"), l.failed.is_some().then_some("failed"))}
                                     data-seq={l.seq.map(|s| s.to_string()).unwrap_or_default()} data-from={l.from.clone()}>
                                     <span class="from">{ if l.mine { format!("{} (you)", l.from) } else { l.from.clone() } }</span>
@@ -383,7 +413,7 @@ mod app {
                         </ul>
                         <h2>{ "Errors" }</h2>
                         <ul id="errors" data-testid="errors">
-                            { for errors.iter().map(|e| html! { <li>{ e }</li> }) }
+                            { for errors.0.iter().map(|e| html! { <li>{ e }</li> }) }
                         </ul>
                     </aside>
                 </div>
