@@ -135,6 +135,10 @@ struct Inflight {
     deadline: Millis,
     /// The payload, kept to deliver locally once acknowledged.
     echo: Option<Rc<RawValue>>,
+    /// The session asked for this ack itself, not the app: a publish to a
+    /// topic it holds, whose seq it must know (the server never echoes it)
+    /// to tell its own seqs from a hole. Its outcome is not the app's event.
+    internal: bool,
 }
 
 struct HistoryRequest {
@@ -588,8 +592,10 @@ impl Session {
     /// Forgets the per-connection state: in-flight acks fail with `error`,
     /// topics wait for the next resubscribe.
     fn connection_gone(&mut self, error: ClientError) {
-        for (id, _) in std::mem::take(&mut self.inflight) {
-            self.notify(Event::Ack { id, result: Err(error.clone()) });
+        for (id, inflight) in std::mem::take(&mut self.inflight) {
+            if !inflight.internal {
+                self.notify(Event::Ack { id, result: Err(error.clone()) });
+            }
         }
         for request in self.history.values_mut() {
             request.sent = false;
@@ -722,8 +728,9 @@ impl Session {
         let timeout = ClientError::AckTimeout(self.config.ack_timeout_ms);
         let expired: Vec<u64> = self.inflight.iter().filter(|(_, i)| now >= i.deadline).map(|(id, _)| *id).collect();
         for id in expired {
-            self.inflight.remove(&id);
-            self.notify(Event::Ack { id, result: Err(timeout.clone()) });
+            if self.inflight.remove(&id).is_some_and(|i| !i.internal) {
+                self.notify(Event::Ack { id, result: Err(timeout.clone()) });
+            }
         }
         for queued in self.queue.take_if(|q| q.ack.is_some() && now >= q.deadline) {
             if let Some(id) = queued.ack {
@@ -807,9 +814,13 @@ impl Session {
         }
         let Queued { topic, data, ack, echo, deadline } = queued;
         let echo = echo.then(|| Rc::<RawValue>::from(data.clone()));
+        // Without an ack the seq of our own publish would be unknown, and the
+        // next message would look like a hole and cost a resubscribe.
+        let internal = ack.is_none() && self.topics.contains_key(&topic);
+        let ack = ack.or_else(|| internal.then(|| self.next_id()));
         self.send(&ClientFrame::Publish { topic: topic.clone(), data, ack });
         if let Some(id) = ack {
-            self.inflight.insert(id, Inflight { topic, deadline, echo });
+            self.inflight.insert(id, Inflight { topic, deadline, echo, internal });
         }
     }
 
@@ -890,7 +901,9 @@ impl Session {
                         entry.own_seqs.insert(seq);
                     }
                 }
-                self.notify(Event::Ack { id: ack, result: Ok(seq) });
+                if !inflight.internal {
+                    self.notify(Event::Ack { id: ack, result: Ok(seq) });
+                }
                 if let Some(data) = inflight.echo {
                     let mut message = Message::new(inflight.topic, seq, self.own_peer(), data);
                     message.local = true;
@@ -930,8 +943,10 @@ impl Session {
             ServerFrame::Error { code, message, ack, topic, id } => {
                 let error = ClientError::Server { code, message, topic: topic.clone() };
                 if let Some(id) = ack {
-                    if self.inflight.remove(&id).is_some() {
-                        return self.notify(Event::Ack { id, result: Err(error) });
+                    match self.inflight.remove(&id) {
+                        Some(inflight) if inflight.internal => return self.notify(Event::Error(error)),
+                        Some(_) => return self.notify(Event::Ack { id, result: Err(error) }),
+                        None => {}
                     }
                 }
                 if let Some(id) = id {

@@ -725,6 +725,25 @@ fn a_jump_over_our_own_publishes_is_not_a_gap() {
 }
 
 #[test]
+fn a_publish_without_ack_to_a_held_topic_is_acknowledged_internally_and_is_not_a_hole() {
+    let mut h = Harness::default();
+    h.open("p1");
+    h.input(Input::Subscribe { topic: t("a"), presence: false });
+    subscribed(&mut h, "a", "E1", 3, false);
+    let cmds = h.input(Input::Publish { topic: t("a"), data: raw("0"), ack: None, echo: false });
+    let [frame] = &sent(&cmds)[..] else { panic!("{cmds:?}") };
+    let id: u64 = serde_json::from_str::<serde_json::Value>(frame).unwrap()["ack"].as_u64().expect("an ack id");
+    let cmds = h.frame(&format!(r#"{{"type":"ack","ack":{id},"seq":4}}"#));
+    assert!(acks(&cmds).is_empty(), "the app asked for no ack: {cmds:?}");
+    let cmds = message(&mut h, "a", 5, "5");
+    assert_eq!(messages(&cmds), vec![(5, "5".into())]);
+    assert!(sent(&cmds).is_empty(), "no resubscribe: 4 was ours");
+    // To a topic it does not hold, a publish without ack stays without one.
+    let cmds = h.input(Input::Publish { topic: t("elsewhere"), data: raw("0"), ack: None, echo: false });
+    assert_eq!(sent(&cmds), vec![r#"{"type":"publish","topic":"elsewhere","data":0}"#]);
+}
+
+#[test]
 fn a_jump_while_a_plain_subscribe_is_in_flight_waits_for_the_recovery_answer() {
     let mut h = Harness::default();
     h.open("p1");
