@@ -4,9 +4,10 @@
 //! stops taking bytes.
 //!
 //! A socket that takes no byte for the write timeout fails its write with
-//! `TimedOut` (the listener wraps every connection in
-//! [`crate::listener::WriteTimeout`], and the upgraded socket keeps it): the
-//! peer is dropped, whether or not its queue ever filled.
+//! `TimedOut` (the standalone listener wraps every connection in
+//! [`WriteTimeout`], and the upgraded socket keeps it; behind a foreign
+//! listener the upgraded socket is wrapped here): the peer is dropped,
+//! whether or not its queue ever filled.
 //!
 //! Every close the server decides on ends the same way: the close frame
 //! (written as long as the socket keeps taking bytes), then a lingering close. The server shuts its
@@ -41,13 +42,16 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    hooks::{CloseDetails, Hooks, Message, PeerError},
+    hooks::{CloseDetails, Hooks, PeerError},
+    message::Message,
     outbox::{FrameReceiver, Outbox, OutboxReceiver},
+    peer::Peer,
     shutdown::ShutdownHandles,
-    Peer, ServerState,
+    state::ServerState,
+    write_timeout::WriteTimeout,
 };
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Socket = WebSocketStream<WriteTimeout<TokioIo<Upgraded>>>;
 type Sink = SplitSink<Socket, tungstenite::Message>;
 
 /// How many queued frames the write loop hands tungstenite before one flush:
@@ -110,11 +114,13 @@ pub(crate) async fn serve<H: Hooks>(
     state: Arc<ServerState>,
     hooks: Arc<H>,
     upgraded: Upgraded,
+    write_timeout: Option<Duration>,
     peer: Peer<H::Context>,
     outbox_rx: OutboxReceiver,
     shutdown: ShutdownHandles,
 ) {
-    let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(state.ws_config())).await;
+    let io = WriteTimeout::new(TokioIo::new(upgraded), write_timeout);
+    let socket = Socket::from_raw_socket(io, Role::Server, Some(state.ws_config())).await;
     let (sink, mut stream) = socket.split();
     let activity = Arc::new(Activity::new());
     let writer = Writer {
@@ -145,8 +151,8 @@ pub(crate) async fn serve<H: Hooks>(
             next = stream.next(), if reading => {
                 activity.touch();
                 match next {
-                    Some(Ok(tungstenite::Message::Text(t))) => on_message(&*hooks, &peer, Message::from(t)).await,
-                    Some(Ok(tungstenite::Message::Binary(b))) => on_message(&*hooks, &peer, Message::from(b)).await,
+                    Some(Ok(tungstenite::Message::Text(t))) => on_message(&*hooks, &peer, Message::from_text_frame(t)).await,
+                    Some(Ok(tungstenite::Message::Binary(b))) => on_message(&*hooks, &peer, Message::Binary(b)).await,
                     Some(Ok(tungstenite::Message::Close(frame))) => {
                         // tungstenite queues the close reply itself and sends it
                         // with its next write: the handshake is complete.

@@ -8,7 +8,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use http::{header, uri::Authority, HeaderMap, StatusCode, Uri};
 
-use crate::{routes::text_response, Config, HttpResponse};
+use crate::{
+    config::ServerConfig,
+    response::{text_response, HttpResponse},
+};
 
 /// A parsed `scheme://host[:port]`, compared as a whole: `http://example.com`
 /// is not `https://example.com`, nor `http://example.com:8080`.
@@ -104,7 +107,7 @@ struct HostPolicy {
 }
 
 impl OriginPolicy {
-    pub(crate) fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &ServerConfig) -> Self {
         let listens_on_loopback = config.addr.ip().is_loopback();
         let any_host = config.allowed_hosts.iter().any(|h| h == "*");
         let hosts = (!any_host && (listens_on_loopback || !config.allowed_hosts.is_empty())).then(|| HostPolicy {
@@ -183,11 +186,11 @@ mod tests {
     }
 
     fn policy(addr: &str, origins: &[&str], hosts: &[&str]) -> OriginPolicy {
-        OriginPolicy::new(&Config {
+        OriginPolicy::new(&ServerConfig {
             addr: addr.parse().unwrap(),
             allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
             allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
-            ..Config::default()
+            ..ServerConfig::default()
         })
     }
 
@@ -225,10 +228,10 @@ mod tests {
         assert!(origin_ok(&p, "http://127.0.0.1:8080", "127.0.0.1:3000"));
         assert!(origin_ok(&p, "http://[::1]:8080", "127.0.0.1:3000"));
         assert!(!origin_ok(&p, "http://localhost.evil.example", "127.0.0.1:3000"));
-        let told = OriginPolicy::new(&Config {
+        let told = OriginPolicy::new(&ServerConfig {
             addr: "0.0.0.0:3000".parse().unwrap(),
             allow_loopback_origins: true,
-            ..Config::default()
+            ..ServerConfig::default()
         });
         assert!(origin_ok(&told, "http://localhost:8080", "ws.example"));
     }

@@ -130,13 +130,13 @@ struct Retained {
 
 /// What a protocol-level subscribe did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
+pub(crate) struct SubscribeOutcome {
     /// The topic history's epoch.
-    pub epoch: Arc<str>,
+    pub(crate) epoch: Arc<str>,
     /// The topic's last seq when subscribing.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// Whether the `since` given was honoured and the missed messages were queued.
-    pub recovered: bool,
+    pub(crate) recovered: bool,
 }
 
 /// Who publishes: excluded from the fan-out, and acknowledged (when it asked)
@@ -440,16 +440,18 @@ impl Topics {
         peer: &Arc<str>,
         sub: Subscriber,
         since: Option<&Since>,
-        reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
-    ) -> Result<Subscription, TopicError> {
+        history: bool,
+        reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
+    ) -> Result<SubscribeOutcome, TopicError> {
         let now = Instant::now();
         let mut shard = self.lock_creating(topic, now)?;
         let state = shard.get_mut(topic).expect("lock_creating leaves it there");
         state.touched = now;
-        state.handed_out = true;
+        // A raw subscriber is never told the epoch, so it costs no history.
+        state.handed_out |= history;
         state.expire(now, self.limits.history_ttl, &self.retained);
         let recovered = since.is_some_and(|s| state.can_recover(s));
-        let result = Subscription { epoch: state.epoch.clone(), seq: state.seq, recovered };
+        let result = SubscribeOutcome { epoch: state.epoch.clone(), seq: state.seq, recovered };
         if let Some(frame) = reply(&result) {
             let _ = sub.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
         }
@@ -585,8 +587,8 @@ mod tests {
         topics.publish(t, None, Payload::Data { from: "x", data: &data(n) }).unwrap()
     }
 
-    fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> Subscription {
-        topics.subscribe(t, &id.into(), s, since, |_| None).unwrap()
+    fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> SubscribeOutcome {
+        topics.subscribe(t, &id.into(), s, since, true, |_| None).unwrap()
     }
 
     #[tokio::test]
@@ -691,7 +693,7 @@ mod tests {
         assert_eq!(topics.len(), 4);
         let fresh = topic("fresh");
         assert_eq!(
-            topics.subscribe(&fresh, &"p".into(), sub(4).0, None, |_| None),
+            topics.subscribe(&fresh, &"p".into(), sub(4).0, None, true, |_| None),
             Err(TopicError::TopicLimit { max: 4 }),
             "every topic has a subscriber: none may go"
         );
@@ -706,7 +708,7 @@ mod tests {
             .map(|n| topic(&format!("new{n}")))
             .find(|t| topics.shard_index(t) == topics.shard_index(idle))
             .expect("some name hashes to that shard");
-        assert!(topics.subscribe(&same_shard, &"p".into(), sub(4).0, None, |_| None).is_ok());
+        assert!(topics.subscribe(&same_shard, &"p".into(), sub(4).0, None, true, |_| None).is_ok());
         assert_eq!(topics.len(), 4, "the cap holds");
         assert!(topics.shard(idle).get(idle).is_none(), "the idle topic was forgotten");
     }

@@ -2,6 +2,10 @@
 //! the `crosswire-server` binary and spoken by the browser client. With a JWT
 //! secret configured it authenticates every connection and enforces each
 //! token's topic permissions; it always enforces the per-peer limits.
+//!
+//! Everything of protocol v1 on the server is here or below: the frames, the
+//! seq/history/recovery and presence operations (crate-private on
+//! [`Peer`]), acks, and the JWT claims ([`auth`]).
 
 use std::{
     sync::{Arc, Mutex},
@@ -12,11 +16,17 @@ use crosswire_shared::{close_code, ClientFrame, DecodeError, ErrorCode, ServerFr
 use tokio::task::AbortHandle;
 
 use crate::{
-    auth::{Claims, JwtAuth},
-    hooks::{CloseDetails, Hooks, Message, PeerError, UpgradeRequest},
+    config::ServerConfig,
+    hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest},
     limits::TokenBucket,
-    Config, HttpResponse, Peer,
+    message::Message,
+    peer::Peer,
+    response::HttpResponse,
 };
+
+pub mod auth;
+
+use auth::{Claims, JwtAuth};
 
 /// The typed pub/sub protocol of `crosswire-shared`: `welcome` on open, then
 /// `subscribe` / `unsubscribe` / `publish` / `ping` / `presence` frames, each
@@ -35,7 +45,7 @@ pub struct PubSub {
 /// One connection's state under [`PubSub`]: who it is, what it may do, and
 /// its publish budget.
 #[derive(Debug)]
-pub struct Session {
+pub struct PubSubContext {
     claims: Option<Claims>,
     user: Option<Arc<str>>,
     bucket: Mutex<TokenBucket>,
@@ -45,7 +55,7 @@ pub struct Session {
     expiry: Mutex<Option<AbortHandle>>,
 }
 
-impl Session {
+impl PubSubContext {
     /// The verified token's claims, when the server authenticates.
     pub fn claims(&self) -> Option<&Claims> {
         self.claims.as_ref()
@@ -63,7 +73,7 @@ impl Session {
 impl PubSub {
     /// The protocol as `config` sets it up: its heartbeat, its JWT secret (if
     /// any) and its per-peer limits.
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &ServerConfig) -> Self {
         Self {
             heartbeat: config.heartbeat,
             auth: JwtAuth::from_config(config),
@@ -75,7 +85,7 @@ impl PubSub {
         }
     }
 
-    fn handle(&self, peer: &Peer<Session>, frame: ClientFrame) {
+    fn handle(&self, peer: &Peer<PubSubContext>, frame: ClientFrame) {
         let session = peer.context();
         if let ClientFrame::Subscribe { topic, .. }
         | ClientFrame::Unsubscribe { topic }
@@ -139,32 +149,28 @@ impl PubSub {
                 let peers = peer.presence(&topic);
                 reply(peer, ServerFrame::Presence { topic, id, peers });
             }
-            // ClientFrame is non-exhaustive for other crates, not for this
-            // workspace's decoder, which only yields the variants above.
-            #[allow(unreachable_patterns)]
-            _ => error(peer, ErrorCode::BadRequest, "unsupported frame", None, None),
         }
     }
 }
 
-fn reply(peer: &Peer<Session>, frame: ServerFrame) {
+fn reply(peer: &Peer<PubSubContext>, frame: ServerFrame) {
     // A full queue already closes the peer (1013); nothing more to do here.
     let _ = peer.send_frame(&frame);
 }
 
-fn error(peer: &Peer<Session>, code: ErrorCode, message: impl Into<String>, ack: Option<u64>, topic: Option<Topic>) {
+fn error(peer: &Peer<PubSubContext>, code: ErrorCode, message: impl Into<String>, ack: Option<u64>, topic: Option<Topic>) {
     reply(peer, ServerFrame::Error { code, message: message.into(), ack, topic });
 }
 
-fn forbidden(peer: &Peer<Session>, what: &str, topic: Topic, ack: Option<u64>) {
+fn forbidden(peer: &Peer<PubSubContext>, what: &str, topic: Topic, ack: Option<u64>) {
     let message = format!("your token does not allow you to {what} {topic:?}");
     error(peer, ErrorCode::Forbidden, message, ack, Some(topic));
 }
 
 impl Hooks for PubSub {
-    type Context = Session;
+    type Context = PubSubContext;
 
-    async fn upgrade(&self, request: &UpgradeRequest) -> Result<Session, HttpResponse> {
+    async fn upgrade(&self, request: &UpgradeRequest) -> Result<PubSubContext, HttpResponse> {
         let claims = match &self.auth {
             Some(auth) => Some(auth.authenticate(request).map_err(|e| {
                 tracing::debug!(remote = %request.remote_addr(), error = %e, "authentication failed");
@@ -172,7 +178,7 @@ impl Hooks for PubSub {
             })?),
             None => None,
         };
-        Ok(Session {
+        Ok(PubSubContext {
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
             claims,
             bucket: Mutex::new(TokenBucket::new(self.publish_rate, self.publish_burst)),
@@ -181,11 +187,10 @@ impl Hooks for PubSub {
         })
     }
 
-    fn user(&self, session: &Session) -> Option<Arc<str>> {
-        session.user.clone()
-    }
-
-    async fn open(&self, peer: &Peer<Session>) {
+    async fn open(&self, peer: &Peer<PubSubContext>) {
+        if let Some(user) = &peer.context().user {
+            peer.set_user(Arc::clone(user));
+        }
         reply(
             peer,
             ServerFrame::Welcome {
@@ -208,8 +213,8 @@ impl Hooks for PubSub {
         }
     }
 
-    async fn message(&self, peer: &Peer<Session>, message: Message) {
-        let Some(text) = message.text() else {
+    async fn message(&self, peer: &Peer<PubSubContext>, message: Message) {
+        let Message::Text(text) = &message else {
             let message = "binary frames are not part of protocol v1: send JSON text frames";
             return error(peer, ErrorCode::BadRequest, message, None, None);
         };
@@ -219,13 +224,13 @@ impl Hooks for PubSub {
         }
     }
 
-    async fn close(&self, peer: &Peer<Session>, _details: CloseDetails) {
+    async fn close(&self, peer: &Peer<PubSubContext>, _details: CloseDetails) {
         if let Some(task) = peer.context().expiry.lock().expect("expiry lock").take() {
             task.abort();
         }
     }
 
-    async fn error(&self, peer: &Peer<Session>, err: &PeerError) {
+    async fn error(&self, peer: &Peer<PubSubContext>, err: &PeerError) {
         if let PeerError::MessageTooBig { limit, .. } = err {
             let message = format!("message exceeds the limit of {limit} bytes; closing (1009)");
             error(peer, ErrorCode::TooLarge, message, None, None);
