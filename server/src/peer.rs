@@ -145,7 +145,8 @@ impl<C> Peer<C> {
         history: bool,
         reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
     ) -> Result<(SubscribeOutcome, bool), TopicError> {
-        let sub = Subscriber { outbox: self.inner.core.outbox.clone(), user: self.inner.core.user.get().cloned(), presence };
+        let sub =
+            Subscriber { outbox: self.inner.core.outbox.clone(), user: self.inner.core.user.get().cloned(), presence };
         let result = self.inner.state.topics.subscribe(topic, &self.inner.core.id, sub, since, history, reply)?;
         let newly = self.inner.core.topics.lock().expect("topic set lock").insert(topic.clone());
         Ok((result, newly))

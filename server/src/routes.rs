@@ -47,9 +47,7 @@ pub(crate) async fn route<H: Hooks>(
         res
     } else if path == "/healthz" {
         text_response(StatusCode::OK, "ok\n")
-    } else if let (Some(dir), true) =
-        (&state.config.static_dir, matches!(*req.method(), Method::GET | Method::HEAD))
-    {
+    } else if let (Some(dir), true) = (&state.config.static_dir, matches!(*req.method(), Method::GET | Method::HEAD)) {
         return Ok(statics::serve(dir, req).await);
     } else {
         text_response(StatusCode::NOT_FOUND, "not found\n")

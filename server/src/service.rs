@@ -131,8 +131,10 @@ impl<H: Hooks> WebSocketService<H> {
             None => match Arc::clone(&state.limit).try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    let mut res =
-                        text_response(StatusCode::SERVICE_UNAVAILABLE, "server is at its connection limit; retry later\n");
+                    let mut res = text_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server is at its connection limit; retry later\n",
+                    );
                     res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
                     return Err(res);
                 }

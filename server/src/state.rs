@@ -13,13 +13,7 @@ use crosswire_shared::Topic;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::{
-    config::ServerConfig,
-    limits, origin,
-    outbox::Outbox,
-    shutdown::ShutdownHandles,
-    topics::Topics,
-};
+use crate::{config::ServerConfig, limits, origin, outbox::Outbox, shutdown::ShutdownHandles, topics::Topics};
 
 /// Refusals answered at once; past this a refused connection is closed
 /// unanswered, so a flood of them costs neither memory nor descriptors.

@@ -158,7 +158,13 @@ fn reply(peer: &Peer<PubSubContext>, frame: ServerFrame) {
     let _ = peer.send_frame(&frame);
 }
 
-fn error(peer: &Peer<PubSubContext>, code: ErrorCode, message: impl Into<String>, ack: Option<u64>, topic: Option<Topic>) {
+fn error(
+    peer: &Peer<PubSubContext>,
+    code: ErrorCode,
+    message: impl Into<String>,
+    ack: Option<u64>,
+    topic: Option<Topic>,
+) {
     reply(peer, ServerFrame::Error { code, message: message.into(), ack, topic });
 }
 

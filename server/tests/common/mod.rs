@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crosswire_server::{ServerConfig, Hooks, PubSub, RunningServer, Server};
+use crosswire_server::{Hooks, PubSub, RunningServer, Server, ServerConfig};
 use crosswire_shared::ServerFrame;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
