@@ -213,22 +213,6 @@ impl ServerConfig {
         }
         Ok(())
     }
-
-    /// What bounds the topic registry.
-    pub(crate) fn topic_limits(&self) -> crate::topics::Limits {
-        crate::topics::Limits {
-            history_size: self.history_size,
-            history_ttl: self.history_ttl,
-            max_topics: self.max_topics,
-            history_bytes: self.history_memory_bytes,
-            presence_list: self.max_presence_list,
-        }
-    }
-
-    /// How much live traffic one peer's queue may hold.
-    pub(crate) fn outbox_bounds(&self) -> crate::outbox::Bounds {
-        crate::outbox::Bounds { frames: self.outbound_queue, bytes: self.max_queue_bytes }
-    }
 }
 
 /// Command-line flags, each with an environment fallback, for the binary and

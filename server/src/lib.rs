@@ -4,33 +4,40 @@
 //!
 //! # Layers
 //!
-//! From the socket up; each layer uses only the ones after it:
+//! As a connection meets them, from the socket up; each module imports only
+//! modules listed after it (`tests/layers.rs` checks this, so there is no
+//! cycle):
 //!
-//! 1. **listener** (standalone [`Server`] only): accepts TCP connections,
-//!    bounds them (`max_connections`, per-address rate and count, answering
-//!    503/429 without hyper), wraps each in the write timeout, serves them
-//!    with hyper and routes `/healthz`, static files and the WebSocket path.
+//! 1. **listener** (standalone [`Server`] only, with `routes` and `statics`):
+//!    accepts TCP connections, bounds them (`max_connections`, per-address
+//!    rate and count, answering 503/429 without hyper), wraps each in the
+//!    write timeout, serves them with hyper and routes `/healthz`, static
+//!    files and the WebSocket path to
 //! 2. **service** ([`WebSocketService`]): the WebSocket endpoint as a
-//!    `tower::Service`; what an axum or hyper app mounts. Origin (and, when
-//!    mounted, `Host`) checks, the `upgrade` hook, then
-//! 3. **handshake**: the RFC 6455 rules, one refusal per
-//!    rule, and the accept key.
+//!    `tower::Service`, what an axum or hyper app mounts: the Origin (and,
+//!    mounted, `Host`) checks, the limits not applied at accept time, the
+//!    `upgrade` hook, then
+//! 3. **handshake**: the RFC 6455 rules, one refusal per rule, and the
+//!    accept key; once accepted,
 //! 4. **connection**: one peer's read loop (feeding the hooks) and write loop
 //!    (draining its bounded outbox in batches, heartbeat, close handshake).
-//! 5. **peer** ([`Peer`]): the crossws peer (`id`, `send`, `publish`,
-//!    `subscribe`, `unsubscribe`, `topics`, `context`, `remote_addr`,
-//!    `close`); it knows nothing of protocol v1.
+//! 5. **pub/sub protocol** ([`PubSub`], in [`pubsub`]): protocol v1 of
+//!    `crosswire-shared` as a `Hooks` implementation (frames, seq, history
+//!    and recovery, presence, acks, JWT claims, per-peer limits). It is
+//!    listed above the hooks because it implements them and drives peers.
 //! 6. **hooks** ([`Hooks`]): `upgrade`, `open`, `message`, `close`, `error`:
 //!    what an app implements.
-//! 7. **pub/sub protocol** ([`PubSub`], in [`pubsub`]): protocol v1 of
-//!    `crosswire-shared` as a `Hooks` implementation: frames, seq, history
-//!    and recovery, presence, acks, JWT claims, per-peer limits.
-//! 8. **topics**: the registry and fan-out: one encoded frame per publish
+//! 7. **peer** ([`Peer`]): the crossws peer (`id`, `send`, `publish`,
+//!    `subscribe`, `unsubscribe`, `topics`, `context`, `remote_addr`,
+//!    `close`); protocol v1's operations on it are crate-private, for `PubSub`.
+//! 8. **state**: what connections share (configuration, topics, peer list,
+//!    limits, shutdown handles).
+//! 9. **topics**: the registry and fan-out: one encoded frame per publish
 //!    shared by every subscriber, each topic's seq and bounded history.
 //!
-//! Below them, leaves every layer may use: the per-peer queue (`outbox`),
-//! the shared state, the configuration, the limits, the shutdown handles,
-//! [`Message`] and the HTTP responses.
+//! Below them, leaves and support modules: `limits`, `config`, `origin`,
+//! the per-peer queue (`outbox`), `shutdown`, [`Message`], the HTTP
+//! responses, and the write timeout.
 //!
 //! # Use
 //!

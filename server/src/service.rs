@@ -33,7 +33,7 @@ use crate::{
     outbox::Outbox,
     peer::Peer,
     response::{text_response, HttpResponse},
-    state::ServerState,
+    state::{self, ServerState},
 };
 
 /// The client's address, as the app that mounts a [`WebSocketService`] tells
@@ -183,7 +183,7 @@ impl<H: Hooks> WebSocketService<H> {
             }
         };
         let state = Arc::clone(&self.state);
-        let (outbox, outbox_rx) = Outbox::new(state.config.outbox_bounds());
+        let (outbox, outbox_rx) = Outbox::new(state::outbox_bounds(&state.config));
         let core = state.register_peer(client, outbox);
         let peer = Peer::new(core, context, Arc::clone(&state));
         let on_upgrade = hyper::upgrade::on(&mut req);

@@ -13,7 +13,13 @@ use crosswire_shared::Topic;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::{config::ServerConfig, limits, origin, outbox::Outbox, shutdown::ShutdownHandles, topics::Topics};
+use crate::{
+    config::ServerConfig,
+    limits, origin,
+    outbox::{Bounds, Outbox},
+    shutdown::ShutdownHandles,
+    topics::{self, Topics},
+};
 
 /// Refusals answered at once; past this a refused connection is closed
 /// unanswered, so a flood of them costs neither memory nor descriptors.
@@ -55,11 +61,16 @@ impl std::fmt::Debug for ServerState {
 impl ServerState {
     pub(crate) fn new(config: ServerConfig, shutdown: ShutdownHandles) -> Self {
         Self {
-            topics: Topics::new(config.topic_limits()),
+            topics: Topics::new(topic_limits(&config)),
             peers: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: limits::IpLimiter::new(&config),
-            origins: origin::OriginPolicy::new(&config),
+            origins: origin::OriginPolicy::new(
+                config.addr,
+                &config.allowed_origins,
+                config.allow_loopback_origins,
+                &config.allowed_hosts,
+            ),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             shutdown,
             config,
@@ -113,6 +124,22 @@ impl ServerState {
     pub(crate) fn peer_count(&self) -> usize {
         self.peers.lock().expect("peer list lock").len()
     }
+}
+
+/// What bounds the topic registry.
+fn topic_limits(config: &ServerConfig) -> topics::Limits {
+    topics::Limits {
+        history_size: config.history_size,
+        history_ttl: config.history_ttl,
+        max_topics: config.max_topics,
+        history_bytes: config.history_memory_bytes,
+        presence_list: config.max_presence_list,
+    }
+}
+
+/// How much live traffic one peer's queue may hold.
+pub(crate) fn outbox_bounds(config: &ServerConfig) -> Bounds {
+    Bounds { frames: config.outbound_queue, bytes: config.max_queue_bytes }
 }
 
 /// Expires topic history in the background, so topics nobody touches again
