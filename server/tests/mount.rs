@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
-use common::{closed, config, connect_with, message_data, wait_until, Client};
+use common::{closed, config, connect_small_buffer, connect_with, message_data, wait_until, Client};
 use crosswire_server::{text_response, Endpoint, PubSub, RemoteAddr, Server, ServerConfig};
 use crosswire_shared::{close_code, ServerFrame};
 use http::StatusCode;
@@ -93,4 +93,27 @@ async fn per_address_limits_apply_per_websocket_when_the_address_is_known() {
     let (addr, _endpoint) = start_app(limited).await;
     let _first = Client::connect(addr).await;
     assert_eq!(connect_with(addr, "", &[]).await.err(), Some(429));
+}
+
+/// The app's listener has no write timeout of crosswire's: the endpoint puts
+/// one around the upgraded socket, so a peer that stops reading is dropped
+/// although its queue never reaches a bound, as on the standalone server.
+#[tokio::test]
+async fn a_mounted_peer_that_takes_no_bytes_is_dropped_after_the_write_timeout() {
+    let config =
+        ServerConfig { write_timeout: Duration::from_millis(300), max_queue_bytes: 64 * 1024 * 1024, ..config() };
+    let (addr, endpoint) = start_app(config).await;
+    let handle = endpoint.handle();
+    let mut stalled = connect_small_buffer(addr).await;
+    stalled.subscribe("t").await;
+    let mut publisher = Client::connect(addr).await;
+    let blob = "s".repeat(60 * 1024);
+    // 200 x 60 KB: more than loopback's socket buffers hold, far less than the
+    // queue's bounds.
+    for i in 1..=200 {
+        publisher.send(json!({"type": "publish", "topic": "t", "data": {"i": i, "blob": blob}})).await;
+    }
+    publisher.ping(0).await;
+    wait_until("the stalled peer is dropped", || handle.peers().iter().all(|p| p.id != stalled.peer)).await;
+    assert!(handle.peers().iter().any(|p| p.id == publisher.peer), "the publisher stays");
 }
