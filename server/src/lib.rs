@@ -336,7 +336,7 @@ impl ServerHandle {
                     id: p.id.to_string(),
                     remote_addr: p.remote,
                     user: p.user.get().map(|u| u.to_string()),
-                    topics: p.topics.lock().expect("topic set lock").iter().cloned().collect(),
+                    topics: topics::lock_index(&p.topics).iter().cloned().collect(),
                     closing: p.outbox.is_closing(),
                     queued_frames: backlog.frames,
                     queued_bytes: backlog.bytes,

@@ -12,7 +12,7 @@ use crate::{
     message::Message,
     outbox::{Outbox, SendError},
     state::{PeerCore, ServerState},
-    topics::{Payload, Publisher, SubscribeOutcome, Subscriber, TopicError},
+    topics::{lock_index, Payload, Publisher, SubscribeOutcome, Subscriber, TopicError},
 };
 
 /// One connected WebSocket peer, as the hooks see it. Cheap to clone.
@@ -145,30 +145,29 @@ impl<C> Peer<C> {
         history: bool,
         reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
     ) -> Result<(SubscribeOutcome, bool), TopicError> {
-        let sub =
-            Subscriber { outbox: self.inner.core.outbox.clone(), user: self.inner.core.user.get().cloned(), presence };
-        let result = self.inner.state.topics.subscribe(topic, &self.inner.core.id, sub, since, history, reply)?;
-        let newly = self.inner.core.topics.lock().expect("topic set lock").insert(topic.clone());
-        Ok((result, newly))
+        let core = &self.inner.core;
+        let sub = Subscriber {
+            outbox: core.outbox.clone(),
+            user: core.user.get().cloned(),
+            presence,
+            memberships: Arc::clone(&core.topics),
+        };
+        self.inner.state.topics.subscribe(topic, &core.id, sub, since, history, reply)
     }
 
     /// Leaves `topic`; returns false if the peer was not subscribed.
     pub fn unsubscribe(&self, topic: &Topic) -> bool {
-        let was = self.inner.core.topics.lock().expect("topic set lock").remove(topic);
-        if was {
-            self.inner.state.topics.unsubscribe(topic, &self.inner.core.id);
-        }
-        was
+        self.inner.state.topics.unsubscribe(topic, &self.inner.core.id)
     }
 
     /// Whether the peer is subscribed to `topic`.
     pub fn is_subscribed(&self, topic: &Topic) -> bool {
-        self.inner.core.topics.lock().expect("topic set lock").contains(topic)
+        lock_index(&self.inner.core.topics).contains(topic)
     }
 
     /// The topics the peer is subscribed to, in name order.
     pub fn topics(&self) -> Vec<Topic> {
-        self.inner.core.topics.lock().expect("topic set lock").iter().cloned().collect()
+        lock_index(&self.inner.core.topics).iter().cloned().collect()
     }
 
     /// Closes the connection with `code` and `reason`, after the frames
@@ -179,9 +178,8 @@ impl<C> Peer<C> {
 
     /// Leaves every topic; called once when the connection ends.
     pub(crate) fn leave_all(&self) {
-        let topics = std::mem::take(&mut *self.inner.core.topics.lock().expect("topic set lock"));
-        for topic in &topics {
-            self.inner.state.topics.unsubscribe(topic, &self.inner.core.id);
+        for topic in self.topics() {
+            self.inner.state.topics.unsubscribe(&topic, &self.inner.core.id);
         }
     }
 

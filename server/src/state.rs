@@ -3,13 +3,12 @@
 //! handles. Below every layer that serves a connection, above none of them.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
-use crosswire_shared::Topic;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -18,7 +17,7 @@ use crate::{
     limits, origin,
     outbox::{Bounds, Outbox},
     shutdown::ShutdownHandles,
-    topics::{self, Topics},
+    topics::{self, Memberships, Topics},
 };
 
 /// Refusals answered at once; past this a refused connection is closed
@@ -47,7 +46,9 @@ pub(crate) struct PeerCore {
     pub(crate) id: Arc<str>,
     pub(crate) remote: SocketAddr,
     pub(crate) outbox: Outbox,
-    pub(crate) topics: Mutex<BTreeSet<Topic>>,
+    /// Its index of topics, kept by [`Topics`] (membership itself is each
+    /// topic's subscriber map).
+    pub(crate) topics: Memberships,
     /// The authenticated user, set by the pub/sub protocol when it has one.
     pub(crate) user: OnceLock<Arc<str>>,
 }
@@ -101,7 +102,7 @@ impl ServerState {
             id: id.clone(),
             remote,
             outbox,
-            topics: Mutex::new(BTreeSet::new()),
+            topics: Memberships::default(),
             user: OnceLock::new(),
         });
         peers.insert(id, Arc::clone(&core));

@@ -22,7 +22,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{hash_map::Entry, BinaryHeap, HashMap, VecDeque},
+    collections::{hash_map::Entry, BTreeSet, BinaryHeap, HashMap, VecDeque},
     hash::{BuildHasher, RandomState},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -108,12 +108,21 @@ struct TopicState {
     presence_owed: bool,
 }
 
+/// The topics one peer is subscribed to, as an index for that peer (its
+/// `topics()`, its topic count, leaving them all when it goes). Membership
+/// itself is each topic's subscriber map: this index is written only here,
+/// inside the same shard critical section that changes the map, so the two
+/// never disagree. Lock order: shard, then this.
+pub(crate) type Memberships = Arc<Mutex<BTreeSet<Topic>>>;
+
 /// One subscriber's entry in a topic.
 pub(crate) struct Subscriber {
     pub(crate) outbox: Outbox,
     pub(crate) user: Option<Arc<str>>,
     /// Whether it wants `join`/`leave` events.
     pub(crate) presence: bool,
+    /// Its peer's index of topics.
+    pub(crate) memberships: Memberships,
 }
 
 impl Subscriber {
@@ -434,6 +443,9 @@ impl Topics {
         }
     }
 
+    /// Subscribes `peer` (again, if it already is: then only its presence
+    /// wish changes and `since` replays again); the bool says whether it was
+    /// not subscribed before.
     pub(crate) fn subscribe(
         &self,
         topic: &Topic,
@@ -442,7 +454,7 @@ impl Topics {
         since: Option<&Since>,
         history: bool,
         reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
-    ) -> Result<SubscribeOutcome, TopicError> {
+    ) -> Result<(SubscribeOutcome, bool), TopicError> {
         let now = Instant::now();
         let mut shard = self.lock_creating(topic, now)?;
         let state = shard.get_mut(topic).expect("lock_creating leaves it there");
@@ -466,6 +478,7 @@ impl Topics {
                 false
             }
             Entry::Vacant(e) => {
+                lock_index(&sub.memberships).insert(topic.clone());
                 e.insert(sub);
                 true
             }
@@ -473,19 +486,23 @@ impl Topics {
         if is_new {
             state.announce(topic, peer, true, &self.limits);
         }
-        Ok(result)
+        Ok((result, is_new))
     }
 
-    pub(crate) fn unsubscribe(&self, topic: &Topic, peer: &str) {
+    /// Unsubscribes `peer`; false if it was not subscribed.
+    pub(crate) fn unsubscribe(&self, topic: &Topic, peer: &str) -> bool {
         let now = Instant::now();
         let mut shard = self.shard(topic);
-        let Some(state) = shard.get_mut(topic) else { return };
-        if state.subscribers.contains_key(peer) {
+        let Some(state) = shard.get_mut(topic) else { return false };
+        let was = state.subscribers.contains_key(peer);
+        if was {
             state.announce(topic, peer, false, &self.limits);
-            state.subscribers.remove(peer);
+            let gone = state.subscribers.remove(peer).expect("just checked");
+            lock_index(&gone.memberships).remove(topic);
             state.touched = now;
         }
         self.remove_if_dead(&mut shard, topic, now);
+        was
     }
 
     /// Who is subscribed to `topic`, in peer-id order, at most the presence
@@ -531,6 +548,12 @@ fn longest_idle(shard: &Shard) -> Option<Topic> {
     shard.iter().filter(|(_, s)| s.subscribers.is_empty()).min_by_key(|(_, s)| s.touched).map(|(t, _)| t.clone())
 }
 
+pub(crate) fn lock_index(index: &Memberships) -> MutexGuard<'_, BTreeSet<Topic>> {
+    // Only ever changed by one insert or remove at a time: consistent even
+    // if a panic poisoned it.
+    index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard lock would be a bug in this module; the
     // map is still consistent at every await-free step, so keep serving.
@@ -562,7 +585,7 @@ mod tests {
 
     fn sub(capacity: usize) -> (Subscriber, OutboxReceiver) {
         let (outbox, rx) = Outbox::new(Bounds { frames: capacity, bytes: usize::MAX });
-        (Subscriber { outbox, user: None, presence: false }, rx)
+        (Subscriber { outbox, user: None, presence: false, memberships: Memberships::default() }, rx)
     }
 
     fn watcher() -> (Subscriber, OutboxReceiver) {
@@ -588,7 +611,7 @@ mod tests {
     }
 
     fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> SubscribeOutcome {
-        topics.subscribe(t, &id.into(), s, since, true, |_| None).unwrap()
+        topics.subscribe(t, &id.into(), s, since, true, |_| None).unwrap().0
     }
 
     #[tokio::test]
@@ -609,6 +632,27 @@ mod tests {
             "the publisher gets its ack, not its message"
         );
         assert_eq!(texts(&mut brx), [r#"{"type":"message","topic":"t","seq":1,"from":"a","data":1}"#]);
+    }
+
+    #[tokio::test]
+    async fn the_peers_index_follows_the_subscriber_map() {
+        let topics = topics(0);
+        let (a, b) = (topic("a"), topic("b"));
+        let index = Memberships::default();
+        let entry = |index: &Memberships| Subscriber {
+            outbox: sub(4).0.outbox,
+            user: None,
+            presence: false,
+            memberships: Arc::clone(index),
+        };
+        let sub_to = |t: &Topic| topics.subscribe(t, &"p".into(), entry(&index), None, false, |_| None).unwrap().1;
+        assert!(sub_to(&a));
+        assert!(sub_to(&b));
+        assert!(!sub_to(&a), "subscribing again is not joining again");
+        assert_eq!(lock_index(&index).iter().cloned().collect::<Vec<_>>(), [a.clone(), b.clone()]);
+        assert!(topics.unsubscribe(&a, "p"));
+        assert!(!topics.unsubscribe(&a, "p"));
+        assert_eq!(lock_index(&index).iter().cloned().collect::<Vec<_>>(), [b]);
     }
 
     #[tokio::test]
