@@ -200,7 +200,9 @@ impl<H: Hooks> Server<H> {
 
 /// The WebSocket endpoint of a server that an app serves itself: the
 /// [`WebSocketService`] to mount, and the shared state behind it (topics,
-/// peers, shutdown).
+/// peers, shutdown). Its tasks (peers, the history sweeper) run until
+/// [`shutdown`](Self::shutdown), not merely until it is dropped: keep it (or
+/// call `shutdown`) for as long as the app serves.
 #[derive(Debug)]
 pub struct Endpoint<H> {
     service: WebSocketService<H>,
@@ -290,7 +292,7 @@ pub struct PeerInfo {
     pub id: String,
     /// The client's address.
     pub remote_addr: SocketAddr,
-    /// The authenticated user, if any.
+    /// The authenticated user, if any (recorded by [`PubSub`] when it opens the peer).
     pub user: Option<String>,
     /// The topics it is subscribed to.
     pub topics: Vec<Topic>,
@@ -379,7 +381,8 @@ impl ServerHandle {
 
 impl ServerHandle {
     /// How many connections refused at accept time (503, 429) are still being
-    /// answered: at most 256, each for at most a second.
+    /// answered: at most 256, each for at most a second. Always 0 for an
+    /// [`Endpoint`], whose app does its own accepting.
     pub fn refusals_in_flight(&self) -> usize {
         state::MAX_REFUSALS_IN_FLIGHT - self.state.refusals.available_permits()
     }
