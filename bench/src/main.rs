@@ -579,37 +579,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
-    if cli.subscribers == 0 || cli.publishers == 0 || cli.topics == 0 {
-        bail!("--subscribers, --publishers and --topics must be positive");
-    }
-    if cli.topics > cli.subscribers {
-        bail!("--topics must not exceed --subscribers (every topic needs a subscriber)");
-    }
-    let topics: Vec<String> = (0..cli.topics).map(|k| format!("bench.{k}")).collect();
-    let mut fanout = vec![0u64; cli.topics];
-    for i in 0..cli.subscribers {
-        fanout[i % cli.topics] += 1;
-    }
-    let max_fanout = fanout.iter().copied().max().unwrap_or(1);
-    let bound = cli.window.max(1) * cli.publishers as u64 * max_fanout;
-    let (phase, _) = watch::channel(Phase::Connecting);
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        topics,
-        fanout,
-        owed: AtomicU64::new(0),
-        owed_measured: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        progress: Notify::new(),
-        notify_every: (bound / 8).clamp(1, 4096),
-        phase,
-    });
+    let (shared, bound) = plan(&cli)?;
     // `{"t":1234567890123,"pad":""}` is 29 bytes; the pad makes up the rest.
     let pad = "x".repeat(cli.payload_bytes.saturating_sub(29));
     let load_at_start = proc_stat::loadavg();
 
     let gate = Arc::new(Semaphore::new(cli.connect_batch.max(1)));
-    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let connect_started = Instant::now();
     let subs: Vec<JoinHandle<SubReport>> = (0..cli.subscribers)
@@ -636,32 +612,9 @@ async fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
         })
         .collect();
     drop((ready_tx, done_tx));
-
-    let connections = cli.subscribers + cli.publishers;
-    let connected = tokio::time::timeout(Duration::from_secs_f64(cli.connect_timeout), async {
-        for _ in 0..connections {
-            match ready_rx.recv().await {
-                Some(Ok(())) => {}
-                Some(Err(e)) => return Err(e),
-                None => bail!("a connection task ended early"),
-            }
-        }
-        Ok(())
-    })
-    .await;
-    match connected {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            let _ = shared.phase.send(Phase::Stop);
-            return Err(e.context("setting up connections"));
-        }
-        Err(_) => {
-            let _ = shared.phase.send(Phase::Stop);
-            bail!("connecting {connections} connections took longer than {}s", cli.connect_timeout);
-        }
-    }
+    await_connections(&cli, &shared, ready_rx).await?;
     let connect_secs = connect_started.elapsed().as_secs_f64();
-    eprintln!("[{}] {connections} connections set up in {connect_secs:.2}s", cli.label);
+    eprintln!("[{}] {} connections set up in {connect_secs:.2}s", cli.label, cli.subscribers + cli.publishers);
 
     // Warm-up: publish, then wait for every warm-up delivery.
     let _ = shared.phase.send(Phase::Warmup);
@@ -689,45 +642,184 @@ async fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
     let cpu_self_1 = proc_stat::self_cpu_ticks();
     let _ = shared.phase.send(Phase::Stop);
 
-    let mut latency = Histogram::new();
-    let (mut received, mut warmup_received, mut last_recv_ns, mut seq_errors, mut unparsed) = (0, 0, t0, 0, 0);
-    let mut error_frames: BTreeMap<String, u64> = BTreeMap::new();
-    let mut closed: BTreeMap<String, u64> = BTreeMap::new();
-    for task in subs {
-        let r = task.await.context("subscriber task")?;
-        latency.merge(&r.latency);
-        received += r.received;
-        warmup_received += r.warmup_received;
-        last_recv_ns = last_recv_ns.max(r.last_recv_ns);
-        seq_errors += r.seq_errors;
-        unparsed += r.unparsed;
-        for (code, n) in r.error_frames {
-            *error_frames.entry(code).or_default() += n;
-        }
-        if let Some(why) = r.closed {
-            *closed.entry(why).or_default() += 1;
-        }
-    }
-    let (mut acks, mut pub_errors) = (0, BTreeMap::<String, u64>::new());
-    for task in pubs {
-        let r = task.await.context("publisher task")?;
-        acks += r.acks;
-        debug_assert!(r.sent <= cli.messages);
-        for (code, n) in r.error_frames {
-            *pub_errors.entry(code).or_default() += n;
-        }
-        if let Some(why) = r.closed {
-            *closed.entry(format!("publisher: {why}")).or_default() += 1;
-        }
-    }
+    let run = Measured {
+        load_at_start,
+        connect_secs,
+        warmup_complete,
+        complete,
+        t0,
+        t_end,
+        last_send_ns,
+        sent_total,
+        owed: shared.owed_measured.load(Ordering::Acquire),
+        cpu_server: (cpu_server_0, cpu_server_1),
+        cpu_self: (cpu_self_0, cpu_self_1),
+    };
+    let subs = SubTotals::collect(subs, t0).await?;
+    let pubs = PubTotals::collect(pubs, cli.messages).await?;
+    report(&cli, threads, &run, &subs, &pubs)
+}
 
-    let owed = shared.owed_measured.load(Ordering::Acquire);
+/// Checks the parameters and sets up the state every task shares; also
+/// returns the bound on deliveries in flight the publishers keep to.
+fn plan(cli: &Cli) -> anyhow::Result<(Arc<Shared>, u64)> {
+    if cli.subscribers == 0 || cli.publishers == 0 || cli.topics == 0 {
+        bail!("--subscribers, --publishers and --topics must be positive");
+    }
+    if cli.topics > cli.subscribers {
+        bail!("--topics must not exceed --subscribers (every topic needs a subscriber)");
+    }
+    let topics: Vec<String> = (0..cli.topics).map(|k| format!("bench.{k}")).collect();
+    let mut fanout = vec![0u64; cli.topics];
+    for i in 0..cli.subscribers {
+        fanout[i % cli.topics] += 1;
+    }
+    let max_fanout = fanout.iter().copied().max().unwrap_or(1);
+    let bound = cli.window.max(1) * cli.publishers as u64 * max_fanout;
+    let (phase, _) = watch::channel(Phase::Connecting);
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        topics,
+        fanout,
+        owed: AtomicU64::new(0),
+        owed_measured: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        progress: Notify::new(),
+        notify_every: (bound / 8).clamp(1, 4096),
+        phase,
+    });
+    Ok((shared, bound))
+}
+
+/// Waits until every connection is set up, within `--connect-timeout`;
+/// stops every task otherwise.
+async fn await_connections(
+    cli: &Cli,
+    shared: &Shared,
+    mut ready_rx: mpsc::UnboundedReceiver<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let connections = cli.subscribers + cli.publishers;
+    let connected = tokio::time::timeout(Duration::from_secs_f64(cli.connect_timeout), async {
+        for _ in 0..connections {
+            match ready_rx.recv().await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(e),
+                None => bail!("a connection task ended early"),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match connected {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            let _ = shared.phase.send(Phase::Stop);
+            Err(e.context("setting up connections"))
+        }
+        Err(_) => {
+            let _ = shared.phase.send(Phase::Stop);
+            bail!("connecting {connections} connections took longer than {}s", cli.connect_timeout);
+        }
+    }
+}
+
+/// What the measured phase saw, besides the tasks' own reports.
+struct Measured {
+    load_at_start: Option<[f64; 3]>,
+    connect_secs: f64,
+    warmup_complete: bool,
+    complete: bool,
+    t0: u64,
+    t_end: u64,
+    last_send_ns: u64,
+    sent_total: u64,
+    /// Deliveries owed for the measured publishes.
+    owed: u64,
+    cpu_server: (Option<u64>, Option<u64>),
+    cpu_self: (Option<u64>, Option<u64>),
+}
+
+/// Every subscriber's report, summed.
+struct SubTotals {
+    latency: Histogram,
+    received: u64,
+    warmup_received: u64,
+    last_recv_ns: u64,
+    seq_errors: u64,
+    unparsed: u64,
+    error_frames: BTreeMap<String, u64>,
+    closed: BTreeMap<String, u64>,
+}
+
+impl SubTotals {
+    async fn collect(subs: Vec<JoinHandle<SubReport>>, t0: u64) -> anyhow::Result<Self> {
+        let mut t = Self {
+            latency: Histogram::new(),
+            received: 0,
+            warmup_received: 0,
+            last_recv_ns: t0,
+            seq_errors: 0,
+            unparsed: 0,
+            error_frames: BTreeMap::new(),
+            closed: BTreeMap::new(),
+        };
+        for task in subs {
+            let r = task.await.context("subscriber task")?;
+            t.latency.merge(&r.latency);
+            t.received += r.received;
+            t.warmup_received += r.warmup_received;
+            t.last_recv_ns = t.last_recv_ns.max(r.last_recv_ns);
+            t.seq_errors += r.seq_errors;
+            t.unparsed += r.unparsed;
+            for (code, n) in r.error_frames {
+                *t.error_frames.entry(code).or_default() += n;
+            }
+            if let Some(why) = r.closed {
+                *t.closed.entry(why).or_default() += 1;
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Every publisher's report, summed.
+struct PubTotals {
+    acks: u64,
+    error_frames: BTreeMap<String, u64>,
+    closed: BTreeMap<String, u64>,
+}
+
+impl PubTotals {
+    async fn collect(pubs: Vec<JoinHandle<PubReport>>, messages: u64) -> anyhow::Result<Self> {
+        let mut t = Self { acks: 0, error_frames: BTreeMap::new(), closed: BTreeMap::new() };
+        for task in pubs {
+            let r = task.await.context("publisher task")?;
+            t.acks += r.acks;
+            debug_assert!(r.sent <= messages);
+            for (code, n) in r.error_frames {
+                *t.error_frames.entry(code).or_default() += n;
+            }
+            if let Some(why) = r.closed {
+                *t.closed.entry(format!("publisher: {why}")).or_default() += 1;
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Prints the summary line (and the errors, if any) and writes the JSON report.
+fn report(cli: &Cli, threads: usize, run: &Measured, subs: &SubTotals, pubs: &PubTotals) -> anyhow::Result<()> {
+    let (owed, received, sent_total, t0) = (run.owed, subs.received, run.sent_total, run.t0);
+    let (latency, seq_errors, unparsed) = (&subs.latency, subs.seq_errors, subs.unparsed);
+    let (error_frames, pub_errors) = (&subs.error_frames, &pubs.error_frames);
+    let mut closed = subs.closed.clone();
+    closed.extend(pubs.closed.iter().map(|(k, v)| (k.clone(), *v)));
     let lost = owed.saturating_sub(received);
-    let send_secs = (last_send_ns.saturating_sub(t0)) as f64 / 1e9;
-    let recv_secs = (last_recv_ns.saturating_sub(t0)) as f64 / 1e9;
-    let window_secs = (t_end - t0) as f64 / 1e9;
+    let send_secs = (run.last_send_ns.saturating_sub(t0)) as f64 / 1e9;
+    let recv_secs = (subs.last_recv_ns.saturating_sub(t0)) as f64 / 1e9;
+    let window_secs = (run.t_end - t0) as f64 / 1e9;
     let per_sec = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
-    let cpu = |a: Option<u64>, b: Option<u64>| match (a, b) {
+    let cpu = |(a, b): (Option<u64>, Option<u64>)| match (a, b) {
         (Some(a), Some(b)) if window_secs > 0.0 => {
             Some((b - a) as f64 / proc_stat::TICKS_PER_SEC / window_secs * 100.0)
         }
@@ -742,17 +834,17 @@ async fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
             "payload_bytes": cli.payload_bytes, "topics": cli.topics, "rate": cli.rate, "window": cli.window,
             "duration_s": cli.duration, "warmup": cli.warmup, "loadgen_threads": threads,
         },
-        "loadavg_at_start": load_at_start,
+        "loadavg_at_start": run.load_at_start,
         "meta": cli.meta.iter().cloned().collect::<BTreeMap<_, _>>(),
-        "connect_s": connect_secs,
-        "warmup_complete": warmup_complete,
-        "warmup_received": warmup_received,
+        "connect_s": run.connect_secs,
+        "warmup_complete": run.warmup_complete,
+        "warmup_received": subs.warmup_received,
         "published": sent_total,
-        "acks": acks,
+        "acks": pubs.acks,
         "deliveries_owed": owed,
         "delivered": received,
         "lost": lost,
-        "complete": complete,
+        "complete": run.complete,
         "publish_secs": send_secs,
         "deliver_secs": recv_secs,
         "publishes_per_s": per_sec(sent_total, send_secs),
@@ -771,7 +863,7 @@ async fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
             "publisher_error_frames": pub_errors,
             "closed_connections": closed,
         },
-        "cpu_percent": { "server": cpu(cpu_server_0, cpu_server_1), "loadgen": cpu(cpu_self_0, cpu_self_1) },
+        "cpu_percent": { "server": cpu(run.cpu_server), "loadgen": cpu(run.cpu_self) },
     });
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}%"));
     println!(
@@ -783,8 +875,8 @@ async fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
         p50 = us(latency.quantile(0.5)),
         p99 = us(latency.quantile(0.99)),
         max = us(latency.max()),
-        cs = f(cpu(cpu_server_0, cpu_server_1)),
-        cl = f(cpu(cpu_self_0, cpu_self_1)),
+        cs = f(cpu(run.cpu_server)),
+        cl = f(cpu(run.cpu_self)),
     );
     let bad = seq_errors + unparsed + error_frames.values().sum::<u64>() + pub_errors.values().sum::<u64>();
     if lost > 0 || bad > 0 || !closed.is_empty() {

@@ -675,6 +675,9 @@ async fn history_returns_retained_messages_without_subscribing() {
     let topic = fresh_topic("history");
     let b = Crosswire::new(direct(), config());
     open(&b).await;
+    // A topic retains history once someone holds its epoch.
+    let _sb = b.subscribe(&topic, false);
+    live(&b, &topic).await;
     let mut seqs = Vec::new();
     for i in 1..=5 {
         seqs.push(within("b's ack", 5_000, b.publish_with_ack(&topic, &i)).await.unwrap());

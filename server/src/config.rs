@@ -1,6 +1,7 @@
-//! Server configuration: the library's [`Config`], and the command-line
-//! [`Args`] (flags with environment fallbacks) that the binary and the
-//! examples turn into one.
+//! Server configuration: the library's [`ServerConfig`], whose `Default` is
+//! the one place defaults are written, and (with the `cli` feature) the
+//! command-line `Args` (flags with environment fallbacks) that the binary and
+//! the examples turn into one.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -8,10 +9,10 @@ use std::{
     time::Duration,
 };
 
-/// Everything a [`crate::Server`] can be tuned with. `Config::default()` is a
+/// Everything a [`crate::Server`] can be tuned with. `ServerConfig::default()` is a
 /// sensible, documented starting point.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct ServerConfig {
     /// Where to listen. Default `127.0.0.1:3000`; port 0 picks a free port.
     pub addr: SocketAddr,
     /// The WebSocket path. Default `/_ws`, as in the crossws/Nitro reference.
@@ -115,7 +116,7 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
-impl Default for Config {
+impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 3000),
@@ -180,7 +181,7 @@ pub enum ConfigError {
     BadOrigin(String),
 }
 
-impl Config {
+impl ServerConfig {
     /// Checks the values that would otherwise fail later and less clearly.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.path.starts_with('/') {
@@ -217,84 +218,70 @@ impl Config {
         }
         Ok(())
     }
-
-    /// What bounds the topic registry.
-    pub(crate) fn topic_limits(&self) -> crate::topics::Limits {
-        crate::topics::Limits {
-            history_size: self.history_size,
-            history_ttl: self.history_ttl,
-            max_topics: self.max_topics,
-            history_bytes: self.history_memory_bytes,
-            presence_list: self.max_presence_list,
-        }
-    }
-
-    /// How much live traffic one peer's queue may hold.
-    pub(crate) fn outbox_bounds(&self) -> crate::outbox::Bounds {
-        crate::outbox::Bounds { frames: self.outbound_queue, bytes: self.max_queue_bytes }
-    }
 }
 
 /// Command-line flags, each with an environment fallback, for the binary and
-/// the examples (`#[command(flatten)]` them into a clap parser).
+/// the examples (`#[command(flatten)]` them into a clap parser). Their
+/// defaults are [`ServerConfig::default`]'s. Behind the `cli` feature.
+#[cfg(feature = "cli")]
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Address to listen on.
-    #[arg(long, env = "CROSSWIRE_HOST", default_value = "127.0.0.1")]
+    #[arg(long, env = "CROSSWIRE_HOST", default_value_t = d().addr.ip())]
     pub host: IpAddr,
     /// Port to listen on (0 picks a free one).
-    #[arg(long, short, env = "CROSSWIRE_PORT", default_value_t = 3000)]
+    #[arg(long, short, env = "CROSSWIRE_PORT", default_value_t = d().addr.port())]
     pub port: u16,
     /// The WebSocket path.
-    #[arg(long, env = "CROSSWIRE_PATH", default_value = "/_ws")]
+    #[arg(long, env = "CROSSWIRE_PATH", default_value_t = d().path)]
     pub path: String,
     /// Serve this directory (e.g. the demo's built `dist/`) at `/`.
     #[arg(long = "static", env = "CROSSWIRE_STATIC", value_name = "DIR")]
     pub static_dir: Option<PathBuf>,
     /// Heartbeat interval in milliseconds.
-    #[arg(long, env = "CROSSWIRE_HEARTBEAT_MS", default_value_t = 25_000)]
+    #[arg(long, env = "CROSSWIRE_HEARTBEAT_MS", default_value_t = ms(d().heartbeat))]
     pub heartbeat_ms: u64,
     /// Largest accepted message in bytes (across fragments).
-    #[arg(long, env = "CROSSWIRE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "CROSSWIRE_MAX_MESSAGE_BYTES", default_value_t = d().max_message_size)]
     pub max_message_bytes: usize,
     /// Frames a peer's outbound queue holds before it is closed as a slow consumer.
-    #[arg(long, env = "CROSSWIRE_OUTBOUND_QUEUE", default_value_t = 4096)]
+    #[arg(long, env = "CROSSWIRE_OUTBOUND_QUEUE", default_value_t = d().outbound_queue)]
     pub outbound_queue: usize,
     /// Bytes a peer's outbound queue holds before it is closed as a slow consumer.
-    #[arg(long, env = "CROSSWIRE_MAX_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "CROSSWIRE_MAX_QUEUE_BYTES", default_value_t = d().max_queue_bytes)]
     pub max_queue_bytes: usize,
     /// Bytes queued across every peer before pushes cut their peer as a slow consumer.
     #[arg(long, env = "CROSSWIRE_MAX_TOTAL_QUEUE_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_total_queue_bytes: usize,
     /// Milliseconds a peer's socket may accept no bytes before it is dropped.
-    #[arg(long, env = "CROSSWIRE_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "CROSSWIRE_WRITE_TIMEOUT_MS", default_value_t = ms(d().write_timeout))]
     pub write_timeout_ms: u64,
     /// Open connections at once, server-wide.
-    #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS", default_value_t = d().max_connections)]
     pub max_connections: usize,
     /// Milliseconds shutdown waits for peers to close.
-    #[arg(long, env = "CROSSWIRE_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
+    #[arg(long, env = "CROSSWIRE_SHUTDOWN_GRACE_MS", default_value_t = ms(d().shutdown_grace))]
     pub shutdown_grace_ms: u64,
     /// Messages each topic keeps for recovery (0 disables).
-    #[arg(long, env = "CROSSWIRE_HISTORY_SIZE", default_value_t = 8192)]
+    #[arg(long, env = "CROSSWIRE_HISTORY_SIZE", default_value_t = d().history_size)]
     pub history_size: usize,
     /// Seconds a message is kept for recovery.
-    #[arg(long, env = "CROSSWIRE_HISTORY_TTL_SECS", default_value_t = 300)]
+    #[arg(long, env = "CROSSWIRE_HISTORY_TTL_SECS", default_value_t = d().history_ttl.as_secs())]
     pub history_ttl_secs: u64,
     /// Bytes of history retained server-wide (the oldest go first past it).
-    #[arg(long, env = "CROSSWIRE_HISTORY_MEMORY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "CROSSWIRE_HISTORY_MEMORY_BYTES", default_value_t = d().history_memory_bytes)]
     pub history_memory_bytes: usize,
     /// Topics that may exist at once, server-wide.
-    #[arg(long, env = "CROSSWIRE_MAX_TOPICS", default_value_t = 100_000)]
+    #[arg(long, env = "CROSSWIRE_MAX_TOPICS", default_value_t = d().max_topics)]
     pub max_topics: usize,
     /// Entries a presence list holds at most.
-    #[arg(long, env = "CROSSWIRE_MAX_PRESENCE_LIST", default_value_t = 1000)]
+    #[arg(long, env = "CROSSWIRE_MAX_PRESENCE_LIST", default_value_t = d().max_presence_list)]
     pub max_presence_list: usize,
     /// Sustained subscribe/unsubscribe/presence requests per second per peer.
-    #[arg(long, env = "CROSSWIRE_SUBSCRIBE_RATE", default_value_t = 50)]
+    #[arg(long, env = "CROSSWIRE_SUBSCRIBE_RATE", default_value_t = d().subscribe_rate)]
     pub subscribe_rate: u32,
     /// Burst of subscribe/unsubscribe/presence requests per peer.
-    #[arg(long, env = "CROSSWIRE_SUBSCRIBE_BURST", default_value_t = 200)]
+    #[arg(long, env = "CROSSWIRE_SUBSCRIBE_BURST", default_value_t = d().subscribe_burst)]
     pub subscribe_burst: u32,
     /// HS256 secret for JWT authentication (at least 16 bytes); unset means no auth.
     #[arg(long, env = "CROSSWIRE_JWT_SECRET", hide_env_values = true)]
@@ -304,19 +291,19 @@ pub struct Args {
     #[arg(long = "allowed-origin", env = "CROSSWIRE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// Topics one peer may be subscribed to at once.
-    #[arg(long, env = "CROSSWIRE_MAX_TOPICS_PER_PEER", default_value_t = 100)]
+    #[arg(long, env = "CROSSWIRE_MAX_TOPICS_PER_PEER", default_value_t = d().max_topics_per_peer)]
     pub max_topics_per_peer: usize,
     /// Open connections from one client address, IPv6 per /64 (0: no limit).
-    #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    #[arg(long, env = "CROSSWIRE_MAX_CONNECTIONS_PER_IP", default_value_t = d().max_connections_per_ip)]
     pub max_connections_per_ip: usize,
     /// Sustained publishes per second per peer.
-    #[arg(long, env = "CROSSWIRE_PUBLISH_RATE", default_value_t = 100)]
+    #[arg(long, env = "CROSSWIRE_PUBLISH_RATE", default_value_t = d().publish_rate)]
     pub publish_rate: u32,
     /// Burst of publishes per peer.
-    #[arg(long, env = "CROSSWIRE_PUBLISH_BURST", default_value_t = 200)]
+    #[arg(long, env = "CROSSWIRE_PUBLISH_BURST", default_value_t = d().publish_burst)]
     pub publish_burst: u32,
     /// Bytes gathered per peer before a write to its socket.
-    #[arg(long, env = "CROSSWIRE_WRITE_BUFFER_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "CROSSWIRE_WRITE_BUFFER_BYTES", default_value_t = d().write_buffer_size)]
     pub write_buffer_bytes: usize,
     /// The `aud` claim tokens must carry.
     #[arg(long, env = "CROSSWIRE_JWT_AUDIENCE")]
@@ -329,10 +316,10 @@ pub struct Args {
     #[arg(long = "allowed-host", env = "CROSSWIRE_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
     /// New connections per second per client address (0: unlimited).
-    #[arg(long, env = "CROSSWIRE_CONNECT_RATE_PER_IP", default_value_t = 200)]
+    #[arg(long, env = "CROSSWIRE_CONNECT_RATE_PER_IP", default_value_t = d().connect_rate_per_ip)]
     pub connect_rate_per_ip: u32,
     /// Burst of new connections per client address.
-    #[arg(long, env = "CROSSWIRE_CONNECT_BURST_PER_IP", default_value_t = 2000)]
+    #[arg(long, env = "CROSSWIRE_CONNECT_BURST_PER_IP", default_value_t = d().connect_burst_per_ip)]
     pub connect_burst_per_ip: u32,
     /// A reverse proxy (address or CIDR) whose Forwarded / X-Forwarded-For
     /// headers name the client (repeatable).
@@ -340,17 +327,29 @@ pub struct Args {
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
+#[cfg(feature = "cli")]
+fn d() -> ServerConfig {
+    ServerConfig::default()
+}
+
+#[cfg(feature = "cli")]
+fn ms(duration: Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
 /// A CIDR, or one address as its own /32 or /128.
+#[cfg(feature = "cli")]
 fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
     text.parse::<ipnet::IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{text:?} is neither an address nor a CIDR"))
 }
 
+#[cfg(feature = "cli")]
 impl Args {
     /// The configuration these flags describe, validated.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let config = Config {
+    pub fn into_config(self) -> Result<ServerConfig, ConfigError> {
+        let config = ServerConfig {
             addr: SocketAddr::new(self.host, self.port),
             path: self.path,
             static_dir: self.static_dir,
@@ -382,7 +381,7 @@ impl Args {
             connect_rate_per_ip: self.connect_rate_per_ip,
             connect_burst_per_ip: self.connect_burst_per_ip,
             trusted_proxies: self.trusted_proxies,
-            ..Config::default()
+            ..ServerConfig::default()
         };
         config.validate()?;
         Ok(config)

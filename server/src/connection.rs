@@ -4,9 +4,10 @@
 //! stops taking bytes.
 //!
 //! A socket that takes no byte for the write timeout fails its write with
-//! `TimedOut` (the listener wraps every connection in
-//! [`crate::listener::WriteTimeout`], and the upgraded socket keeps it): the
-//! peer is dropped, whether or not its queue ever filled.
+//! `TimedOut` (the standalone listener wraps every connection in
+//! [`WriteTimeout`], and the upgraded socket keeps it; behind a foreign
+//! listener the upgraded socket is wrapped here): the peer is dropped,
+//! whether or not its queue ever filled.
 //!
 //! Every close the server decides on ends the same way: the close frame
 //! (written as long as the socket keeps taking bytes), then a lingering close. The server shuts its
@@ -41,13 +42,16 @@ use tokio_tungstenite::{
 };
 
 use crate::{
-    hooks::{CloseDetails, Hooks, Message, PeerError},
+    hooks::{CloseDetails, Hooks, PeerError},
+    message::Message,
     outbox::{FrameReceiver, Outbox, OutboxReceiver},
+    peer::Peer,
     shutdown::ShutdownHandles,
-    Peer, ServerState,
+    state::ServerState,
+    write_timeout::WriteTimeout,
 };
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Socket = WebSocketStream<WriteTimeout<TokioIo<Upgraded>>>;
 type Sink = SplitSink<Socket, tungstenite::Message>;
 
 /// How many queued frames the write loop hands tungstenite before one flush:
@@ -110,11 +114,13 @@ pub(crate) async fn serve<H: Hooks>(
     state: Arc<ServerState>,
     hooks: Arc<H>,
     upgraded: Upgraded,
+    write_timeout: Option<Duration>,
     peer: Peer<H::Context>,
     outbox_rx: OutboxReceiver,
     shutdown: ShutdownHandles,
 ) {
-    let socket = Socket::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(state.ws_config())).await;
+    let io = WriteTimeout::new(TokioIo::new(upgraded), write_timeout);
+    let socket = Socket::from_raw_socket(io, Role::Server, Some(state.ws_config())).await;
     let (sink, mut stream) = socket.split();
     let activity = Arc::new(Activity::new());
     let writer = Writer {
@@ -127,117 +133,161 @@ pub(crate) async fn serve<H: Hooks>(
     tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
     hooks.open(&peer).await;
 
-    let mut peer_close: Option<CloseDetails> = None;
-    let mut writer_exit: Option<WriterExit> = None;
-    let mut sink: Option<Sink> = None;
-    let mut reading = true;
-    // Set once the server's close frame is out: how long to wait for the reply.
-    let mut deadline: Option<Instant> = None;
+    let mut run = Run::new(&state, &*hooks, &peer);
     let mut shutting_down = false;
     loop {
         let until_deadline = async {
-            match deadline {
+            match run.deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            next = stream.next(), if reading => {
+        let flow = tokio::select! {
+            next = stream.next(), if run.reading => {
                 activity.touch();
-                match next {
-                    Some(Ok(tungstenite::Message::Text(t))) => on_message(&*hooks, &peer, Message::from(t)).await,
-                    Some(Ok(tungstenite::Message::Binary(b))) => on_message(&*hooks, &peer, Message::from(b)).await,
-                    Some(Ok(tungstenite::Message::Close(frame))) => {
-                        // tungstenite queues the close reply itself and sends it
-                        // with its next write: the handshake is complete.
-                        peer_close = Some(match frame {
-                            Some(f) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
-                            None => CloseDetails { code: 1005, reason: String::new() },
-                        });
-                        break;
-                    }
-                    Some(Ok(_)) => {} // ping/pong: answered by tungstenite, counted as activity above
-                    Some(Err(e)) => {
-                        // The stream is fused after an error: the rest is read raw
-                        // by the lingering close, once the close frame is out.
-                        reading = false;
-                        match classify(e, state.config.max_message_size) {
-                            Some((error, code)) => {
-                                tracing::debug!(peer = %peer, %error, "connection error");
-                                hooks.error(&peer, &error).await;
-                                peer.outbox().close(code, &close_reason(&error));
-                            }
-                            None => break,
-                        }
-                    }
-                    None => break,
-                }
+                run.on_read(next).await
             }
-            exit = &mut writer, if writer_exit.is_none() => {
-                let (returned, exit) = match exit {
-                    Ok(Some((sink, exit))) => (Some(sink), exit),
-                    Ok(None) => break, // aborted at the end of the shutdown grace
-                    Err(e) => (None, WriterExit::Failed(e.to_string())),
-                };
-                sink = returned;
-                match &exit {
-                    WriterExit::Closed(frame) => {
-                        if let Some(error) = close_error(frame, &state) {
-                            hooks.error(&peer, &error).await;
-                        }
-                        writer_exit = Some(exit);
-                        if !reading {
-                            break;
-                        }
-                        deadline = Some(Instant::now() + CLOSE_TIMEOUT);
-                    }
-                    WriterExit::Stalled(after) => {
-                        tracing::debug!(peer = %peer, ?after, "socket took no bytes; dropping the peer");
-                        hooks.error(&peer, &PeerError::WriteTimeout(*after)).await;
-                        sink = None;
-                        writer_exit = Some(exit);
-                        break;
-                    }
-                    WriterExit::Failed(error) => {
-                        tracing::debug!(peer = %peer, %error, "write failed");
-                        sink = None;
-                        writer_exit = Some(exit);
-                        break;
-                    }
-                }
-            }
+            exit = &mut writer, if run.writer_exit.is_none() => run.on_writer_exit(exit).await,
             _ = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 peer.outbox().close_now(close_code::GOING_AWAY, "server shutting down");
+                Flow::Continue
             }
-            _ = until_deadline => break,
+            _ = until_deadline => Flow::End,
+        };
+        if let Flow::End = flow {
+            break;
         }
     }
 
-    if writer_exit.is_none() {
-        // The peer closed first, or its socket is gone: stop the write loop,
-        // which also gets tungstenite's close reply out.
-        peer.outbox().close_now(close_code::GOING_AWAY, "connection closed");
-        match timeout(CLOSE_TIMEOUT, &mut writer).await {
-            Ok(Ok(Some((returned, exit)))) => {
-                sink = Some(returned).filter(|_| matches!(exit, WriterExit::Closed(_)));
-                writer_exit = Some(exit);
-            }
-            _ => writer.abort(),
-        }
-    }
-    let details = match (peer_close, &writer_exit) {
-        (Some(details), _) => details,
-        (None, Some(WriterExit::Closed(f))) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
-        (None, Some(WriterExit::Stalled(_))) => CloseDetails { code: 1006, reason: "write timeout".to_owned() },
-        (None, _) => CloseDetails { code: 1006, reason: String::new() },
-    };
+    let (details, sink) = run.finish(&mut writer).await;
     peer.leave_all();
     state.unregister_peer(peer.id());
     tracing::debug!(peer = %peer, code = details.code, reason = %details.reason, "close");
     hooks.close(&peer, details).await;
     if let Some(socket) = sink.and_then(|sink| stream.reunite(sink).ok()) {
         linger(socket).await;
+    }
+}
+
+/// Whether the connection's loop goes on.
+enum Flow {
+    Continue,
+    End,
+}
+
+type WriterTask = tokio::task::JoinHandle<Option<(Sink, WriterExit)>>;
+
+/// What the read side of a connection has learnt so far about how it ends.
+struct Run<'a, H: Hooks> {
+    state: &'a ServerState,
+    hooks: &'a H,
+    peer: &'a Peer<H::Context>,
+    /// The peer's close frame, once it sent one.
+    peer_close: Option<CloseDetails>,
+    writer_exit: Option<WriterExit>,
+    /// The write half, back from the write loop, for the lingering close.
+    sink: Option<Sink>,
+    reading: bool,
+    /// Set once the server's close frame is out: how long to wait for the reply.
+    deadline: Option<Instant>,
+}
+
+impl<'a, H: Hooks> Run<'a, H> {
+    fn new(state: &'a ServerState, hooks: &'a H, peer: &'a Peer<H::Context>) -> Self {
+        Self { state, hooks, peer, peer_close: None, writer_exit: None, sink: None, reading: true, deadline: None }
+    }
+
+    async fn on_read(&mut self, next: Option<Result<tungstenite::Message, WsError>>) -> Flow {
+        let (hooks, peer) = (self.hooks, self.peer);
+        match next {
+            Some(Ok(tungstenite::Message::Text(t))) => on_message(hooks, peer, Message::from_text_frame(t)).await,
+            Some(Ok(tungstenite::Message::Binary(b))) => on_message(hooks, peer, Message::Binary(b)).await,
+            Some(Ok(tungstenite::Message::Close(frame))) => {
+                // tungstenite queues the close reply itself and sends it
+                // with its next write: the handshake is complete.
+                self.peer_close = Some(match frame {
+                    Some(f) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
+                    None => CloseDetails { code: 1005, reason: String::new() },
+                });
+                return Flow::End;
+            }
+            Some(Ok(_)) => {} // ping/pong: answered by tungstenite, counted as activity by the caller
+            Some(Err(e)) => {
+                // The stream is fused after an error: the rest is read raw
+                // by the lingering close, once the close frame is out.
+                self.reading = false;
+                match classify(e, self.state.config.max_message_size) {
+                    Some((error, code)) => {
+                        tracing::debug!(peer = %peer, %error, "connection error");
+                        hooks.error(peer, &error).await;
+                        peer.outbox().close(code, &close_reason(&error));
+                    }
+                    None => return Flow::End,
+                }
+            }
+            None => return Flow::End,
+        }
+        Flow::Continue
+    }
+
+    async fn on_writer_exit(&mut self, exit: Result<Option<(Sink, WriterExit)>, tokio::task::JoinError>) -> Flow {
+        let (returned, exit) = match exit {
+            Ok(Some((sink, exit))) => (Some(sink), exit),
+            Ok(None) => return Flow::End, // aborted at the end of the shutdown grace
+            Err(e) => (None, WriterExit::Failed(e.to_string())),
+        };
+        self.sink = returned;
+        let flow = match &exit {
+            WriterExit::Closed(frame) => {
+                if let Some(error) = close_error(frame, self.state) {
+                    self.hooks.error(self.peer, &error).await;
+                }
+                if self.reading {
+                    self.deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+                    Flow::Continue
+                } else {
+                    Flow::End
+                }
+            }
+            WriterExit::Stalled(after) => {
+                tracing::debug!(peer = %self.peer, ?after, "socket took no bytes; dropping the peer");
+                self.hooks.error(self.peer, &PeerError::WriteTimeout(*after)).await;
+                self.sink = None;
+                Flow::End
+            }
+            WriterExit::Failed(error) => {
+                tracing::debug!(peer = %self.peer, %error, "write failed");
+                self.sink = None;
+                Flow::End
+            }
+        };
+        self.writer_exit = Some(exit);
+        flow
+    }
+
+    /// Ends the write loop if it still runs, and says how the connection
+    /// ended; returns the write half when a lingering close is worth it.
+    async fn finish(mut self, writer: &mut WriterTask) -> (CloseDetails, Option<Sink>) {
+        if self.writer_exit.is_none() {
+            // The peer closed first, or its socket is gone: stop the write loop,
+            // which also gets tungstenite's close reply out.
+            self.peer.outbox().close_now(close_code::GOING_AWAY, "connection closed");
+            match timeout(CLOSE_TIMEOUT, &mut *writer).await {
+                Ok(Ok(Some((returned, exit)))) => {
+                    self.sink = Some(returned).filter(|_| matches!(exit, WriterExit::Closed(_)));
+                    self.writer_exit = Some(exit);
+                }
+                _ => writer.abort(),
+            }
+        }
+        let details = match (self.peer_close, &self.writer_exit) {
+            (Some(details), _) => details,
+            (None, Some(WriterExit::Closed(f))) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
+            (None, Some(WriterExit::Stalled(_))) => CloseDetails { code: 1006, reason: "write timeout".to_owned() },
+            (None, _) => CloseDetails { code: 1006, reason: String::new() },
+        };
+        (details, self.sink)
     }
 }
 

@@ -2,6 +2,8 @@
 //!
 //! Each rule the request can break has its own [`Rejection`] variant with its
 //! own status, so a client (or its developer) learns exactly what was wrong.
+//! A leaf: it builds its refusals with [`crate::response`] and knows nothing
+//! of hooks or peers. Public only with the `fuzzing` feature.
 
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use bytes::Bytes;
@@ -77,7 +79,7 @@ impl Rejection {
     /// The full HTTP response: the status, the headers the RFC asks for, and
     /// the reason as a plain-text body.
     pub fn response(&self) -> Response<Full<Bytes>> {
-        let mut res = crate::routes::text_response(self.status(), self.to_string());
+        let mut res = crate::response::text_response(self.status(), self.to_string());
         let h = res.headers_mut();
         match self {
             Self::MethodNotGet(_) => {
@@ -97,8 +99,10 @@ impl Rejection {
 }
 
 /// Checks that `req` is a valid WebSocket upgrade and derives its accept key.
+/// (Reachable from outside the crate with the `fuzzing` feature only, hence
+/// an example that is not run.)
 ///
-/// ```
+/// ```ignore
 /// use crosswire_server::handshake::{validate_upgrade, Rejection};
 ///
 /// let req = http::Request::get("/_ws")

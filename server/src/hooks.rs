@@ -1,13 +1,11 @@
 //! The crossws-style lifecycle hooks a library user implements, and the types
 //! they receive.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr};
 
-use bytes::Bytes;
 use http::{HeaderMap, Method, Uri};
-use tokio_tungstenite::tungstenite::{self, Utf8Bytes};
 
-use crate::{HttpResponse, Peer};
+use crate::{message::Message, peer::Peer, response::HttpResponse};
 
 /// What a server does at each point of a WebSocket's life, in the spirit of
 /// crossws: `upgrade` (auth), `open`, `message`, `close`, `error`.
@@ -17,7 +15,7 @@ use crate::{HttpResponse, Peer};
 /// has a default that does nothing.
 ///
 /// ```no_run
-/// use crosswire_server::{Config, Hooks, HttpResponse, Message, Peer, Server, UpgradeRequest};
+/// use crosswire_server::{Hooks, HttpResponse, Message, Peer, Server, ServerConfig, UpgradeRequest};
 ///
 /// struct Chat;
 ///
@@ -37,14 +35,14 @@ use crate::{HttpResponse, Peer};
 ///     }
 ///
 ///     async fn message(&self, peer: &Peer<String>, message: Message) {
-///         if let Some(text) = message.text() {
+///         if let Message::Text(text) = message {
 ///             peer.publish(&"chat".parse().unwrap(), format!("{}: {text}", peer.context()));
 ///         }
 ///     }
 /// }
 ///
 /// # async fn run() -> Result<(), crosswire_server::ServerError> {
-/// let server = Server::new(Config::default(), Chat).bind().await?;
+/// let server = Server::new(ServerConfig::default(), Chat).bind().await?;
 /// server.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
 /// # Ok(()) }
 /// ```
@@ -62,12 +60,6 @@ pub trait Hooks: Send + Sync + 'static {
     /// with such a GET. A request the hook accepts still needs a valid
     /// handshake before the connection opens.
     fn upgrade(&self, request: &UpgradeRequest) -> impl Future<Output = Result<Self::Context, HttpResponse>> + Send;
-
-    /// The user id presence shows for a peer with this context; `None` by default.
-    fn user(&self, context: &Self::Context) -> Option<Arc<str>> {
-        let _ = context;
-        None
-    }
 
     /// The connection is open; the peer can be sent to and subscribed.
     fn open(&self, peer: &Peer<Self::Context>) -> impl Future<Output = ()> + Send {
@@ -130,7 +122,8 @@ impl UpgradeRequest {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    /// The first query parameter called `name`, undecoded except for `%XX` and `+`.
+    /// The first query parameter called `name`, as written in the URI: not
+    /// percent-decoded (a JWT or an id needs no decoding; decode others yourself).
     pub fn query_param(&self, name: &str) -> Option<&str> {
         self.uri.query()?.split('&').find_map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -149,69 +142,6 @@ impl UpgradeRequest {
                 let (k, v) = c.trim().split_once('=')?;
                 (k == name).then_some(v)
             })
-    }
-}
-
-/// A WebSocket data message: text or binary.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message(pub(crate) tungstenite::Message);
-
-impl Message {
-    /// A text message.
-    pub fn text(&self) -> Option<&str> {
-        match &self.0 {
-            tungstenite::Message::Text(t) => Some(t.as_str()),
-            _ => None,
-        }
-    }
-
-    /// The payload bytes, text or binary.
-    pub fn as_bytes(&self) -> &[u8] {
-        match &self.0 {
-            tungstenite::Message::Text(t) => t.as_bytes(),
-            tungstenite::Message::Binary(b) => b,
-            _ => &[],
-        }
-    }
-
-    /// Whether this is a binary message.
-    pub fn is_binary(&self) -> bool {
-        matches!(self.0, tungstenite::Message::Binary(_))
-    }
-
-    /// A binary message.
-    pub fn binary(data: impl Into<Bytes>) -> Self {
-        Self(tungstenite::Message::Binary(data.into()))
-    }
-}
-
-impl From<&str> for Message {
-    fn from(text: &str) -> Self {
-        Self(tungstenite::Message::Text(text.into()))
-    }
-}
-
-impl From<String> for Message {
-    fn from(text: String) -> Self {
-        Self(tungstenite::Message::Text(text.into()))
-    }
-}
-
-impl From<Utf8Bytes> for Message {
-    fn from(text: Utf8Bytes) -> Self {
-        Self(tungstenite::Message::Text(text))
-    }
-}
-
-impl From<Bytes> for Message {
-    fn from(data: Bytes) -> Self {
-        Self(tungstenite::Message::Binary(data))
-    }
-}
-
-impl From<Vec<u8>> for Message {
-    fn from(data: Vec<u8>) -> Self {
-        Self(tungstenite::Message::Binary(data.into()))
     }
 }
 

@@ -1,76 +1,129 @@
-//! crosswire's server: WebSocket pub/sub on bare hyper 1.x and tokio.
+//! crosswire's server: WebSocket pub/sub on bare hyper 1.x and tokio, as a
+//! standalone server or as a [`tower::Service`] mounted in any axum or hyper
+//! app.
 //!
-//! The WebSocket handshake is validated by hand ([`handshake`]), frames go
-//! through tungstenite, and topic fan-out is done here: one encoded frame per
-//! publish, shared by every subscriber, each with a bounded queue so a slow
-//! reader never holds anyone else up.
+//! # Layers
 //!
-//! Two ways to use it:
-//! - implement [`Hooks`] (crossws style: `upgrade`, `open`, `message`,
-//!   `close`, `error`) and drive [`Peer`]s yourself, as the `seed` and `echo`
-//!   examples do;
-//! - run [`PubSub`], the typed protocol v1 of `crosswire-shared` that the
-//!   `crosswire-server` binary and the `crosswire-client` browser library speak.
+//! As a connection meets them, from the socket up; each module imports only
+//! modules listed after it (`tests/layers.rs` checks this, so there is no
+//! cycle):
+//!
+//! 1. **listener** (standalone [`Server`] only, with `routes` and `statics`):
+//!    accepts TCP connections, bounds them (`max_connections`, per-address
+//!    rate and count, answering 503/429 without hyper), wraps each in the
+//!    write timeout, serves them with hyper and routes `/healthz`, static
+//!    files and the WebSocket path to
+//! 2. **service** ([`WebSocketService`]): the WebSocket endpoint as a
+//!    `tower::Service`, what an axum or hyper app mounts: the Origin (and,
+//!    mounted, `Host`) checks, the limits not applied at accept time, the
+//!    `upgrade` hook, then
+//! 3. **handshake**: the RFC 6455 rules, one refusal per rule, and the
+//!    accept key; once accepted,
+//! 4. **connection**: one peer's read loop (feeding the hooks) and write loop
+//!    (draining its bounded outbox in batches, heartbeat, close handshake).
+//! 5. **pub/sub protocol** ([`PubSub`], in [`pubsub`]): protocol v1 of
+//!    `crosswire-shared` as a `Hooks` implementation (frames, seq, history
+//!    and recovery, presence, acks, JWT claims, per-peer limits). It is
+//!    listed above the hooks because it implements them and drives peers.
+//! 6. **hooks** ([`Hooks`]): `upgrade`, `open`, `message`, `close`, `error`:
+//!    what an app implements.
+//! 7. **peer** ([`Peer`]): the crossws peer (`id`, `send`, `publish`,
+//!    `subscribe`, `unsubscribe`, `topics`, `context`, `remote_addr`,
+//!    `close`); protocol v1's operations on it are crate-private, for `PubSub`.
+//! 8. **state**: what connections share (configuration, topics, peer list,
+//!    limits, shutdown handles).
+//! 9. **topics**: the registry and fan-out: one encoded frame per publish
+//!    shared by every subscriber, each topic's seq and bounded history.
+//!
+//! Below them, leaves and support modules: `limits`, `config`, `origin`,
+//! the per-peer queue (`outbox`), `shutdown`, [`Message`], the HTTP
+//! responses, and the write timeout.
+//!
+//! # Use
+//!
+//! Implement [`Hooks`] (crossws style) and drive [`Peer`]s yourself, as the
+//! `seed` and `echo` examples do; or run [`PubSub`], the typed protocol v1
+//! that the `crosswire-server` binary and the `crosswire-client` browser
+//! library speak. Either runs standalone:
 //!
 //! ```no_run
-//! use crosswire_server::{Config, PubSub, Server};
+//! use crosswire_server::{PubSub, Server, ServerConfig};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = Config::default();
+//! let config = ServerConfig::default();
 //! let server = Server::new(config.clone(), PubSub::new(&config)).bind().await?;
 //! println!("listening on {}", server.local_addr());
 //! let handle = server.handle();
-//! handle.publish(&"news".parse().unwrap(), &serde_json::json!({"headline": "hello"}))?;
+//! handle.publish_data(&"news".parse().unwrap(), &serde_json::json!({"headline": "hello"}))?;
 //! server.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
 //! # Ok(()) }
 //! ```
+//!
+//! or inside an app, next to its own routes (`examples/axum.rs`):
+//!
+//! ```ignore
+//! let endpoint = Server::new(config.clone(), PubSub::new(&config)).endpoint()?;
+//! let app = axum::Router::new()
+//!     .route("/", get(index))
+//!     .route("/_ws", any_service(endpoint.service()));
+//! ```
+//!
+//! Mounted behind an app's own listener, the limits the standalone listener
+//! applies per TCP connection (the write timeout, `max_connections`, the
+//! per-address limits) apply per WebSocket instead; see [`WebSocketService`].
+//!
+//! # Features
+//!
+//! - `cli` (default): `Args`, the clap flags of the binary and examples.
+//! - `fuzzing`: makes the `handshake` module public, for the fuzz targets only.
 
-pub mod auth;
 mod config;
 mod connection;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
 pub mod handshake;
+#[cfg(not(feature = "fuzzing"))]
+#[allow(unreachable_pub)]
+mod handshake;
 mod hooks;
 mod limits;
 mod listener;
+mod message;
 mod origin;
 mod outbox;
 mod peer;
-mod pubsub;
+pub mod pubsub;
+mod response;
 mod routes;
+mod service;
 mod shutdown;
+mod state;
 mod statics;
 mod topics;
+mod write_timeout;
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    future::Future,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use bytes::Bytes;
 use crosswire_shared::{PresenceEntry, RawValue, Topic};
-use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio::net::TcpListener;
 
-pub use config::{Args, Config, ConfigError};
+#[cfg(feature = "cli")]
+pub use config::Args;
+pub use config::{ConfigError, ServerConfig};
 pub use crosswire_shared as protocol;
-pub use hooks::{CloseDetails, Hooks, Message, PeerError, UpgradeRequest};
+pub use hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest};
+pub use message::{Message, Utf8Bytes};
 pub use outbox::SendError;
 pub use peer::Peer;
-pub use pubsub::{PubSub, Session};
-pub use routes::text_response;
+pub use pubsub::{PubSub, PubSubContext};
+pub use response::{text_response, HttpResponse};
+pub use service::{RemoteAddr, WebSocketService};
 pub use shutdown::shutdown_signal;
-pub use topics::{Subscription, TopicError};
+pub use topics::TopicError;
 
-use outbox::Outbox;
-use peer::PeerCore;
 use shutdown::ShutdownController;
-use topics::{Payload, Topics};
-
-/// The HTTP response type hooks answer a refused upgrade with.
-pub type HttpResponse = http::Response<http_body_util::Full<Bytes>>;
+use state::ServerState;
+use topics::Payload;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +142,7 @@ pub enum ServerError {
     },
 }
 
-/// Why a [`ServerHandle::publish`] failed.
+/// Why a [`ServerHandle::publish_data`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
@@ -101,56 +154,79 @@ pub enum PublishError {
     Topic(#[from] TopicError),
 }
 
-/// A server not yet listening: a [`Config`] and the [`Hooks`] to run.
+/// A server not yet running: a [`ServerConfig`] and the [`Hooks`] to run.
+/// [`bind`](Self::bind) it to a socket of its own, or make it an
+/// [`endpoint`](Self::endpoint) to mount in an app.
 #[derive(Debug)]
 pub struct Server<H> {
-    config: Config,
+    config: ServerConfig,
     hooks: H,
 }
 
 impl<H: Hooks> Server<H> {
     /// A server running `hooks` with `config`.
-    pub fn new(config: Config, hooks: H) -> Self {
+    pub fn new(config: ServerConfig, hooks: H) -> Self {
         Self { config, hooks }
     }
 
-    /// Binds the listening socket and starts accepting connections.
+    /// The WebSocket endpoint without a listener, for an app's own router:
+    /// see [`Endpoint::service`]. Must be called within a tokio runtime (it
+    /// starts the history sweeper).
+    pub fn endpoint(self) -> Result<Endpoint<H>, ConfigError> {
+        self.config.validate()?;
+        let shutdown = ShutdownController::new();
+        let state = Arc::new(ServerState::new(self.config, shutdown.handles()));
+        state.shutdown.spawn(state::sweep(Arc::clone(&state)));
+        let service = WebSocketService { state, hooks: Arc::new(self.hooks) };
+        Ok(Endpoint { service, shutdown })
+    }
+
+    /// Binds the listening socket (`config.addr`) and starts accepting
+    /// connections: the endpoint at `config.path`, `/healthz`, and the static
+    /// files of `config.static_dir`.
     pub async fn bind(self) -> Result<RunningServer, ServerError> {
         self.config.validate()?;
         limits::raise_open_file_limit(self.config.max_connections);
         let addr = self.config.addr;
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
-        let shutdown = ShutdownController::new();
-        let state = Arc::new(ServerState {
-            topics: Topics::new(self.config.topic_limits()),
-            peers: Mutex::new(HashMap::new()),
-            limit: Arc::new(Semaphore::new(self.config.max_connections)),
-            per_ip: limits::IpLimiter::new(&self.config),
-            origins: origin::OriginPolicy::new(&self.config),
-            refusals: Arc::new(Semaphore::new(listener::MAX_REFUSALS_IN_FLIGHT)),
-            shutdown: shutdown.handles(),
-            queue_budget: outbox::QueueBudget::new(self.config.max_total_queue_bytes),
-            config: self.config,
-        });
-        let accept = listener::Listener { listener, state: Arc::clone(&state), hooks: Arc::new(self.hooks) };
-        state.shutdown.spawn(accept.run());
-        state.shutdown.spawn(sweep(Arc::clone(&state)));
+        let Endpoint { service, shutdown } = self.endpoint()?;
+        let state = Arc::clone(&service.state);
+        state.shutdown.spawn(listener::Acceptor { listener, state: Arc::clone(&state), service }.run());
         tracing::info!(addr = %local_addr, path = %state.config.path, "crosswire listening");
         Ok(RunningServer { local_addr, handle: ServerHandle { state }, shutdown })
     }
 }
 
-/// Expires topic history in the background, so topics nobody touches again
-/// are still forgotten.
-async fn sweep(state: Arc<ServerState>) {
-    let every = (state.config.history_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
-    let mut ticker = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => { state.topics.sweep(); }
-            _ = state.shutdown.cancelled() => return,
-        }
+/// The WebSocket endpoint of a server that an app serves itself: the
+/// [`WebSocketService`] to mount, and the shared state behind it (topics,
+/// peers, shutdown). Its tasks (peers, the history sweeper) run until
+/// [`shutdown`](Self::shutdown), not merely until it is dropped: keep it (or
+/// call `shutdown`) for as long as the app serves.
+#[derive(Debug)]
+pub struct Endpoint<H> {
+    service: WebSocketService<H>,
+    shutdown: ShutdownController,
+}
+
+impl<H: Hooks> Endpoint<H> {
+    /// The `tower::Service` to mount at the WebSocket path, e.g. with axum's
+    /// `Router::route("/_ws", any_service(endpoint.service()))`. Clones share
+    /// everything.
+    pub fn service(&self) -> WebSocketService<H> {
+        self.service.clone()
+    }
+
+    /// A handle to publish and inspect peers from outside the hooks.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle { state: Arc::clone(&self.service.state) }
+    }
+
+    /// Closes every peer with 1001 and waits for them to finish, at most
+    /// `shutdown_grace`; then ends whatever still runs. Call it when the app
+    /// stops (its own listener is the app's to stop).
+    pub async fn shutdown(self) {
+        drain(&self.service.state, self.shutdown).await;
     }
 }
 
@@ -183,76 +259,23 @@ impl RunningServer {
     /// finish, at most `shutdown_grace`; then ends whatever still runs. When
     /// it returns, no task of this server's is left running.
     pub async fn shutdown(self) {
-        let grace = self.handle.state.config.shutdown_grace;
-        let peers = self.handle.state.peer_count();
-        tracing::info!(peers, "shutting down");
-        let drained = self.shutdown.drain(grace).await;
-        match (drained.aborted, self.handle.state.peer_count()) {
-            (0, _) => tracing::info!(peers, "shutdown complete: every connection closed"),
-            (aborted, left) => tracing::warn!(
-                ?grace,
-                aborted,
-                peers_cut = left,
-                "shutdown grace period over: ended the tasks still running, their peers without a close handshake"
-            ),
-        }
+        drain(&self.handle.state, self.shutdown).await;
     }
 }
 
-/// Shared state of one server: configuration, topics and the peer list.
-pub(crate) struct ServerState {
-    pub(crate) config: Config,
-    pub(crate) topics: Topics,
-    peers: Mutex<HashMap<Arc<str>, Arc<PeerCore>>>,
-    pub(crate) limit: Arc<Semaphore>,
-    pub(crate) per_ip: Arc<limits::IpLimiter>,
-    pub(crate) origins: origin::OriginPolicy,
-    /// Permits for the tasks answering connections refused at accept time.
-    pub(crate) refusals: Arc<Semaphore>,
-    /// How every task of this server is spawned, so shutdown reaches it.
-    pub(crate) shutdown: shutdown::ShutdownHandles,
-    /// Live bytes queued across every peer.
-    pub(crate) queue_budget: Arc<outbox::QueueBudget>,
-}
-
-impl std::fmt::Debug for ServerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerState").field("addr", &self.config.addr).finish_non_exhaustive()
-    }
-}
-
-impl ServerState {
-    pub(crate) fn ws_config(&self) -> WebSocketConfig {
-        let limit = self.config.max_message_size;
-        WebSocketConfig::default()
-            .read_buffer_size(self.config.read_buffer_size)
-            .write_buffer_size(self.config.write_buffer_size)
-            .max_message_size(Some(limit))
-            .max_frame_size(Some(limit))
-    }
-
-    /// Adds a peer under a fresh random id.
-    pub(crate) fn register_peer(&self, remote: SocketAddr, outbox: Outbox, user: Option<Arc<str>>) -> Arc<PeerCore> {
-        let mut peers = self.peers.lock().expect("peer list lock");
-        let id: Arc<str> = loop {
-            // Random rather than sequential: ids are visible to other peers
-            // (`from`, presence) and should not reveal connection counts.
-            let id: Arc<str> = format!("{:012x}", rand::random::<u64>() >> 16).into();
-            if !peers.contains_key(&id) {
-                break id;
-            }
-        };
-        let core = Arc::new(PeerCore { id: id.clone(), remote, outbox, topics: Mutex::new(BTreeSet::new()), user });
-        peers.insert(id, Arc::clone(&core));
-        core
-    }
-
-    pub(crate) fn unregister_peer(&self, id: &str) {
-        self.peers.lock().expect("peer list lock").remove(id);
-    }
-
-    fn peer_count(&self) -> usize {
-        self.peers.lock().expect("peer list lock").len()
+async fn drain(state: &ServerState, shutdown: ShutdownController) {
+    let grace = state.config.shutdown_grace;
+    let peers = state.peer_count();
+    tracing::info!(peers, "shutting down");
+    let drained = shutdown.drain(grace).await;
+    match (drained.aborted, state.peer_count()) {
+        (0, _) => tracing::info!(peers, "shutdown complete: every connection closed"),
+        (aborted, left) => tracing::warn!(
+            ?grace,
+            aborted,
+            peers_cut = left,
+            "shutdown grace period over: ended the tasks still running, their peers without a close handshake"
+        ),
     }
 }
 
@@ -269,7 +292,7 @@ pub struct PeerInfo {
     pub id: String,
     /// The client's address.
     pub remote_addr: SocketAddr,
-    /// The authenticated user, if any.
+    /// The authenticated user, if any (recorded by [`PubSub`] when it opens the peer).
     pub user: Option<String>,
     /// The topics it is subscribed to.
     pub topics: Vec<Topic>,
@@ -282,37 +305,40 @@ pub struct PeerInfo {
 }
 
 impl ServerHandle {
-    /// Publishes `data` to every subscriber of `topic` as a protocol `message`
-    /// frame from `"server"`; returns the seq it got.
-    pub fn publish(&self, topic: &Topic, data: &impl serde::Serialize) -> Result<u64, PublishError> {
-        let raw = serde_json::value::to_raw_value(data)?;
-        Ok(self.publish_raw_value(topic, &raw)?)
-    }
-
-    /// Like [`publish`](Self::publish), for data that is already JSON text.
-    pub fn publish_raw_value(&self, topic: &Topic, data: &RawValue) -> Result<u64, TopicError> {
-        Ok(self.state.topics.publish(topic, None, Payload::Data { from: "server", data })?.seq)
-    }
-
     /// Sends `message` verbatim to every subscriber of `topic` (no protocol
-    /// framing, as crossws's `publish`); returns how many it was queued for.
-    pub fn publish_message(&self, topic: &Topic, message: impl Into<Message>) -> usize {
+    /// framing, as [`Peer::publish`] and crossws's `publish`); returns how
+    /// many it was queued for.
+    pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
         // A raw publish never creates a topic, so it never meets the topic cap.
-        self.state.topics.publish(topic, None, Payload::Raw(message.into().0)).map_or(0, |p| p.delivered)
+        self.state.topics.publish(topic, None, Payload::Raw(message.into().into_frame())).map_or(0, |p| p.delivered)
+    }
+
+    /// Publishes `data` to every subscriber of `topic` as a protocol v1
+    /// `message` frame from `"server"` ([`PubSub`]'s clients): it gets the
+    /// topic's next seq, which is returned, and is kept for recovery.
+    pub fn publish_data(&self, topic: &Topic, data: &impl serde::Serialize) -> Result<u64, PublishError> {
+        let raw = serde_json::value::to_raw_value(data)?;
+        Ok(self.publish_json(topic, &raw)?)
+    }
+
+    /// Like [`publish_data`](Self::publish_data), for data that is already JSON text.
+    pub fn publish_json(&self, topic: &Topic, data: &RawValue) -> Result<u64, TopicError> {
+        Ok(self.state.topics.publish(topic, None, Payload::Data { from: "server", data })?.seq)
     }
 
     /// Every connected peer, in id order.
     pub fn peers(&self) -> Vec<PeerInfo> {
-        let peers = self.state.peers.lock().expect("peer list lock");
-        let mut list: Vec<_> = peers
-            .values()
+        let mut list: Vec<_> = self
+            .state
+            .peer_list()
+            .into_iter()
             .map(|p| {
                 let backlog = p.outbox.backlog();
                 PeerInfo {
                     id: p.id.to_string(),
                     remote_addr: p.remote,
-                    user: p.user.as_deref().map(str::to_owned),
-                    topics: p.topics.lock().expect("topic set lock").iter().cloned().collect(),
+                    user: p.user.get().map(|u| u.to_string()),
+                    topics: topics::lock_index(&p.topics).iter().cloned().collect(),
                     closing: p.outbox.is_closing(),
                     queued_frames: backlog.frames,
                     queued_bytes: backlog.bytes,
@@ -341,7 +367,7 @@ impl ServerHandle {
     }
 
     /// Bytes of history retained now, server-wide (bounded by
-    /// [`Config::history_memory_bytes`]).
+    /// [`ServerConfig::history_memory_bytes`]).
     pub fn history_bytes(&self) -> usize {
         self.state.topics.retained_bytes()
     }
@@ -349,8 +375,7 @@ impl ServerHandle {
     /// Closes a peer's connection now: what is still queued for it is dropped
     /// and the close frame goes next. False if no such peer is connected.
     pub fn disconnect(&self, peer: &str, code: u16, reason: &str) -> bool {
-        let peers = self.state.peers.lock().expect("peer list lock");
-        match peers.get(peer) {
+        match self.state.peer(peer) {
             Some(entry) => {
                 entry.outbox.close_now(code, reason);
                 true
@@ -362,8 +387,9 @@ impl ServerHandle {
 
 impl ServerHandle {
     /// How many connections refused at accept time (503, 429) are still being
-    /// answered: at most 256, each for at most a second.
+    /// answered: at most 256, each for at most a second. Always 0 for an
+    /// [`Endpoint`], whose app does its own accepting.
     pub fn refusals_in_flight(&self) -> usize {
-        listener::MAX_REFUSALS_IN_FLIGHT - self.state.refusals.available_permits()
+        state::MAX_REFUSALS_IN_FLIGHT - self.state.refusals.available_permits()
     }
 }

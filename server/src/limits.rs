@@ -13,7 +13,10 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use ipnet::IpNet;
 use tokio::time::Instant;
 
-use crate::{routes::text_response, Config, HttpResponse};
+use crate::{
+    config::ServerConfig,
+    response::{text_response, HttpResponse},
+};
 
 /// What per-address limits count under: an IPv4 address, or the /64 prefix of
 /// an IPv6 one, since one subscriber is routinely handed a whole /64 and could
@@ -109,7 +112,7 @@ pub(crate) struct IpSlot {
 const MIN_SWEEP: usize = 1024;
 
 impl IpLimiter {
-    pub(crate) fn new(config: &Config) -> Arc<Self> {
+    pub(crate) fn new(config: &ServerConfig) -> Arc<Self> {
         let interval = (config.connect_rate_per_ip > 0).then(|| Duration::from_secs(1) / config.connect_rate_per_ip);
         Arc::new(Self {
             max: config.max_connections_per_ip,
@@ -289,12 +292,12 @@ mod tests {
     use super::*;
 
     fn limiter(max: usize, rate: u32, burst: u32, proxies: &[&str]) -> Arc<IpLimiter> {
-        IpLimiter::new(&Config {
+        IpLimiter::new(&ServerConfig {
             max_connections_per_ip: max,
             connect_rate_per_ip: rate,
             connect_burst_per_ip: burst,
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
-            ..Config::default()
+            ..ServerConfig::default()
         })
     }
 

@@ -1,46 +1,39 @@
 //! The accept loop: one task per TCP connection, at most `max_connections` at
 //! once, each served by hyper with upgrades enabled and shut down gracefully.
 //! Connections over a limit are answered without hyper, by a bounded number of
-//! short-lived tasks (at most [`MAX_REFUSALS_IN_FLIGHT`], each at most [`REFUSAL_TIMEOUT`]).
+//! short-lived tasks (at most [`crate::state::MAX_REFUSALS_IN_FLIGHT`], each at most [`REFUSAL_TIMEOUT`]).
 
-use std::{
-    future::Future,
-    io,
-    pin::Pin,
-    sync::Arc,
-    task::{ready, Context, Poll},
-    time::Duration,
-};
+use std::{io, sync::Arc, time::Duration};
 
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::OwnedSemaphorePermit,
-    time::Sleep,
 };
 
 use crate::{
     hooks::Hooks,
     limits::IpRejection,
-    routes::{self, ConnCtx, ConnSlot},
-    ServerState,
+    routes::{self, ConnCtx},
+    service::{ConnSlot, WebSocketService},
+    state::ServerState,
+    write_timeout::WriteTimeout,
 };
 
 /// How long a refused connection may take to read its answer and hang up.
 /// Short: under a flood every refusal holds a descriptor for this long.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
-/// Refusals answered at once; past this a refused connection is closed
-/// unanswered, so a flood of them costs neither memory nor descriptors.
-pub(crate) const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 /// What a refused client may send before the server hangs up anyway.
 const REFUSAL_DRAIN_BYTES: usize = 16 * 1024;
 
-pub(crate) struct Listener<H> {
+/// The accept loop of a standalone server: a socket, and the service its
+/// WebSocket path goes to.
+pub(crate) struct Acceptor<H> {
     pub(crate) listener: TcpListener,
     pub(crate) state: Arc<ServerState>,
-    pub(crate) hooks: Arc<H>,
+    pub(crate) service: WebSocketService<H>,
 }
 
 /// Why a connection was refused at accept time.
@@ -71,7 +64,7 @@ impl Refusal {
     }
 }
 
-impl<H: Hooks> Listener<H> {
+impl<H: Hooks> Acceptor<H> {
     pub(crate) async fn run(self) {
         let shutdown = self.state.shutdown.clone();
         let mut backoff = Duration::from_millis(5);
@@ -113,8 +106,7 @@ impl<H: Hooks> Listener<H> {
                 }
             };
             let ctx = Arc::new(ConnCtx {
-                state: Arc::clone(&self.state),
-                hooks: Arc::clone(&self.hooks),
+                service: self.service.clone(),
                 remote,
                 slot: Arc::new(ConnSlot { _permit: permit, _ip: ip_slot }),
                 upgrading: Default::default(),
@@ -136,9 +128,9 @@ impl<H: Hooks> Listener<H> {
 }
 
 async fn serve_http<H: Hooks>(stream: TcpStream, ctx: Arc<ConnCtx<H>>) {
-    let shutdown = ctx.state.shutdown.clone();
+    let shutdown = ctx.service.state.shutdown.clone();
     let remote = ctx.remote;
-    let io = WriteTimeout::new(stream, ctx.state.config.write_timeout);
+    let io = WriteTimeout::new(stream, Some(ctx.service.state.config.write_timeout));
     let this = Arc::clone(&ctx);
     let service = service_fn(move |req| routes::route(req, Arc::clone(&this)));
     let conn = http1::Builder::new()
@@ -183,114 +175,4 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal, _permit: OwnedSemaphore
         io::Result::Ok(())
     };
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, answer).await;
-}
-
-/// A socket whose writes fail once one has been pending for `limit`: hyper
-/// has a timeout for reading request headers but none for writing, so a
-/// client that stops reading would otherwise hold its connection (and the
-/// response it is not reading) forever.
-pub(crate) struct WriteTimeout<S> {
-    inner: S,
-    limit: Duration,
-    /// Created at the first stall and reset at later ones, so a connection
-    /// under steady backpressure does not allocate a timer per stall; boxed
-    /// because `Sleep` is `!Unpin`.
-    timer: Option<Pin<Box<Sleep>>>,
-    /// Whether `timer` runs for the current stall.
-    armed: bool,
-}
-
-impl<S> WriteTimeout<S> {
-    pub(crate) fn new(inner: S, limit: Duration) -> Self {
-        Self { inner, limit, timer: None, armed: false }
-    }
-
-    /// Turns a `Pending` write into an error once it has lasted `limit`.
-    fn check<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if poll.is_ready() {
-            // Progress: the next stall gets a fresh allowance.
-            self.armed = false;
-            return poll;
-        }
-        let deadline = tokio::time::Instant::now() + self.limit;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.armed {
-            timer.as_mut().reset(deadline);
-            self.armed = true;
-        }
-        ready!(timer.as_mut().poll(cx));
-        self.armed = false;
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the peer has not read for the write timeout")))
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.check(cx, poll)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.check(cx, poll)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let poll = Pin::new(&mut self.inner).poll_flush(cx);
-        self.check(cx, poll)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.check(cx, poll)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_pending_past_the_limit_fails() {
-        // A duplex pipe with a 16-byte buffer nobody reads: writes block.
-        let (client, _server) = tokio::io::duplex(16);
-        let mut io = WriteTimeout::new(client, Duration::from_secs(10));
-        io.write_all(&[0; 16]).await.unwrap();
-        let started = tokio::time::Instant::now();
-        let err = io.write_all(&[0; 16]).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), Duration::from_secs(10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_slow_but_moving_reader_is_not_cut_off() {
-        let (client, mut server) = tokio::io::duplex(16);
-        let reader = tokio::spawn(async move {
-            let mut buf = [0u8; 16];
-            let mut total = 0;
-            while total < 16 * 5 {
-                tokio::time::sleep(Duration::from_secs(6)).await;
-                total += server.read(&mut buf).await.unwrap();
-            }
-        });
-        let mut io = WriteTimeout::new(client, Duration::from_secs(10));
-        for _ in 0..5 {
-            io.write_all(&[0; 16]).await.expect("each write moves within the limit");
-        }
-        reader.await.unwrap();
-    }
 }

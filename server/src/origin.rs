@@ -4,11 +4,11 @@
 //! page on an attacker's domain that resolves to 127.0.0.1 is same-origin with
 //! itself, so only the `Host` it sends gives it away).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use http::{header, uri::Authority, HeaderMap, StatusCode, Uri};
 
-use crate::{routes::text_response, Config, HttpResponse};
+use crate::response::{text_response, HttpResponse};
 
 /// A parsed `scheme://host[:port]`, compared as a whole: `http://example.com`
 /// is not `https://example.com`, nor `http://example.com:8080`.
@@ -104,17 +104,24 @@ struct HostPolicy {
 }
 
 impl OriginPolicy {
-    pub(crate) fn new(config: &Config) -> Self {
-        let listens_on_loopback = config.addr.ip().is_loopback();
-        let any_host = config.allowed_hosts.iter().any(|h| h == "*");
-        let hosts = (!any_host && (listens_on_loopback || !config.allowed_hosts.is_empty())).then(|| HostPolicy {
+    /// The policy of a server listening on `addr` (the configuration's
+    /// `addr`, `allowed_origins`, `allow_loopback_origins` and `allowed_hosts`).
+    pub(crate) fn new(
+        addr: SocketAddr,
+        allowed_origins: &[String],
+        allow_loopback_origins: bool,
+        allowed_hosts: &[String],
+    ) -> Self {
+        let listens_on_loopback = addr.ip().is_loopback();
+        let any_host = allowed_hosts.iter().any(|h| h == "*");
+        let hosts = (!any_host && (listens_on_loopback || !allowed_hosts.is_empty())).then(|| HostPolicy {
             loopback: listens_on_loopback,
-            names: config.allowed_hosts.iter().map(|h| host_name(h)).collect(),
+            names: allowed_hosts.iter().map(|h| host_name(h)).collect(),
         });
         Self {
-            any_origin: config.allowed_origins.iter().any(|o| o == "*"),
-            allowed: config.allowed_origins.iter().filter_map(|o| Origin::parse(o)).collect(),
-            loopback_origins: listens_on_loopback || config.allow_loopback_origins,
+            any_origin: allowed_origins.iter().any(|o| o == "*"),
+            allowed: allowed_origins.iter().filter_map(|o| Origin::parse(o)).collect(),
+            loopback_origins: listens_on_loopback || allow_loopback_origins,
             hosts,
         }
     }
@@ -183,12 +190,8 @@ mod tests {
     }
 
     fn policy(addr: &str, origins: &[&str], hosts: &[&str]) -> OriginPolicy {
-        OriginPolicy::new(&Config {
-            addr: addr.parse().unwrap(),
-            allowed_origins: origins.iter().map(|s| s.to_string()).collect(),
-            allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
-            ..Config::default()
-        })
+        let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        OriginPolicy::new(addr.parse().unwrap(), &strings(origins), false, &strings(hosts))
     }
 
     fn origin_ok(p: &OriginPolicy, origin: &str, host: &str) -> bool {
@@ -225,11 +228,7 @@ mod tests {
         assert!(origin_ok(&p, "http://127.0.0.1:8080", "127.0.0.1:3000"));
         assert!(origin_ok(&p, "http://[::1]:8080", "127.0.0.1:3000"));
         assert!(!origin_ok(&p, "http://localhost.evil.example", "127.0.0.1:3000"));
-        let told = OriginPolicy::new(&Config {
-            addr: "0.0.0.0:3000".parse().unwrap(),
-            allow_loopback_origins: true,
-            ..Config::default()
-        });
+        let told = OriginPolicy::new("0.0.0.0:3000".parse().unwrap(), &[], true, &[]);
         assert!(origin_ok(&told, "http://localhost:8080", "ws.example"));
     }
 

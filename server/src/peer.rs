@@ -1,15 +1,18 @@
-//! A connected peer: its identity, its outbound queue, and the send /
-//! publish / subscribe operations hooks call on it.
+//! [`Peer`]: the crossws peer. Its identity, its outbound queue, and the
+//! send / publish / subscribe operations hooks call on it; nothing of
+//! protocol v1, whose operations (`subscribe` with recovery, `publish` with a
+//! seq) are crate-private and used by [`crate::PubSub`] only.
 
-use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, sync::Mutex};
+use std::{net::SocketAddr, sync::Arc};
 
-use crosswire_shared::{RawValue, ServerFrame, Since, Topic};
+use crosswire_shared::{PresenceEntry, RawValue, ServerFrame, Since, Topic};
 use tokio_tungstenite::tungstenite;
 
 use crate::{
+    message::Message,
     outbox::{Outbox, SendError},
-    topics::{Payload, Publisher, Subscription, TopicError},
-    Message, ServerState,
+    state::{PeerCore, ServerState},
+    topics::{lock_index, Payload, Publisher, SubscribeOutcome, Subscriber, TopicError},
 };
 
 /// One connected WebSocket peer, as the hooks see it. Cheap to clone.
@@ -29,18 +32,6 @@ struct PeerInner<C> {
     core: Arc<PeerCore>,
     context: C,
     state: Arc<ServerState>,
-}
-
-/// What the server knows of a peer whatever its hooks' context type: the
-/// part the server's peer list shares with the [`Peer`] handle.
-#[derive(Debug)]
-pub(crate) struct PeerCore {
-    pub(crate) id: Arc<str>,
-    pub(crate) remote: SocketAddr,
-    pub(crate) outbox: Outbox,
-    pub(crate) topics: Mutex<BTreeSet<Topic>>,
-    /// The authenticated user, shown in presence.
-    pub(crate) user: Option<Arc<str>>,
 }
 
 impl<C> std::fmt::Debug for Peer<C> {
@@ -75,21 +66,21 @@ impl<C> Peer<C> {
         &self.inner.context
     }
 
-    /// The authenticated user id, when the connection was authenticated.
-    pub fn user(&self) -> Option<&str> {
-        self.inner.core.user.as_deref()
+    /// Records the authenticated user, shown in presence and the peer list.
+    pub(crate) fn set_user(&self, user: Arc<str>) {
+        let _ = self.inner.core.user.set(user);
     }
 
     /// Queues a message to this peer. Never waits: a full queue closes the
     /// peer as a slow consumer and returns [`SendError::QueueFull`], after
     /// which nothing more is sent to it but its close frame.
     pub fn send(&self, message: impl Into<Message>) -> Result<(), SendError> {
-        self.inner.core.outbox.push(message.into().0)
+        self.inner.core.outbox.push(message.into().into_frame())
     }
 
     /// Queues a protocol frame answering the peer (it may use the room
     /// reserved above the live-traffic limit).
-    pub fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
+    pub(crate) fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
         self.inner.core.outbox.push_reserved(tungstenite::Message::Text(frame.encode().into()))
     }
 
@@ -97,7 +88,7 @@ impl<C> Peer<C> {
     /// semantics: the sender is excluded, and need not be subscribed). Returns
     /// how many peers it was queued for.
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
-        let payload = Payload::Raw(message.into().0);
+        let payload = Payload::Raw(message.into().into_frame());
         // A raw publish never creates a topic, so it never meets the topic cap.
         self.inner.state.topics.publish(topic, Some(self.publisher(None)), payload).map_or(0, |p| p.delivered)
     }
@@ -108,7 +99,7 @@ impl<C> Peer<C> {
     /// the `ack` frame is queued to this peer in the same step, so it reaches
     /// the peer before any later message of the topic: a client can tell its
     /// own seq from a gap.
-    pub fn publish_data(&self, topic: &Topic, data: &RawValue, ack: Option<u64>) -> Result<u64, TopicError> {
+    pub(crate) fn publish_data(&self, topic: &Topic, data: &RawValue, ack: Option<u64>) -> Result<u64, TopicError> {
         let payload = Payload::Data { from: &self.inner.core.id, data };
         Ok(self.inner.state.topics.publish(topic, Some(self.publisher(ack)), payload)?.seq)
     }
@@ -121,7 +112,7 @@ impl<C> Peer<C> {
     /// subscribed. Fails only when the topic would be one more than the
     /// server's topic cap allows.
     pub fn subscribe(&self, topic: &Topic) -> Result<bool, TopicError> {
-        Ok(self.subscribe_with(topic, None, false, |_| None)?.1)
+        Ok(self.subscribe_with(topic, None, false, false, |_| None)?.1)
     }
 
     /// Subscribes to `topic` as the protocol does: queues the `subscribed`
@@ -129,13 +120,13 @@ impl<C> Peer<C> {
     /// before any live message, and opts into `join`/`leave` events when
     /// `presence` is set. Subscribing again never subscribes twice; with
     /// `since` it replays again.
-    pub fn subscribe_protocol(
+    pub(crate) fn subscribe_protocol(
         &self,
         topic: &Topic,
         since: Option<&Since>,
         presence: bool,
-    ) -> Result<Subscription, TopicError> {
-        let subscribed = self.subscribe_with(topic, since, presence, |sub| {
+    ) -> Result<SubscribeOutcome, TopicError> {
+        let subscribed = self.subscribe_with(topic, since, presence, true, |sub| {
             Some(ServerFrame::Subscribed {
                 topic: topic.clone(),
                 epoch: sub.epoch.to_string(),
@@ -151,35 +142,32 @@ impl<C> Peer<C> {
         topic: &Topic,
         since: Option<&Since>,
         presence: bool,
-        reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
-    ) -> Result<(Subscription, bool), TopicError> {
-        let sub = crate::topics::Subscriber {
-            outbox: self.inner.core.outbox.clone(),
-            user: self.inner.core.user.clone(),
+        history: bool,
+        reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
+    ) -> Result<(SubscribeOutcome, bool), TopicError> {
+        let core = &self.inner.core;
+        let sub = Subscriber {
+            outbox: core.outbox.clone(),
+            user: core.user.get().cloned(),
             presence,
+            memberships: Arc::clone(&core.topics),
         };
-        let result = self.inner.state.topics.subscribe(topic, &self.inner.core.id, sub, since, reply)?;
-        let newly = self.inner.core.topics.lock().expect("topic set lock").insert(topic.clone());
-        Ok((result, newly))
+        self.inner.state.topics.subscribe(topic, &core.id, sub, since, history, reply)
     }
 
     /// Leaves `topic`; returns false if the peer was not subscribed.
     pub fn unsubscribe(&self, topic: &Topic) -> bool {
-        let was = self.inner.core.topics.lock().expect("topic set lock").remove(topic);
-        if was {
-            self.inner.state.topics.unsubscribe(topic, &self.inner.core.id);
-        }
-        was
+        self.inner.state.topics.unsubscribe(topic, &self.inner.core.id)
     }
 
     /// Whether the peer is subscribed to `topic`.
     pub fn is_subscribed(&self, topic: &Topic) -> bool {
-        self.inner.core.topics.lock().expect("topic set lock").contains(topic)
+        lock_index(&self.inner.core.topics).contains(topic)
     }
 
     /// The topics the peer is subscribed to, in name order.
     pub fn topics(&self) -> Vec<Topic> {
-        self.inner.core.topics.lock().expect("topic set lock").iter().cloned().collect()
+        lock_index(&self.inner.core.topics).iter().cloned().collect()
     }
 
     /// Closes the connection with `code` and `reason`, after the frames
@@ -190,14 +178,13 @@ impl<C> Peer<C> {
 
     /// Leaves every topic; called once when the connection ends.
     pub(crate) fn leave_all(&self) {
-        let topics = std::mem::take(&mut *self.inner.core.topics.lock().expect("topic set lock"));
-        for topic in &topics {
-            self.inner.state.topics.unsubscribe(topic, &self.inner.core.id);
+        for topic in self.topics() {
+            self.inner.state.topics.unsubscribe(&topic, &self.inner.core.id);
         }
     }
 
     /// Who is subscribed to `topic`.
-    pub fn presence(&self, topic: &Topic) -> Vec<crosswire_shared::PresenceEntry> {
+    pub(crate) fn presence(&self, topic: &Topic) -> Vec<PresenceEntry> {
         self.inner.state.topics.presence(topic)
     }
 

@@ -11,13 +11,17 @@ use std::{
     time::UNIX_EPOCH,
 };
 
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use percent_encoding::percent_decode_str;
 use tower::ServiceExt;
-use tower_http::services::ServeFile;
+use tower_http::services::{fs::ServeFileSystemResponseBody, ServeFile};
 
-use crate::routes::{text_response, RouteBody};
+use crate::response::text_response;
+
+/// A response of the standalone server's routes: one of ours, or a file.
+pub(crate) type RouteBody = Either<Full<Bytes>, ServeFileSystemResponseBody>;
 
 /// Why a path is not served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -22,7 +22,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{hash_map::Entry, BinaryHeap, HashMap, VecDeque},
+    collections::{hash_map::Entry, BTreeSet, BinaryHeap, HashMap, VecDeque},
     hash::{BuildHasher, RandomState},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -108,12 +108,21 @@ struct TopicState {
     presence_owed: bool,
 }
 
+/// The topics one peer is subscribed to, as an index for that peer (its
+/// `topics()`, its topic count, leaving them all when it goes). Membership
+/// itself is each topic's subscriber map: this index is written only here,
+/// inside the same shard critical section that changes the map, so the two
+/// never disagree. Lock order: shard, then this.
+pub(crate) type Memberships = Arc<Mutex<BTreeSet<Topic>>>;
+
 /// One subscriber's entry in a topic.
 pub(crate) struct Subscriber {
     pub(crate) outbox: Outbox,
     pub(crate) user: Option<Arc<str>>,
     /// Whether it wants `join`/`leave` events.
     pub(crate) presence: bool,
+    /// Its peer's index of topics.
+    pub(crate) memberships: Memberships,
 }
 
 impl Subscriber {
@@ -130,13 +139,13 @@ struct Retained {
 
 /// What a protocol-level subscribe did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
+pub(crate) struct SubscribeOutcome {
     /// The topic history's epoch.
-    pub epoch: Arc<str>,
+    pub(crate) epoch: Arc<str>,
     /// The topic's last seq when subscribing.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// Whether the `since` given was honoured and the missed messages were queued.
-    pub recovered: bool,
+    pub(crate) recovered: bool,
 }
 
 /// Who publishes: excluded from the fan-out, and acknowledged (when it asked)
@@ -434,22 +443,27 @@ impl Topics {
         }
     }
 
+    /// Subscribes `peer` (again, if it already is: then only its presence
+    /// wish changes and `since` replays again); the bool says whether it was
+    /// not subscribed before.
     pub(crate) fn subscribe(
         &self,
         topic: &Topic,
         peer: &Arc<str>,
         sub: Subscriber,
         since: Option<&Since>,
-        reply: impl FnOnce(&Subscription) -> Option<ServerFrame>,
-    ) -> Result<Subscription, TopicError> {
+        history: bool,
+        reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
+    ) -> Result<(SubscribeOutcome, bool), TopicError> {
         let now = Instant::now();
         let mut shard = self.lock_creating(topic, now)?;
         let state = shard.get_mut(topic).expect("lock_creating leaves it there");
         state.touched = now;
-        state.handed_out = true;
+        // A raw subscriber is never told the epoch, so it costs no history.
+        state.handed_out |= history;
         state.expire(now, self.limits.history_ttl, &self.retained);
         let recovered = since.is_some_and(|s| state.can_recover(s));
-        let result = Subscription { epoch: state.epoch.clone(), seq: state.seq, recovered };
+        let result = SubscribeOutcome { epoch: state.epoch.clone(), seq: state.seq, recovered };
         if let Some(frame) = reply(&result) {
             let _ = sub.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
         }
@@ -464,6 +478,7 @@ impl Topics {
                 false
             }
             Entry::Vacant(e) => {
+                lock_index(&sub.memberships).insert(topic.clone());
                 e.insert(sub);
                 true
             }
@@ -471,19 +486,23 @@ impl Topics {
         if is_new {
             state.announce(topic, peer, true, &self.limits);
         }
-        Ok(result)
+        Ok((result, is_new))
     }
 
-    pub(crate) fn unsubscribe(&self, topic: &Topic, peer: &str) {
+    /// Unsubscribes `peer`; false if it was not subscribed.
+    pub(crate) fn unsubscribe(&self, topic: &Topic, peer: &str) -> bool {
         let now = Instant::now();
         let mut shard = self.shard(topic);
-        let Some(state) = shard.get_mut(topic) else { return };
-        if state.subscribers.contains_key(peer) {
+        let Some(state) = shard.get_mut(topic) else { return false };
+        let was = state.subscribers.contains_key(peer);
+        if was {
             state.announce(topic, peer, false, &self.limits);
-            state.subscribers.remove(peer);
+            let gone = state.subscribers.remove(peer).expect("just checked");
+            lock_index(&gone.memberships).remove(topic);
             state.touched = now;
         }
         self.remove_if_dead(&mut shard, topic, now);
+        was
     }
 
     /// Who is subscribed to `topic`, in peer-id order, at most the presence
@@ -563,6 +582,12 @@ fn longest_idle(shard: &Shard) -> Option<Topic> {
     shard.iter().filter(|(_, s)| s.subscribers.is_empty()).min_by_key(|(_, s)| s.touched).map(|(t, _)| t.clone())
 }
 
+pub(crate) fn lock_index(index: &Memberships) -> MutexGuard<'_, BTreeSet<Topic>> {
+    // Only ever changed by one insert or remove at a time: consistent even
+    // if a panic poisoned it.
+    index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard lock would be a bug in this module; the
     // map is still consistent at every await-free step, so keep serving.
@@ -595,7 +620,7 @@ mod tests {
     fn sub(capacity: usize) -> (Subscriber, OutboxReceiver) {
         let (outbox, rx) =
             Outbox::new(Bounds { frames: capacity, bytes: usize::MAX }, crate::outbox::QueueBudget::new(usize::MAX));
-        (Subscriber { outbox, user: None, presence: false }, rx)
+        (Subscriber { outbox, user: None, presence: false, memberships: Memberships::default() }, rx)
     }
 
     fn watcher() -> (Subscriber, OutboxReceiver) {
@@ -620,8 +645,8 @@ mod tests {
         topics.publish(t, None, Payload::Data { from: "x", data: &data(n) }).unwrap()
     }
 
-    fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> Subscription {
-        topics.subscribe(t, &id.into(), s, since, |_| None).unwrap()
+    fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> SubscribeOutcome {
+        topics.subscribe(t, &id.into(), s, since, true, |_| None).unwrap().0
     }
 
     #[tokio::test]
@@ -642,6 +667,27 @@ mod tests {
             "the publisher gets its ack, not its message"
         );
         assert_eq!(texts(&mut brx), [r#"{"type":"message","topic":"t","seq":1,"from":"a","data":1}"#]);
+    }
+
+    #[tokio::test]
+    async fn the_peers_index_follows_the_subscriber_map() {
+        let topics = topics(0);
+        let (a, b) = (topic("a"), topic("b"));
+        let index = Memberships::default();
+        let entry = |index: &Memberships| Subscriber {
+            outbox: sub(4).0.outbox,
+            user: None,
+            presence: false,
+            memberships: Arc::clone(index),
+        };
+        let sub_to = |t: &Topic| topics.subscribe(t, &"p".into(), entry(&index), None, false, |_| None).unwrap().1;
+        assert!(sub_to(&a));
+        assert!(sub_to(&b));
+        assert!(!sub_to(&a), "subscribing again is not joining again");
+        assert_eq!(lock_index(&index).iter().cloned().collect::<Vec<_>>(), [a.clone(), b.clone()]);
+        assert!(topics.unsubscribe(&a, "p"));
+        assert!(!topics.unsubscribe(&a, "p"));
+        assert_eq!(lock_index(&index).iter().cloned().collect::<Vec<_>>(), [b]);
     }
 
     #[tokio::test]
@@ -726,7 +772,7 @@ mod tests {
         assert_eq!(topics.len(), 4);
         let fresh = topic("fresh");
         assert_eq!(
-            topics.subscribe(&fresh, &"p".into(), sub(4).0, None, |_| None),
+            topics.subscribe(&fresh, &"p".into(), sub(4).0, None, true, |_| None),
             Err(TopicError::TopicLimit { max: 4 }),
             "every topic has a subscriber: none may go"
         );
@@ -741,7 +787,7 @@ mod tests {
             .map(|n| topic(&format!("new{n}")))
             .find(|t| topics.shard_index(t) == topics.shard_index(idle))
             .expect("some name hashes to that shard");
-        assert!(topics.subscribe(&same_shard, &"p".into(), sub(4).0, None, |_| None).is_ok());
+        assert!(topics.subscribe(&same_shard, &"p".into(), sub(4).0, None, true, |_| None).is_ok());
         assert_eq!(topics.len(), 4, "the cap holds");
         assert!(topics.shard(idle).get(idle).is_none(), "the idle topic was forgotten");
     }

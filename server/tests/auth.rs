@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
 
 const SECRET: &str = "test-secret-0123456789";
 
-fn auth_config() -> crosswire_server::Config {
+fn auth_config() -> crosswire_server::ServerConfig {
     let mut config = config();
     config.jwt_secret = Some(SECRET.into());
     config

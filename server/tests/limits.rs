@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::{
     Message,
 };
 
-fn small_limit() -> crosswire_server::Config {
+fn small_limit() -> crosswire_server::ServerConfig {
     let mut config = config();
     config.max_message_size = 1024;
     config

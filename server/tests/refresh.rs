@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 const SECRET: &str = "refresh-secret-0123456789";
 
-fn auth_config() -> crosswire_server::Config {
+fn auth_config() -> crosswire_server::ServerConfig {
     let mut config = config();
     config.jwt_secret = Some(SECRET.into());
     config

@@ -99,7 +99,7 @@ async fn a_cut_peer_receives_no_message_after_the_refused_one() {
 /// server allowed sitting in a queue for a moment is not a slow consumer.
 #[tokio::test]
 async fn a_burst_within_the_publish_limits_cuts_nobody() {
-    let config = crosswire_server::Config { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+    let config = crosswire_server::ServerConfig { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
     let server = start_pubsub(config).await;
     let addr = server.local_addr();
     let mut readers = vec![];

@@ -1,3 +1,6 @@
+//! The `error` frame's codes ([`ErrorCode`]) and why a client frame could
+//! not be decoded ([`DecodeError`]).
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

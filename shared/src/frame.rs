@@ -31,7 +31,6 @@ pub struct PresenceEntry {
 /// A frame the client sends to the server.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum ClientFrame {
     /// Subscribe to a topic; idempotent. With `since`, ask the server to replay
     /// what was published after that point. With `presence`, also receive
@@ -119,7 +118,6 @@ pub struct HistoryMessage {
 /// A frame the server sends to the client.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum ServerFrame {
     /// The first frame on every connection.
     Welcome {

@@ -1,3 +1,6 @@
+//! Topic names ([`Topic`]): validated once, cheap to clone; and the
+//! patterns JWT permissions match them with ([`TopicPattern`]).
+
 use std::{borrow::Borrow, fmt, sync::Arc};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crosswire_server::{Config, Hooks, PubSub, RunningServer, Server};
+use crosswire_server::{Hooks, PubSub, RunningServer, Server, ServerConfig};
 use crosswire_shared::ServerFrame;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -18,23 +18,23 @@ use tokio_tungstenite::{
 /// against hanging, never a delay the test relies on.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-pub fn config() -> Config {
-    Config {
+pub fn config() -> ServerConfig {
+    ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
         // Tests that are not about the rate limit publish as fast as they can.
         publish_rate: 1_000_000,
         publish_burst: 1_000_000,
         subscribe_rate: 1_000_000,
         subscribe_burst: 1_000_000,
-        ..Config::default()
+        ..ServerConfig::default()
     }
 }
 
-pub async fn start_with<H: Hooks>(config: Config, hooks: H) -> RunningServer {
+pub async fn start_with<H: Hooks>(config: ServerConfig, hooks: H) -> RunningServer {
     Server::new(config, hooks).bind().await.expect("server binds")
 }
 
-pub async fn start_pubsub(config: Config) -> RunningServer {
+pub async fn start_pubsub(config: ServerConfig) -> RunningServer {
     let hooks = PubSub::new(&config);
     start_with(config, hooks).await
 }

@@ -2,6 +2,10 @@
 //! the `crosswire-server` binary and spoken by the browser client. With a JWT
 //! secret configured it authenticates every connection and enforces each
 //! token's topic permissions; it always enforces the per-peer limits.
+//!
+//! Everything of protocol v1 on the server is here or below: the frames, the
+//! seq/history/recovery and presence operations (crate-private on
+//! [`Peer`]), acks, and the JWT claims ([`auth`]).
 
 use std::{
     sync::{Arc, Mutex},
@@ -12,11 +16,17 @@ use crosswire_shared::{close_code, ClientFrame, DecodeError, ErrorCode, ServerFr
 use tokio::task::AbortHandle;
 
 use crate::{
-    auth::{Claims, JwtAuth},
-    hooks::{CloseDetails, Hooks, Message, PeerError, UpgradeRequest},
+    config::ServerConfig,
+    hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest},
     limits::TokenBucket,
-    Config, HttpResponse, Peer,
+    message::Message,
+    peer::Peer,
+    response::HttpResponse,
 };
+
+pub mod auth;
+
+use auth::{Claims, JwtAuth};
 
 /// The typed pub/sub protocol of `crosswire-shared`: `welcome` on open, then
 /// `subscribe` / `unsubscribe` / `publish` / `ping` / `presence` frames, each
@@ -35,7 +45,7 @@ pub struct PubSub {
 /// One connection's state under [`PubSub`]: who it is, what it may do, and
 /// its publish budget.
 #[derive(Debug)]
-pub struct Session {
+pub struct PubSubContext {
     /// Replaced by a `refresh`; a std mutex, only ever held for a lookup.
     claims: Mutex<Option<Claims>>,
     user: Option<Arc<str>>,
@@ -46,7 +56,7 @@ pub struct Session {
     expiry: Mutex<Option<AbortHandle>>,
 }
 
-impl Session {
+impl PubSubContext {
     /// The verified token's claims (the latest, after a `refresh`), when the
     /// server authenticates.
     pub fn claims(&self) -> Option<Claims> {
@@ -71,7 +81,7 @@ const MAX_HISTORY_LIMIT: usize = 1_000;
 
 /// Closes `peer` with 4001 when `claims` expire, replacing any earlier timer:
 /// a refreshed token moves the deadline.
-fn arm_expiry(peer: &Peer<Session>, claims: &Claims) {
+fn arm_expiry(peer: &Peer<PubSubContext>, claims: &Claims) {
     let expires_in = claims.expires_in();
     let closer = peer.clone();
     let task = peer.spawn(async move {
@@ -89,7 +99,7 @@ fn arm_expiry(peer: &Peer<Session>, claims: &Claims) {
 impl PubSub {
     /// The protocol as `config` sets it up: its heartbeat, its JWT secret (if
     /// any) and its per-peer limits.
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &ServerConfig) -> Self {
         Self {
             heartbeat: config.heartbeat,
             auth: JwtAuth::from_config(config),
@@ -101,7 +111,7 @@ impl PubSub {
         }
     }
 
-    fn handle(&self, peer: &Peer<Session>, frame: ClientFrame) {
+    fn handle(&self, peer: &Peer<PubSubContext>, frame: ClientFrame) {
         let session = peer.context();
         if let ClientFrame::Subscribe { topic, .. }
         | ClientFrame::Unsubscribe { topic }
@@ -211,10 +221,6 @@ impl PubSub {
                     }
                 }
             }
-            // ClientFrame is non-exhaustive for other crates, not for this
-            // workspace's decoder, which only yields the variants above.
-            #[allow(unreachable_patterns)]
-            _ => error(peer, ErrorCode::BadRequest, "unsupported frame", None, None),
         }
     }
 }
@@ -224,7 +230,7 @@ impl PubSub {
     /// upgrade, for the same user; it replaces the session's permissions and
     /// moves its expiry. Subscriptions the new token no longer allows end,
     /// each with a `forbidden` error naming the topic.
-    fn refresh(&self, peer: &Peer<Session>, token: &str, id: Option<u64>) {
+    fn refresh(&self, peer: &Peer<PubSubContext>, token: &str, id: Option<u64>) {
         let refused = |message: String| {
             reply(peer, ServerFrame::Error { code: ErrorCode::Unauthorized, message, ack: None, topic: None, id })
         };
@@ -257,24 +263,30 @@ impl PubSub {
     }
 }
 
-fn reply(peer: &Peer<Session>, frame: ServerFrame) {
+fn reply(peer: &Peer<PubSubContext>, frame: ServerFrame) {
     // A full queue already closes the peer (1013); nothing more to do here.
     let _ = peer.send_frame(&frame);
 }
 
-fn error(peer: &Peer<Session>, code: ErrorCode, message: impl Into<String>, ack: Option<u64>, topic: Option<Topic>) {
+fn error(
+    peer: &Peer<PubSubContext>,
+    code: ErrorCode,
+    message: impl Into<String>,
+    ack: Option<u64>,
+    topic: Option<Topic>,
+) {
     reply(peer, ServerFrame::Error { code, message: message.into(), ack, topic, id: None });
 }
 
-fn forbidden(peer: &Peer<Session>, what: &str, topic: Topic, ack: Option<u64>) {
+fn forbidden(peer: &Peer<PubSubContext>, what: &str, topic: Topic, ack: Option<u64>) {
     let message = format!("your token does not allow you to {what} {topic:?}");
     error(peer, ErrorCode::Forbidden, message, ack, Some(topic));
 }
 
 impl Hooks for PubSub {
-    type Context = Session;
+    type Context = PubSubContext;
 
-    async fn upgrade(&self, request: &UpgradeRequest) -> Result<Session, HttpResponse> {
+    async fn upgrade(&self, request: &UpgradeRequest) -> Result<PubSubContext, HttpResponse> {
         let claims = match &self.auth {
             Some(auth) => Some(auth.authenticate(request).map_err(|e| {
                 tracing::debug!(remote = %request.remote_addr(), error = %e, "authentication failed");
@@ -282,7 +294,7 @@ impl Hooks for PubSub {
             })?),
             None => None,
         };
-        Ok(Session {
+        Ok(PubSubContext {
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
             claims: Mutex::new(claims),
             bucket: Mutex::new(TokenBucket::new(self.publish_rate, self.publish_burst)),
@@ -291,11 +303,10 @@ impl Hooks for PubSub {
         })
     }
 
-    fn user(&self, session: &Session) -> Option<Arc<str>> {
-        session.user.clone()
-    }
-
-    async fn open(&self, peer: &Peer<Session>) {
+    async fn open(&self, peer: &Peer<PubSubContext>) {
+        if let Some(user) = &peer.context().user {
+            peer.set_user(Arc::clone(user));
+        }
         reply(
             peer,
             ServerFrame::Welcome {
@@ -311,8 +322,8 @@ impl Hooks for PubSub {
         }
     }
 
-    async fn message(&self, peer: &Peer<Session>, message: Message) {
-        let Some(text) = message.text() else {
+    async fn message(&self, peer: &Peer<PubSubContext>, message: Message) {
+        let Message::Text(text) = &message else {
             let message = "binary frames are not part of protocol v1: send JSON text frames";
             return error(peer, ErrorCode::BadRequest, message, None, None);
         };
@@ -322,13 +333,13 @@ impl Hooks for PubSub {
         }
     }
 
-    async fn close(&self, peer: &Peer<Session>, _details: CloseDetails) {
+    async fn close(&self, peer: &Peer<PubSubContext>, _details: CloseDetails) {
         if let Some(task) = peer.context().expiry.lock().expect("expiry lock").take() {
             task.abort();
         }
     }
 
-    async fn error(&self, peer: &Peer<Session>, err: &PeerError) {
+    async fn error(&self, peer: &Peer<PubSubContext>, err: &PeerError) {
         if let PeerError::MessageTooBig { limit, .. } = err {
             let message = format!("message exceeds the limit of {limit} bytes; closing (1009)");
             error(peer, ErrorCode::TooLarge, message, None, None);

@@ -10,7 +10,10 @@ use http::{header, HeaderValue, StatusCode};
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::{routes::text_response, HttpResponse, UpgradeRequest};
+use crate::{
+    hooks::UpgradeRequest,
+    response::{text_response, HttpResponse},
+};
 
 /// The cookie a token may travel in.
 pub const TOKEN_COOKIE: &str = "crosswire_token";
@@ -132,7 +135,7 @@ impl JwtAuth {
     }
 
     /// The authentication `config` asks for: `None` without a JWT secret.
-    pub fn from_config(config: &crate::Config) -> Option<Self> {
+    pub fn from_config(config: &crate::ServerConfig) -> Option<Self> {
         let auth = Self::new(config.jwt_secret.as_deref()?.as_bytes());
         Some(match &config.jwt_audience {
             Some(audience) => auth.with_audience(audience),

@@ -1,0 +1,160 @@
+//! What one server shares between its connections: the configuration, the
+//! topic registry, the peer list, the connection limits and the shutdown
+//! handles. Below every layer that serves a connection, above none of them.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::{
+    config::ServerConfig,
+    limits, origin,
+    outbox::{Bounds, Outbox, QueueBudget},
+    shutdown::ShutdownHandles,
+    topics::{self, Memberships, Topics},
+};
+
+/// Refusals answered at once; past this a refused connection is closed
+/// unanswered, so a flood of them costs neither memory nor descriptors.
+pub(crate) const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+
+/// Shared state of one server.
+pub(crate) struct ServerState {
+    pub(crate) config: ServerConfig,
+    pub(crate) topics: Topics,
+    peers: Mutex<HashMap<Arc<str>, Arc<PeerCore>>>,
+    /// Connections (behind a foreign listener: WebSockets) open at once.
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) per_ip: Arc<limits::IpLimiter>,
+    pub(crate) origins: origin::OriginPolicy,
+    /// Permits for the tasks answering connections refused at accept time.
+    pub(crate) refusals: Arc<Semaphore>,
+    /// How every task of this server is spawned, so shutdown reaches it.
+    pub(crate) shutdown: ShutdownHandles,
+    /// Live bytes queued across every peer.
+    pub(crate) queue_budget: Arc<QueueBudget>,
+}
+
+/// What the server knows of a peer whatever its hooks' context type: the
+/// part the server's peer list shares with the [`crate::Peer`] handle.
+#[derive(Debug)]
+pub(crate) struct PeerCore {
+    pub(crate) id: Arc<str>,
+    pub(crate) remote: SocketAddr,
+    pub(crate) outbox: Outbox,
+    /// Its index of topics, kept by [`Topics`] (membership itself is each
+    /// topic's subscriber map).
+    pub(crate) topics: Memberships,
+    /// The authenticated user, set by the pub/sub protocol when it has one.
+    pub(crate) user: OnceLock<Arc<str>>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").field("addr", &self.config.addr).finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    pub(crate) fn new(config: ServerConfig, shutdown: ShutdownHandles) -> Self {
+        Self {
+            topics: Topics::new(topic_limits(&config)),
+            peers: Mutex::new(HashMap::new()),
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            per_ip: limits::IpLimiter::new(&config),
+            origins: origin::OriginPolicy::new(
+                config.addr,
+                &config.allowed_origins,
+                config.allow_loopback_origins,
+                &config.allowed_hosts,
+            ),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            shutdown,
+            queue_budget: QueueBudget::new(config.max_total_queue_bytes),
+            config,
+        }
+    }
+
+    pub(crate) fn ws_config(&self) -> WebSocketConfig {
+        let limit = self.config.max_message_size;
+        WebSocketConfig::default()
+            .read_buffer_size(self.config.read_buffer_size)
+            .write_buffer_size(self.config.write_buffer_size)
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit))
+    }
+
+    /// Adds a peer under a fresh random id.
+    pub(crate) fn register_peer(&self, remote: SocketAddr, outbox: Outbox) -> Arc<PeerCore> {
+        let mut peers = self.peers.lock().expect("peer list lock");
+        let id: Arc<str> = loop {
+            // Random rather than sequential: ids are visible to other peers
+            // (`from`, presence) and should not reveal connection counts.
+            let id: Arc<str> = format!("{:012x}", rand::random::<u64>() >> 16).into();
+            if !peers.contains_key(&id) {
+                break id;
+            }
+        };
+        let core = Arc::new(PeerCore {
+            id: id.clone(),
+            remote,
+            outbox,
+            topics: Memberships::default(),
+            user: OnceLock::new(),
+        });
+        peers.insert(id, Arc::clone(&core));
+        core
+    }
+
+    pub(crate) fn unregister_peer(&self, id: &str) {
+        self.peers.lock().expect("peer list lock").remove(id);
+    }
+
+    pub(crate) fn peer(&self, id: &str) -> Option<Arc<PeerCore>> {
+        self.peers.lock().expect("peer list lock").get(id).cloned()
+    }
+
+    /// Every connected peer, in no particular order.
+    pub(crate) fn peer_list(&self) -> Vec<Arc<PeerCore>> {
+        self.peers.lock().expect("peer list lock").values().cloned().collect()
+    }
+
+    pub(crate) fn peer_count(&self) -> usize {
+        self.peers.lock().expect("peer list lock").len()
+    }
+}
+
+/// What bounds the topic registry.
+fn topic_limits(config: &ServerConfig) -> topics::Limits {
+    topics::Limits {
+        history_size: config.history_size,
+        history_ttl: config.history_ttl,
+        max_topics: config.max_topics,
+        history_bytes: config.history_memory_bytes,
+        presence_list: config.max_presence_list,
+    }
+}
+
+/// How much live traffic one peer's queue may hold.
+pub(crate) fn outbox_bounds(config: &ServerConfig) -> Bounds {
+    Bounds { frames: config.outbound_queue, bytes: config.max_queue_bytes }
+}
+
+/// Expires topic history in the background, so topics nobody touches again
+/// are still forgotten.
+pub(crate) async fn sweep(state: Arc<ServerState>) {
+    let every = (state.config.history_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => { state.topics.sweep(); }
+            _ = state.shutdown.cancelled() => return,
+        }
+    }
+}
