@@ -84,7 +84,7 @@ async fn an_expired_token_publishes_nothing_more() {
     reader.subscribe("news").await;
     // Expires within two seconds (exp has one-second resolution).
     let mut expiring = connect(mint("expiring", now + 2)).await;
-    wait_until("the token expired", || handle.peers().iter().any(|p| p.id == expiring.peer && p.closing)).await;
+    wait_until("the token expired", || cut(&handle, &expiring.peer)).await;
     // Sent before the client reads the close: they reach the server after its verdict.
     for i in 0..10 {
         expiring.send(json!({"type": "publish", "topic": "news", "data": i, "ack": i})).await;

@@ -74,7 +74,7 @@ async fn a_cut_peer_receives_no_message_after_the_refused_one() {
     let blob = "z".repeat(4000);
     let mut published = 0u64;
     // Until a push is refused.
-    while !handle.peers().iter().any(|p| p.id == slow.peer && p.closing) {
+    while !cut(&handle, &slow.peer) {
         published += 1;
         assert!(published < 100_000, "the slow peer was never cut");
         publisher.publish("t", json!({"i": published, "blob": blob}), published).await;
@@ -149,7 +149,7 @@ async fn a_queue_is_bounded_in_bytes() {
     let blob = "b".repeat(60 * 1024);
     // Few frames, many bytes: the frame bound (4096) is nowhere near.
     let mut published = 0;
-    while !handle.peers().iter().any(|p| p.id == slow.peer && p.closing) {
+    while !cut(&handle, &slow.peer) {
         published += 1;
         assert!(published < 2000, "the byte bound never cut the peer");
         publisher.publish("big", json!(blob), published).await;
@@ -206,7 +206,7 @@ async fn a_slow_consumer_reconnects_and_recovers_what_it_missed() {
     let blob = "y".repeat(16 * 1024);
     // Publish until the server gives up on the slow peer, then stop.
     let mut published = 0u64;
-    while !handle.peers().iter().any(|p| p.id == slow.peer && p.closing) {
+    while !cut(&handle, &slow.peer) {
         published += 1;
         publisher.publish("feed", json!({ "blob": blob }), published).await;
         assert!(published < 100_000, "the slow consumer was never cut off");

@@ -200,6 +200,13 @@ pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String, String) 
     (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
+/// Whether the server has decided to close peer `id`: it is closing, or
+/// already gone (a close it decided on can complete, and the peer leave the
+/// list, before a busy test gets to look).
+pub fn cut(handle: &crosswire_server::ServerHandle, id: &str) -> bool {
+    handle.peers().iter().find(|p| p.id == id).is_none_or(|p| p.closing)
+}
+
 /// Waits until `condition` holds, polling the server's own state; panics
 /// with `what` after [`WAIT`]. For state that settles asynchronously (a peer
 /// count after a close): reading it right away races on a loaded machine.
