@@ -33,7 +33,7 @@
 //! # Example
 //!
 //! ```ignore
-//! use crosswire_client::{use_status, use_topic, Config, CrosswireProvider};
+//! use crosswire_client::{use_status, use_topic, ClientConfig, CrosswireProvider};
 //! use serde::{Deserialize, Serialize};
 //! use yew::prelude::*;
 //!
@@ -62,7 +62,7 @@
 //! #[component]
 //! fn App() -> Html {
 //!     html! {
-//!         <CrosswireProvider url="wss://example.com/_ws" config={Config::default()}>
+//!         <CrosswireProvider url="wss://example.com/_ws" config={ClientConfig::default()}>
 //!             <Room />
 //!         </CrosswireProvider>
 //!     }
@@ -97,10 +97,10 @@ pub mod url;
 
 pub use ack::{AckFuture, AckResult, HistoryFuture, Reply};
 pub use backoff::{Backoff, BackoffConfig};
-pub use config::{Config, TokenFuture, TokenRefresher};
+pub use config::{ClientConfig, TokenFuture, TokenRefresher};
 pub use crosswire_shared::{ErrorCode, PeerId, PresenceEntry, Since, Topic};
 pub use error::ClientError;
-pub use event::{Event, History, Message, Millis, Received, Status, TopicStatus};
+pub use event::{Event, History, Millis, Received, Status, TopicMessage, TopicStatus};
 pub use queue::OfflineQueue;
 
 pub use client::{Crosswire, Listener, Subscription};

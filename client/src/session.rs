@@ -16,7 +16,8 @@ use crosswire_shared::{
 };
 
 use crate::{
-    token::jwt_exp, Backoff, ClientError, Config, Event, History, Message, Millis, OfflineQueue, Status, TopicStatus,
+    token::jwt_exp, Backoff, ClientConfig, ClientError, Event, History, Millis, OfflineQueue, Status, TopicMessage,
+    TopicStatus,
 };
 
 /// Something that happened, fed to [`Session::handle`].
@@ -258,7 +259,7 @@ enum InPlace {
 
 /// The connection state machine. See the [module docs](self).
 pub struct Session {
-    config: Config,
+    config: ClientConfig,
     random: Box<dyn FnMut() -> f64>,
     conn: Conn,
     backoff: Backoff,
@@ -300,7 +301,7 @@ const CLIENT_CLOSE: u16 = 1000;
 impl Session {
     /// A session that has not started; `random` returns numbers in `[0, 1)`
     /// for the backoff jitter (`Math.random` in the browser).
-    pub fn new(config: Config, random: Box<dyn FnMut() -> f64>) -> Self {
+    pub fn new(config: ClientConfig, random: Box<dyn FnMut() -> f64>) -> Self {
         let mut session = Self {
             backoff: Backoff::new(config.backoff),
             queue: OfflineQueue::new(config.queue_capacity),
@@ -905,7 +906,7 @@ impl Session {
                     self.notify(Event::Ack { id: ack, result: Ok(seq) });
                 }
                 if let Some(data) = inflight.echo {
-                    let mut message = Message::new(inflight.topic, seq, self.own_peer(), data);
+                    let mut message = TopicMessage::new(inflight.topic, seq, self.own_peer(), data);
                     message.local = true;
                     self.notify(Event::Message(message));
                 }
@@ -936,7 +937,7 @@ impl Session {
                 }
                 let messages = messages
                     .into_iter()
-                    .map(|m| Message::new(topic.clone(), m.seq, m.from, Rc::from(m.data)))
+                    .map(|m| TopicMessage::new(topic.clone(), m.seq, m.from, Rc::from(m.data)))
                     .collect();
                 self.notify(Event::History { id, result: Ok(History { topic, epoch, seq, messages }) });
             }
@@ -1026,7 +1027,7 @@ impl Session {
         let own = entry.own_seqs.contains(&seq);
         entry.advance(seq);
         if !own {
-            self.notify(Event::Message(Message::new(topic, seq, from, Rc::from(data))));
+            self.notify(Event::Message(TopicMessage::new(topic, seq, from, Rc::from(data))));
         }
     }
 

@@ -23,7 +23,7 @@ mod app {
     use std::{cell::RefCell, collections::VecDeque, rc::Rc};
 
     use crosswire_client::{
-        url::same_origin_ws, use_crosswire, use_presence, use_status, use_topic_callback, ClientError, Config,
+        url::same_origin_ws, use_crosswire, use_presence, use_status, use_topic_callback, ClientConfig, ClientError,
         CrosswireProvider, Event as CrosswireEvent, Received, Status, TopicOptions, TopicStatus,
     };
     use gloo_timers::callback::Interval;
@@ -40,7 +40,7 @@ mod app {
     /// bound only stops a server that floods errors from growing the page forever.
     const ERROR_CAP: usize = 1_000;
 
-    fn page_config() -> (String, Config) {
+    fn page_config() -> (String, ClientConfig) {
         let location = web_sys::window().map(|w| w.location());
         let get = |f: fn(&web_sys::Location) -> Result<String, wasm_bindgen::JsValue>| {
             location.as_ref().and_then(|l| f(l).ok()).unwrap_or_default()
@@ -50,7 +50,7 @@ mod app {
             .trim_start_matches('?')
             .split('&')
             .find_map(|kv| kv.strip_prefix("token=").map(str::to_owned));
-        let config = Config::default();
+        let config = ClientConfig::default();
         (
             url,
             match token {
