@@ -329,8 +329,6 @@ impl Inner {
                     f(&event);
                 }
             }
-            #[allow(unreachable_patterns)] // Command is non-exhaustive for other crates only
-            _ => {}
         }
     }
 

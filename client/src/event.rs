@@ -14,8 +14,11 @@ use crate::ClientError;
 pub type Millis = u64;
 
 /// The state of the connection, as the app sees it.
+///
+/// Not `#[non_exhaustive]`: an app that shows the status should show every
+/// state, so a new one is a breaking change that fails to compile where a
+/// match does not handle it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Status {
     /// Opening a connection (the first, or a retry).
     Connecting {
@@ -93,8 +96,10 @@ impl Status {
 }
 
 /// The state of one subscribed topic.
+///
+/// Not `#[non_exhaustive]`, like [`Status`]: a new state fails to compile
+/// where a match does not handle it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum TopicStatus {
     /// Waiting for the connection or for the server's `subscribed`.
     Subscribing,

@@ -96,8 +96,10 @@ pub enum Input {
 }
 
 /// What the binding must do, returned by [`Session::handle`] in order.
+///
+/// Not `#[non_exhaustive]`: a binding must carry out every command, so a new
+/// one is a breaking change that fails to compile where it is not handled.
 #[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
 pub enum Command {
     /// Open a new socket with this token (as the `token` query parameter).
     Connect {
@@ -1001,7 +1003,8 @@ impl Session {
                     self.notify(Event::Presence { topic, peers });
                 }
             }
-            _ => {}
+            // Unsubscribing forgets the topic at once; the answer has nothing to add.
+            ServerFrame::Unsubscribed { .. } => {}
         }
     }
 

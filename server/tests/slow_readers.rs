@@ -106,7 +106,8 @@ impl Subscriber {
                         let resumed = self.session.since(&topic).map_or(0, |s| s.seq);
                         self.gaps.entry(topic.to_string()).or_default().push((missed_after.seq, resumed));
                     }
-                    _ => {}
+                    // Named, so that a new command fails to compile here until this harness decides.
+                    Command::RefreshToken | Command::Probe | Command::Notify(_) => {}
                 }
             }
         }

@@ -215,7 +215,6 @@ mod app {
             Status::Closed { code, reason } => {
                 ("Closed".to_owned(), format!("{}{reason}", code.map(|c| format!("code {c} ")).unwrap_or_default()))
             }
-            _ => (status.name().to_owned(), String::new()),
         };
         let reconnect = {
             let client = client.clone();
@@ -353,7 +352,6 @@ mod app {
                 ("gap", format!("live, but messages after #{} could not be recovered", missed_after.seq))
             }
             Some(TopicStatus::Refused(e)) => ("refused", format!("refused: {e}")),
-            Some(_) => ("unknown", String::new()),
         };
         let me = match &status {
             Status::Open { peer } => Some(peer.clone()),
