@@ -32,7 +32,7 @@
 //!
 //! # Example
 //!
-//! ```ignore
+//! ```no_run
 //! use crosswire_client::{use_status, use_topic, ClientConfig, CrosswireProvider};
 //! use serde::{Deserialize, Serialize};
 //! use yew::prelude::*;
@@ -74,10 +74,6 @@
 //! ```ignore
 //! let seq = chat.publish_with_ack(Chat { text: "hi".into() }).await?;
 //! ```
-
-// The browser-only items are documented on wasm32 (docs.rs builds that target);
-// native docs cover the pure logic, so links to the browser items dangle there.
-#![cfg_attr(not(target_arch = "wasm32"), allow(rustdoc::broken_intra_doc_links))]
 
 mod ack;
 mod backoff;

@@ -298,7 +298,7 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// The reason sent when the client closes a socket itself.
+/// The close code the client sends when it closes a socket itself (normal closure).
 const CLIENT_CLOSE: u16 = 1000;
 
 impl Session {

@@ -1,3 +1,5 @@
+//! The session's tests: inputs and fake time in, commands out.
+
 use super::*;
 use crate::BackoffConfig;
 use crosswire_shared::PeerId;
