@@ -24,7 +24,9 @@ fn main() {
 
 #[cfg(target_arch = "wasm32")]
 mod chat {
-    use crosswire_client::{use_presence, use_status, use_topic, BackoffConfig, Config, CrosswireProvider, Status};
+    use crosswire_client::{
+        use_presence, use_status, use_topic, BackoffConfig, ClientConfig, CrosswireProvider, Status,
+    };
     use serde::{Deserialize, Serialize};
     use web_sys::HtmlInputElement;
     use yew::prelude::*;
@@ -41,10 +43,10 @@ mod chat {
     #[component]
     pub(crate) fn App() -> Html {
         let origin = web_sys::window().and_then(|w| w.location().host().ok()).unwrap_or_default();
-        let config = Config {
+        let config = ClientConfig {
             backoff: BackoffConfig { max_ms: 10_000, ..BackoffConfig::default() },
             queue_capacity: 20,
-            ..Config::default()
+            ..ClientConfig::default()
         };
         html! {
             <CrosswireProvider url={format!("ws://{origin}/_ws")} {config}>

@@ -15,7 +15,7 @@ use crate::{
     ack::{self, AckFuture, HistoryFuture, ReplySender},
     driver::{self, Driver, PageEvent, SocketEvent},
     session::{Command, Input, Session},
-    url, ClientError, Config, Event, History, Status, TopicStatus,
+    url, ClientConfig, ClientError, Event, History, Status, TopicStatus,
 };
 
 /// A shared connection to a crosswire server. Cheap to clone: clones are
@@ -27,9 +27,9 @@ use crate::{
 /// opens a socket: its status stays [`Status::Connecting`].
 ///
 /// ```ignore
-/// use crosswire_client::{Config, Crosswire, Event, Topic};
+/// use crosswire_client::{ClientConfig, Crosswire, Event, Topic};
 ///
-/// let client = Crosswire::new("ws://127.0.0.1:3000/_ws", Config::default());
+/// let client = Crosswire::new("ws://127.0.0.1:3000/_ws", ClientConfig::default());
 /// let topic = Topic::new("chat:lobby")?;
 /// let _sub = client.subscribe(&topic, false); // held while interested
 /// let _listener = client.listen(|event| if let Event::Message(m) = event {
@@ -59,7 +59,7 @@ type ListenerFn = Rc<dyn Fn(&Event)>;
 
 struct Inner {
     url: String,
-    config: Config,
+    config: ClientConfig,
     session: RefCell<Session>,
     driver: Driver,
     /// Bumped whenever the socket is replaced: events of older sockets, and
@@ -82,7 +82,7 @@ impl Drop for Inner {
 
 impl Crosswire {
     /// Creates the client and starts connecting to `url` (`ws://` or `wss://`).
-    pub fn new(url: &str, config: Config) -> Self {
+    pub fn new(url: &str, config: ClientConfig) -> Self {
         let client = Self::idle(url, config);
         client.start();
         client
@@ -92,7 +92,7 @@ impl Crosswire {
     /// made before [`Crosswire::start`] wait for it. [`crate::CrosswireProvider`]
     /// starts its client in an effect, so server-side rendering, which runs no
     /// effects, never opens a socket.
-    pub fn idle(url: &str, config: Config) -> Self {
+    pub fn idle(url: &str, config: ClientConfig) -> Self {
         let session = Session::new(config.clone(), Box::new(driver::random));
         let inner = Rc::new(Inner {
             url: url.to_owned(),
@@ -142,7 +142,7 @@ impl Crosswire {
     }
 
     /// The configuration the client was created with.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ClientConfig {
         &self.inner.config
     }
 
@@ -188,7 +188,7 @@ impl Crosswire {
     }
 
     /// Publishes `data` and resolves to the seq the server assigned it, or to
-    /// the error, always within [`Config::ack_timeout_ms`] of this call
+    /// the error, always within [`ClientConfig::ack_timeout_ms`] of this call
     /// (offline time included).
     pub fn publish_with_ack<T: Serialize + ?Sized>(&self, topic: &Topic, data: &T) -> AckFuture {
         self.publish_acked(topic, data, false)
@@ -218,7 +218,7 @@ impl Crosswire {
     /// (the oldest `limit` of them), or the latest `limit` without `since`.
     /// Needs the subscribe permission; fails with `history_unavailable` when
     /// the server's history no longer reaches back to `since`. Asked (again)
-    /// once connected; resolves within [`Config::ack_timeout_ms`].
+    /// once connected; resolves within [`ClientConfig::ack_timeout_ms`].
     pub fn history(&self, topic: &Topic, since: Option<Since>, limit: Option<u32>) -> HistoryFuture {
         let id = self.inner.session.borrow_mut().next_id();
         let (tx, rx) = ack::channel();
@@ -329,8 +329,6 @@ impl Inner {
                     f(&event);
                 }
             }
-            #[allow(unreachable_patterns)] // Command is non-exhaustive for other crates only
-            _ => {}
         }
     }
 

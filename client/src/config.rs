@@ -8,7 +8,7 @@ use crate::BackoffConfig;
 pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>>>>;
 
 /// An app callback that fetches a fresh token: for the first connect when
-/// [`Config::token`] is `None`, before every reconnect, after the server
+/// [`ClientConfig::token`] is `None`, before every reconnect, after the server
 /// refused or expired the current token (HTTP 401, close code 4001), and
 /// shortly before the current token's `exp`, to hand the server the new one
 /// over the open connection.
@@ -66,16 +66,16 @@ impl fmt::Debug for TokenRefresher {
 }
 
 /// How a client connects, reconnects and keeps its connection honest.
-/// `Config::default()` suits most apps.
+/// `ClientConfig::default()` suits most apps.
 ///
 /// ```
-/// use crosswire_client::Config;
+/// use crosswire_client::ClientConfig;
 ///
-/// let config = Config { queue_capacity: 50, ..Config::default() }.with_token("secret");
+/// let config = ClientConfig { queue_capacity: 50, ..ClientConfig::default() }.with_token("secret");
 /// assert_eq!(config.token.as_deref(), Some("secret"));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub struct ClientConfig {
     /// Reconnect delays and the uptime after which they reset.
     pub backoff: BackoffConfig,
     /// How long a connection may take to open and send `welcome`, in
@@ -118,7 +118,7 @@ pub struct Config {
     pub token_refresher: Option<TokenRefresher>,
 }
 
-impl Default for Config {
+impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             backoff: BackoffConfig::default(),
@@ -137,7 +137,7 @@ impl Default for Config {
     }
 }
 
-impl Config {
+impl ClientConfig {
     /// Sets the token.
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());

@@ -1,3 +1,5 @@
+//! What can go wrong, as the client reports it: [`ClientError`].
+
 use crosswire_shared::{ErrorCode, InvalidTopic, Topic};
 
 /// Everything that can go wrong between the app and a crosswire server, as the

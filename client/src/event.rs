@@ -14,8 +14,11 @@ use crate::ClientError;
 pub type Millis = u64;
 
 /// The state of the connection, as the app sees it.
+///
+/// Not `#[non_exhaustive]`: an app that shows the status should show every
+/// state, so a new one is a breaking change that fails to compile where a
+/// match does not handle it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Status {
     /// Opening a connection (the first, or a retry).
     Connecting {
@@ -93,8 +96,10 @@ impl Status {
 }
 
 /// The state of one subscribed topic.
+///
+/// Not `#[non_exhaustive]`, like [`Status`]: a new state fails to compile
+/// where a match does not handle it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum TopicStatus {
     /// Waiting for the connection or for the server's `subscribed`.
     Subscribing,
@@ -126,7 +131,7 @@ impl TopicStatus {
 
 /// A message received on a topic, payload still raw JSON.
 #[derive(Clone)]
-pub struct Message {
+pub struct TopicMessage {
     /// The topic.
     pub topic: Topic,
     /// The message's sequence number within the topic's epoch.
@@ -146,9 +151,9 @@ pub struct Message {
 /// A message's payload decoded into each type asked for.
 type Decoded = Vec<(TypeId, Rc<dyn Any>)>;
 
-impl std::fmt::Debug for Message {
+impl std::fmt::Debug for TopicMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Message")
+        f.debug_struct("TopicMessage")
             .field("topic", &self.topic)
             .field("seq", &self.seq)
             .field("from", &self.from)
@@ -158,7 +163,7 @@ impl std::fmt::Debug for Message {
     }
 }
 
-impl PartialEq for Message {
+impl PartialEq for TopicMessage {
     fn eq(&self, other: &Self) -> bool {
         self.topic == other.topic
             && self.seq == other.seq
@@ -181,7 +186,7 @@ pub struct Received<T> {
     pub data: T,
 }
 
-impl Message {
+impl TopicMessage {
     /// A received message.
     pub fn new(topic: Topic, seq: u64, from: PeerId, data: Rc<RawValue>) -> Self {
         Self { topic, seq, from, data, local: false, decoded: Rc::default() }
@@ -223,7 +228,7 @@ pub struct History {
     /// The topic's last seq when the server answered.
     pub seq: u64,
     /// The messages, in seq order.
-    pub messages: Vec<Message>,
+    pub messages: Vec<TopicMessage>,
 }
 
 /// Something the app may want to know; delivered to every listener.
@@ -233,7 +238,7 @@ pub enum Event {
     /// The connection status changed.
     Status(Status),
     /// A message arrived (after de-duplication).
-    Message(Message),
+    Message(TopicMessage),
     /// A topic's subscription state changed.
     Topic {
         /// The topic.

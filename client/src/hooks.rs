@@ -2,7 +2,7 @@
 //! callback), presence.
 //!
 //! Each message of a topic is decoded once per type for the whole connection
-//! ([`crate::Message::received`]), however many components use the topic.
+//! ([`crate::TopicMessage::received`]), however many components use the topic.
 
 use std::{
     cell::{Ref, RefCell},

@@ -32,8 +32,8 @@
 //!
 //! # Example
 //!
-//! ```ignore
-//! use crosswire_client::{use_status, use_topic, Config, CrosswireProvider};
+//! ```no_run
+//! use crosswire_client::{use_status, use_topic, ClientConfig, CrosswireProvider};
 //! use serde::{Deserialize, Serialize};
 //! use yew::prelude::*;
 //!
@@ -62,7 +62,7 @@
 //! #[component]
 //! fn App() -> Html {
 //!     html! {
-//!         <CrosswireProvider url="wss://example.com/_ws" config={Config::default()}>
+//!         <CrosswireProvider url="wss://example.com/_ws" config={ClientConfig::default()}>
 //!             <Room />
 //!         </CrosswireProvider>
 //!     }
@@ -74,10 +74,6 @@
 //! ```ignore
 //! let seq = chat.publish_with_ack(Chat { text: "hi".into() }).await?;
 //! ```
-
-// The browser-only items are documented on wasm32 (docs.rs builds that target);
-// native docs cover the pure logic, so links to the browser items dangle there.
-#![cfg_attr(not(target_arch = "wasm32"), allow(rustdoc::broken_intra_doc_links))]
 
 mod ack;
 mod backoff;
@@ -97,10 +93,10 @@ pub mod url;
 
 pub use ack::{AckFuture, AckResult, HistoryFuture, Reply};
 pub use backoff::{Backoff, BackoffConfig};
-pub use config::{Config, TokenFuture, TokenRefresher};
+pub use config::{ClientConfig, TokenFuture, TokenRefresher};
 pub use crosswire_shared::{ErrorCode, PeerId, PresenceEntry, Since, Topic};
 pub use error::ClientError;
-pub use event::{Event, History, Message, Millis, Received, Status, TopicStatus};
+pub use event::{Event, History, Millis, Received, Status, TopicMessage, TopicStatus};
 pub use queue::OfflineQueue;
 
 pub use client::{Crosswire, Listener, Subscription};

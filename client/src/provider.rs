@@ -2,7 +2,7 @@
 
 use yew::prelude::*;
 
-use crate::{Config, Crosswire};
+use crate::{ClientConfig, Crosswire};
 
 /// What [`CrosswireProvider`] puts in the Yew context: the shared connection.
 /// Read it with [`crate::use_crosswire`] (or `use_context::<CrosswireContext>()`).
@@ -13,9 +13,9 @@ pub type CrosswireContext = Crosswire;
 pub struct CrosswireProviderProps {
     /// The server's WebSocket URL, `ws://` or `wss://`.
     pub url: AttrValue,
-    /// How to connect; `Config::default()` if not given.
+    /// How to connect; `ClientConfig::default()` if not given.
     #[prop_or_default]
-    pub config: Config,
+    pub config: ClientConfig,
     /// The app, which may use the crosswire hooks.
     #[prop_or_default]
     pub children: Html,

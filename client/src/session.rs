@@ -12,11 +12,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 
 use crosswire_shared::{
-    close_code, ClientFrame, ErrorCode, PresenceEntry, RawValue, ServerFrame, Since, Topic, PROTOCOL_VERSION,
+    close_code, ClientFrame, ErrorCode, HistoryMessage, PeerId, PresenceEntry, RawValue, ServerFrame, Since, Topic,
+    PROTOCOL_VERSION,
 };
 
 use crate::{
-    token::jwt_exp, Backoff, ClientError, Config, Event, History, Message, Millis, OfflineQueue, Status, TopicStatus,
+    token::jwt_exp, Backoff, ClientConfig, ClientError, Event, History, Millis, OfflineQueue, Status, TopicMessage,
+    TopicStatus,
 };
 
 /// Something that happened, fed to [`Session::handle`].
@@ -95,8 +97,10 @@ pub enum Input {
 }
 
 /// What the binding must do, returned by [`Session::handle`] in order.
+///
+/// Not `#[non_exhaustive]`: a binding must carry out every command, so a new
+/// one is a breaking change that fails to compile where it is not handled.
 #[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
 pub enum Command {
     /// Open a new socket with this token (as the `token` query parameter).
     Connect {
@@ -258,7 +262,7 @@ enum InPlace {
 
 /// The connection state machine. See the [module docs](self).
 pub struct Session {
-    config: Config,
+    config: ClientConfig,
     random: Box<dyn FnMut() -> f64>,
     conn: Conn,
     backoff: Backoff,
@@ -294,13 +298,13 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// The reason sent when the client closes a socket itself.
+/// The close code the client sends when it closes a socket itself (normal closure).
 const CLIENT_CLOSE: u16 = 1000;
 
 impl Session {
     /// A session that has not started; `random` returns numbers in `[0, 1)`
     /// for the backoff jitter (`Math.random` in the browser).
-    pub fn new(config: Config, random: Box<dyn FnMut() -> f64>) -> Self {
+    pub fn new(config: ClientConfig, random: Box<dyn FnMut() -> f64>) -> Self {
         let mut session = Self {
             backoff: Backoff::new(config.backoff),
             queue: OfflineQueue::new(config.queue_capacity),
@@ -850,6 +854,8 @@ impl Session {
         }
     }
 
+    /// Hands a frame from the server to its handler. Every frame is named (no
+    /// wildcard), so a new one in `crosswire-shared` fails to compile here.
     fn frame(&mut self, text: &str, now: Millis) {
         let frame = match ServerFrame::decode(text) {
             Ok(frame) => frame,
@@ -857,154 +863,177 @@ impl Session {
         };
         match frame {
             ServerFrame::Welcome { peer, heartbeat_ms, version, exp } => {
-                if !matches!(self.conn, Conn::Open { .. }) {
-                    return;
-                }
-                if version != PROTOCOL_VERSION {
-                    // Retrying cannot help: this server speaks another protocol.
-                    let reason =
-                        format!("the server speaks protocol version {version}; this client speaks {PROTOCOL_VERSION}");
-                    self.out.push(Command::CloseSocket { code: CLIENT_CLOSE, reason: "unsupported protocol".into() });
-                    self.connection_gone(ClientError::Disconnected);
-                    return self.end(Status::Closed { code: None, reason: reason.clone() }, None, reason);
-                }
-                let interval = self.config.heartbeat_ms.unwrap_or(heartbeat_ms);
-                let heartbeat =
-                    (interval > 0).then_some(Heartbeat { interval, next_ping: now + interval, awaiting: None });
-                self.conn = Conn::Ready { heartbeat };
-                self.backoff.opened(now);
-                // The server's hint covers tokens the client cannot read (not a JWT).
-                if let (Some(exp), None) = (exp, self.token_exp) {
-                    self.token_exp = Some((exp.saturating_mul(1000), now));
-                }
-                self.set_status(Status::Open { peer });
-                let topics: Vec<Topic> = self.topics.keys().cloned().collect();
-                for topic in &topics {
-                    self.send_subscribe(topic, false);
-                }
-                for queued in self.queue.drain() {
-                    self.publish(queued);
-                }
-                self.send_history();
-                // A token that expired while away is replaced at once.
-                if self.refresh_at().is_some_and(|at| now >= at) {
-                    self.in_place = InPlace::Fetching;
-                    self.out.push(Command::RefreshToken);
-                }
+                self.on_welcome(peer, heartbeat_ms, version, exp, now)
             }
-            ServerFrame::Subscribed { topic, epoch, seq, recovered } => self.subscribed(topic, epoch, seq, recovered),
-            ServerFrame::Message { topic, seq, from, data } => self.message(topic, seq, from, data),
-            ServerFrame::Ack { ack, seq } => {
-                let Some(inflight) = self.inflight.remove(&ack) else { return };
-                if let Some(entry) = self.topics.get_mut(&inflight.topic) {
-                    if entry.last_seq.is_some_and(|last| seq > last) {
-                        entry.own_seqs.insert(seq);
-                    }
-                }
-                if !inflight.internal {
-                    self.notify(Event::Ack { id: ack, result: Ok(seq) });
-                }
-                if let Some(data) = inflight.echo {
-                    let mut message = Message::new(inflight.topic, seq, self.own_peer(), data);
-                    message.local = true;
-                    self.notify(Event::Message(message));
-                }
+            ServerFrame::Subscribed { topic, epoch, seq, recovered } => {
+                self.on_subscribed(topic, epoch, seq, recovered)
             }
-            ServerFrame::Pong { id } => {
-                if self.suspect.is_some_and(|(want, _)| id == Some(want)) {
-                    self.suspect = None;
-                }
-                if let Conn::Ready { heartbeat: Some(mut hb) } = self.conn {
-                    if hb.awaiting.is_some_and(|(want, _)| id.is_none_or(|id| id == want)) {
-                        hb.awaiting = None;
-                        self.conn = Conn::Ready { heartbeat: Some(hb) };
-                    }
-                }
-            }
-            ServerFrame::Refreshed { id, exp } => {
-                if matches!(self.in_place, InPlace::Sent(want) if id == Some(want)) {
-                    self.in_place = InPlace::Idle;
-                    // The server's word on the expiry wins over the token's;
-                    // none means this connection does not expire.
-                    self.token_exp = exp.map(|exp| (exp.saturating_mul(1000), now));
-                }
-            }
+            // Unsubscribing forgets the topic at once; the answer has nothing to add.
+            ServerFrame::Unsubscribed { .. } => {}
+            ServerFrame::Message { topic, seq, from, data } => self.on_message(topic, seq, from, data),
+            ServerFrame::Ack { ack, seq } => self.on_ack(ack, seq),
+            ServerFrame::Pong { id } => self.on_pong(id),
+            ServerFrame::Refreshed { id, exp } => self.on_refreshed(id, exp, now),
             ServerFrame::History { topic, id, epoch, seq, messages } => {
-                let Some(id) = id else { return };
-                if self.history.remove(&id).is_none() {
-                    return;
-                }
-                let messages = messages
-                    .into_iter()
-                    .map(|m| Message::new(topic.clone(), m.seq, m.from, Rc::from(m.data)))
-                    .collect();
-                self.notify(Event::History { id, result: Ok(History { topic, epoch, seq, messages }) });
+                self.on_history(topic, id, epoch, seq, messages)
             }
-            ServerFrame::Error { code, message, ack, topic, id } => {
-                let error = ClientError::Server { code, message, topic: topic.clone() };
-                if let Some(id) = ack {
-                    match self.inflight.remove(&id) {
-                        Some(inflight) if inflight.internal => return self.notify(Event::Error(error)),
-                        Some(_) => return self.notify(Event::Ack { id, result: Err(error) }),
-                        None => {}
-                    }
-                }
-                if let Some(id) = id {
-                    if self.history.remove(&id).is_some() {
-                        return self.notify(Event::History { id, result: Err(error) });
-                    }
-                    if self.in_place == InPlace::Sent(id) {
-                        self.in_place = InPlace::Failed;
-                        return self.notify(Event::Error(ClientError::TokenRefresh(error.to_string())));
-                    }
-                }
-                let about_subscribe = !matches!(code, ErrorCode::RateLimited | ErrorCode::TooLarge);
-                if let Some(topic) = &topic {
-                    if let Some(entry) = self.topics.get_mut(topic) {
-                        // A refused subscribe, or a subscription a refreshed
-                        // token no longer allows.
-                        let revoked = code == ErrorCode::Forbidden && entry.status.is_live();
-                        if (!entry.pending.is_empty() && about_subscribe) || revoked {
-                            entry.pending.pop_front();
-                            entry.recovering = false;
-                            self.set_topic_status(topic, TopicStatus::Refused(error.clone()));
-                        }
-                    }
-                }
-                self.notify(Event::Error(error));
-            }
-            ServerFrame::Presence { topic, peers, .. } => {
-                let Some(entry) = self.topics.get_mut(&topic) else { return };
-                if entry.presence_refs == 0 {
-                    return; // an answer to interest since released
-                }
-                entry.presence = Some(peers.clone());
-                self.notify(Event::Presence { topic, peers });
-            }
-            ServerFrame::Join { topic, who } => {
-                let Some(entry) = self.topics.get_mut(&topic) else { return };
-                let Some(peers) = &mut entry.presence else { return };
-                if !peers.iter().any(|p| p.peer == who.peer) {
-                    peers.push(who);
-                    let peers = peers.clone();
-                    self.notify(Event::Presence { topic, peers });
-                }
-            }
-            ServerFrame::Leave { topic, who } => {
-                let Some(entry) = self.topics.get_mut(&topic) else { return };
-                let Some(peers) = &mut entry.presence else { return };
-                let before = peers.len();
-                peers.retain(|p| p.peer != who.peer);
-                if peers.len() != before {
-                    let peers = peers.clone();
-                    self.notify(Event::Presence { topic, peers });
-                }
-            }
-            _ => {}
+            ServerFrame::Error { code, message, ack, topic, id } => self.on_error(code, message, topic, ack, id),
+            ServerFrame::Presence { topic, peers, .. } => self.on_presence(topic, peers),
+            ServerFrame::Join { topic, who } => self.on_join(topic, who),
+            ServerFrame::Leave { topic, who } => self.on_leave(topic, who),
         }
     }
 
-    fn message(&mut self, topic: Topic, seq: u64, from: String, data: Box<RawValue>) {
+    fn on_welcome(&mut self, peer: PeerId, heartbeat_ms: u64, version: u32, exp: Option<u64>, now: Millis) {
+        if !matches!(self.conn, Conn::Open { .. }) {
+            return;
+        }
+        if version != PROTOCOL_VERSION {
+            // Retrying cannot help: this server speaks another protocol.
+            let reason = format!("the server speaks protocol version {version}; this client speaks {PROTOCOL_VERSION}");
+            self.out.push(Command::CloseSocket { code: CLIENT_CLOSE, reason: "unsupported protocol".into() });
+            self.connection_gone(ClientError::Disconnected);
+            return self.end(Status::Closed { code: None, reason: reason.clone() }, None, reason);
+        }
+        let interval = self.config.heartbeat_ms.unwrap_or(heartbeat_ms);
+        let heartbeat = (interval > 0).then_some(Heartbeat { interval, next_ping: now + interval, awaiting: None });
+        self.conn = Conn::Ready { heartbeat };
+        self.backoff.opened(now);
+        // The server's hint covers tokens the client cannot read (not a JWT).
+        if let (Some(exp), None) = (exp, self.token_exp) {
+            self.token_exp = Some((exp.saturating_mul(1000), now));
+        }
+        self.set_status(Status::Open { peer });
+        let topics: Vec<Topic> = self.topics.keys().cloned().collect();
+        for topic in &topics {
+            self.send_subscribe(topic, false);
+        }
+        for queued in self.queue.drain() {
+            self.publish(queued);
+        }
+        self.send_history();
+        // A token that expired while away is replaced at once.
+        if self.refresh_at().is_some_and(|at| now >= at) {
+            self.in_place = InPlace::Fetching;
+            self.out.push(Command::RefreshToken);
+        }
+    }
+
+    fn on_ack(&mut self, ack: u64, seq: u64) {
+        let Some(inflight) = self.inflight.remove(&ack) else { return };
+        if let Some(entry) = self.topics.get_mut(&inflight.topic) {
+            if entry.last_seq.is_some_and(|last| seq > last) {
+                entry.own_seqs.insert(seq);
+            }
+        }
+        if !inflight.internal {
+            self.notify(Event::Ack { id: ack, result: Ok(seq) });
+        }
+        if let Some(data) = inflight.echo {
+            let mut message = TopicMessage::new(inflight.topic, seq, self.own_peer(), data);
+            message.local = true;
+            self.notify(Event::Message(message));
+        }
+    }
+
+    fn on_pong(&mut self, id: Option<u64>) {
+        if self.suspect.is_some_and(|(want, _)| id == Some(want)) {
+            self.suspect = None;
+        }
+        if let Conn::Ready { heartbeat: Some(mut hb) } = self.conn {
+            if hb.awaiting.is_some_and(|(want, _)| id.is_none_or(|id| id == want)) {
+                hb.awaiting = None;
+                self.conn = Conn::Ready { heartbeat: Some(hb) };
+            }
+        }
+    }
+
+    fn on_refreshed(&mut self, id: Option<u64>, exp: Option<u64>, now: Millis) {
+        if matches!(self.in_place, InPlace::Sent(want) if id == Some(want)) {
+            self.in_place = InPlace::Idle;
+            // The server's word on the expiry wins over the token's;
+            // none means this connection does not expire.
+            self.token_exp = exp.map(|exp| (exp.saturating_mul(1000), now));
+        }
+    }
+
+    fn on_history(&mut self, topic: Topic, id: Option<u64>, epoch: String, seq: u64, messages: Vec<HistoryMessage>) {
+        let Some(id) = id else { return };
+        if self.history.remove(&id).is_none() {
+            return;
+        }
+        let messages =
+            messages.into_iter().map(|m| TopicMessage::new(topic.clone(), m.seq, m.from, Rc::from(m.data))).collect();
+        self.notify(Event::History { id, result: Ok(History { topic, epoch, seq, messages }) });
+    }
+
+    /// An `error` frame: the answer to a publish (`ack`), a `history` or
+    /// `refresh` request (`id`), or else about a topic or nothing in particular.
+    fn on_error(&mut self, code: ErrorCode, message: String, topic: Option<Topic>, ack: Option<u64>, id: Option<u64>) {
+        let error = ClientError::Server { code, message, topic: topic.clone() };
+        if let Some(id) = ack {
+            match self.inflight.remove(&id) {
+                Some(inflight) if inflight.internal => return self.notify(Event::Error(error)),
+                Some(_) => return self.notify(Event::Ack { id, result: Err(error) }),
+                None => {}
+            }
+        }
+        if let Some(id) = id {
+            if self.history.remove(&id).is_some() {
+                return self.notify(Event::History { id, result: Err(error) });
+            }
+            if self.in_place == InPlace::Sent(id) {
+                self.in_place = InPlace::Failed;
+                return self.notify(Event::Error(ClientError::TokenRefresh(error.to_string())));
+            }
+        }
+        let about_subscribe = !matches!(code, ErrorCode::RateLimited | ErrorCode::TooLarge);
+        if let Some(topic) = &topic {
+            if let Some(entry) = self.topics.get_mut(topic) {
+                // A refused subscribe, or a subscription a refreshed
+                // token no longer allows.
+                let revoked = code == ErrorCode::Forbidden && entry.status.is_live();
+                if (!entry.pending.is_empty() && about_subscribe) || revoked {
+                    entry.pending.pop_front();
+                    entry.recovering = false;
+                    self.set_topic_status(topic, TopicStatus::Refused(error.clone()));
+                }
+            }
+        }
+        self.notify(Event::Error(error));
+    }
+
+    fn on_presence(&mut self, topic: Topic, peers: Vec<PresenceEntry>) {
+        let Some(entry) = self.topics.get_mut(&topic) else { return };
+        if entry.presence_refs == 0 {
+            return; // an answer to interest since released
+        }
+        entry.presence = Some(peers.clone());
+        self.notify(Event::Presence { topic, peers });
+    }
+
+    fn on_join(&mut self, topic: Topic, who: PresenceEntry) {
+        let Some(entry) = self.topics.get_mut(&topic) else { return };
+        let Some(peers) = &mut entry.presence else { return };
+        if !peers.iter().any(|p| p.peer == who.peer) {
+            peers.push(who);
+            let peers = peers.clone();
+            self.notify(Event::Presence { topic, peers });
+        }
+    }
+
+    fn on_leave(&mut self, topic: Topic, who: PresenceEntry) {
+        let Some(entry) = self.topics.get_mut(&topic) else { return };
+        let Some(peers) = &mut entry.presence else { return };
+        let before = peers.len();
+        peers.retain(|p| p.peer != who.peer);
+        if peers.len() != before {
+            let peers = peers.clone();
+            self.notify(Event::Presence { topic, peers });
+        }
+    }
+
+    fn on_message(&mut self, topic: Topic, seq: u64, from: PeerId, data: Box<RawValue>) {
         let Some(entry) = self.topics.get_mut(&topic) else { return };
         if entry.recovering {
             return; // the replay the resubscribe asked for brings it, in order
@@ -1026,11 +1055,11 @@ impl Session {
         let own = entry.own_seqs.contains(&seq);
         entry.advance(seq);
         if !own {
-            self.notify(Event::Message(Message::new(topic, seq, from, Rc::from(data))));
+            self.notify(Event::Message(TopicMessage::new(topic, seq, from, Rc::from(data))));
         }
     }
 
-    fn subscribed(&mut self, topic: Topic, epoch: String, seq: u64, recovered: bool) {
+    fn on_subscribed(&mut self, topic: Topic, epoch: String, seq: u64, recovered: bool) {
         let Some(entry) = self.topics.get_mut(&topic) else { return };
         let sent = entry.pending.pop_front().flatten();
         if entry.recovering {

@@ -1,3 +1,5 @@
+//! The session's tests: inputs and fake time in, commands out.
+
 use super::*;
 use crate::BackoffConfig;
 use crosswire_shared::PeerId;
@@ -17,12 +19,12 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(config: Config) -> Self {
+    fn new(config: ClientConfig) -> Self {
         Self { s: Session::new(config, Box::new(|| 0.5)), now: 1_000_000 }
     }
 
     fn default() -> Self {
-        Self::new(Config::default())
+        Self::new(ClientConfig::default())
     }
 
     fn input(&mut self, input: Input) -> Vec<Command> {
@@ -145,7 +147,7 @@ fn heartbeat_pings_and_a_missing_pong_reconnects() {
 
 #[test]
 fn a_stale_pong_does_not_satisfy_the_heartbeat() {
-    let mut h = Harness::new(Config { heartbeat_ms: Some(1_000), ..Config::default() });
+    let mut h = Harness::new(ClientConfig { heartbeat_ms: Some(1_000), ..ClientConfig::default() });
     h.open("p1");
     h.tick_to_deadline(); // ping 1
     h.frame(r#"{"type":"pong","id":99}"#);
@@ -155,7 +157,7 @@ fn a_stale_pong_does_not_satisfy_the_heartbeat() {
 
 #[test]
 fn heartbeat_can_be_disabled() {
-    let mut h = Harness::new(Config { heartbeat_ms: Some(0), ..Config::default() });
+    let mut h = Harness::new(ClientConfig { heartbeat_ms: Some(0), ..ClientConfig::default() });
     h.open("p1");
     assert_eq!(h.s.next_deadline(), None);
 }
@@ -319,7 +321,7 @@ fn explicit_reconnect_replaces_the_socket_and_resets_backoff() {
 
 #[test]
 fn hidden_pages_pause_retries_when_asked_and_online_or_visible_retries_at_once() {
-    let mut h = Harness::new(Config { pause_when_hidden: true, ..Config::default() });
+    let mut h = Harness::new(ClientConfig { pause_when_hidden: true, ..ClientConfig::default() });
     h.open("p1");
     h.input(Input::Visibility { hidden: true });
     h.input(Input::Closed { code: 1006, reason: String::new() });
@@ -510,7 +512,7 @@ fn own_messages_in_a_replay_are_not_delivered() {
 
 #[test]
 fn offline_publishes_queue_and_flush_in_order_after_resubscribing() {
-    let mut h = Harness::new(Config { queue_capacity: 3, ..Config::default() });
+    let mut h = Harness::new(ClientConfig { queue_capacity: 3, ..ClientConfig::default() });
     h.input(Input::Subscribe { topic: t("a"), presence: false });
     let ids: Vec<u64> = (0..4).map(|_| h.s.next_id()).collect();
     let mut cmds = Vec::new();
@@ -784,7 +786,8 @@ fn refresher() -> crate::TokenRefresher {
 }
 
 fn with_refresher(token: Option<String>) -> Harness {
-    let mut config = Config { heartbeat_ms: Some(0), token_refresher: Some(refresher()), ..Config::default() };
+    let mut config =
+        ClientConfig { heartbeat_ms: Some(0), token_refresher: Some(refresher()), ..ClientConfig::default() };
     config.token = token;
     Harness::new(config)
 }
@@ -949,12 +952,12 @@ fn an_opaque_token_is_refreshed_in_place_by_the_welcome_expiry_hint() {
 
 #[test]
 fn refresh_in_place_can_be_turned_off() {
-    let config = Config {
+    let config = ClientConfig {
         heartbeat_ms: Some(0),
         refresh_in_place: false,
         token: Some(jwt(1_000 + 3_600, "a")),
         token_refresher: Some(refresher()),
-        ..Config::default()
+        ..ClientConfig::default()
     };
     let mut h = Harness::new(config);
     h.open("p1");

@@ -18,8 +18,8 @@ use std::{
 };
 
 use crosswire_client::{
-    use_status, use_topic, ClientError, Config, Crosswire, CrosswireProvider, Event, Listener, Status, Subscription,
-    TokenRefresher, Topic, TopicStatus,
+    use_status, use_topic, ClientConfig, ClientError, Crosswire, CrosswireProvider, Event, Listener, Status,
+    Subscription, TokenRefresher, Topic, TopicStatus,
 };
 use gloo_timers::future::TimeoutFuture;
 use serde::{Deserialize, Serialize};
@@ -72,10 +72,10 @@ fn fresh_topic(name: &str) -> Topic {
 }
 
 /// Quick reconnects, so the tests do not wait on production backoff.
-fn config() -> Config {
-    Config {
+fn config() -> ClientConfig {
+    ClientConfig {
         backoff: crosswire_client::BackoffConfig { min_ms: 100, max_ms: 500, factor: 2.0, min_uptime_ms: 5_000 },
-        ..Config::default()
+        ..ClientConfig::default()
     }
 }
 
@@ -241,7 +241,7 @@ async fn a_silent_connection_is_detected_by_the_heartbeat() {
     // The proxy stops forwarding but keeps the TCP connection: the browser
     // sees nothing wrong, only the missing pong tells.
     let topic = fresh_topic("heartbeat");
-    let a = Crosswire::new(proxied(), Config { heartbeat_ms: Some(200), pong_timeout_ms: 300, ..config() });
+    let a = Crosswire::new(proxied(), ClientConfig { heartbeat_ms: Some(200), pong_timeout_ms: 300, ..config() });
     let ra = Recorder::new(&a);
     let _sa = a.subscribe(&topic, false);
     live(&a, &topic).await;
@@ -290,7 +290,7 @@ async fn publishes_made_offline_are_flushed_with_their_acks() {
 async fn a_full_offline_queue_reports_the_dropped_publish() {
     let topic = fresh_topic("overflow");
     control("/block").await;
-    let a = Crosswire::new(proxied(), Config { queue_capacity: 2, ..config() });
+    let a = Crosswire::new(proxied(), ClientConfig { queue_capacity: 2, ..config() });
     let ra = Recorder::new(&a);
     let first = a.publish_with_ack(&topic, &1);
     let _second = a.publish_with_ack(&topic, &2);
@@ -577,7 +577,7 @@ async fn an_expiring_token_is_replaced_by_reconnecting_at_once_and_no_message_is
     let (refresher, calls) = counting_refresher(2);
     // No token given: the first connect asks the refresher too. Refresh in
     // place is off, so each expiry is a 4001 close and a reconnect.
-    let a = Crosswire::new(url, Config { refresh_in_place: false, ..config() }.with_token_refresher(refresher));
+    let a = Crosswire::new(url, ClientConfig { refresh_in_place: false, ..config() }.with_token_refresher(refresher));
     let b = Crosswire::new(url, config().with_token(long));
     let ra = Recorder::new(&a);
     let topic = fresh_topic("expiry");
@@ -636,7 +636,7 @@ async fn without_a_refresher_an_expired_token_is_final_and_publishes_fail_at_onc
 #[wasm_bindgen_test]
 async fn an_ack_times_out_while_offline() {
     control("/block").await;
-    let a = Crosswire::new(proxied(), Config { ack_timeout_ms: 500, ..config() });
+    let a = Crosswire::new(proxied(), ClientConfig { ack_timeout_ms: 500, ..config() });
     let started = js_sys::Date::now();
     let result = within("the ack", 3_000, a.publish_with_ack(&fresh_topic("offline-ack"), &1)).await;
     control("/unblock").await;
@@ -651,7 +651,7 @@ async fn the_browsers_offline_event_checks_the_connection_at_once() {
     // The path goes dead silently; the heartbeat (25 s from the server) would
     // take long, the offline event makes the client ask at once.
     let topic = fresh_topic("offline-event");
-    let a = Crosswire::new(proxied(), Config { offline_ping_timeout_ms: 300, ..config() });
+    let a = Crosswire::new(proxied(), ClientConfig { offline_ping_timeout_ms: 300, ..config() });
     let ra = Recorder::new(&a);
     let _sa = a.subscribe(&topic, false);
     live(&a, &topic).await;

@@ -7,8 +7,8 @@
 use std::rc::Rc;
 
 use crosswire_client::{
-    use_crosswire, use_presence, use_status, use_topic, use_topic_callback, ClientError, Config, CrosswireProvider,
-    Received, Status, TopicOptions,
+    use_crosswire, use_presence, use_status, use_topic, use_topic_callback, ClientConfig, ClientError,
+    CrosswireProvider, Received, Status, TopicOptions,
 };
 use serde::{Deserialize, Serialize};
 use yew::prelude::*;
@@ -48,7 +48,7 @@ fn Room() -> Html {
 #[component]
 fn App() -> Html {
     html! {
-        <CrosswireProvider url="ws://127.0.0.1:9/_ws" config={Config::default().with_token("t")}>
+        <CrosswireProvider url="ws://127.0.0.1:9/_ws" config={ClientConfig::default().with_token("t")}>
             <Room />
         </CrosswireProvider>
     }

@@ -361,7 +361,7 @@ impl ServerHandle {
     }
 
     /// Live bytes queued for peers now, server-wide, as the queues reserved
-    /// them (bounded by [`Config::max_total_queue_bytes`]).
+    /// them (bounded by [`ServerConfig::max_total_queue_bytes`]).
     pub fn queued_bytes(&self) -> usize {
         self.state.queue_budget.reserved()
     }

@@ -1,3 +1,12 @@
+//! The frames of protocol v1: [`ClientFrame`] (client to server) and
+//! [`ServerFrame`] (server to client), the values they carry ([`Since`],
+//! [`PresenceEntry`], [`HistoryMessage`]), and their JSON form: one object per
+//! WebSocket text frame, tagged by `"type"`.
+//!
+//! Frames are decoded through one flat envelope of optional fields rather than
+//! serde's internally tagged enums, so that a published `data` stays a borrowed,
+//! unparsed slice: the server passes it through without building a JSON tree.
+
 use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer, Serialize};

@@ -23,8 +23,9 @@ mod app {
     use std::{cell::RefCell, collections::VecDeque, rc::Rc};
 
     use crosswire_client::{
-        url::same_origin_ws, use_crosswire, use_presence, use_status, use_topic_callback, ClientError, Config,
-        CrosswireProvider, Event as CrosswireEvent, Received, Status, TopicOptions, TopicStatus,
+        url::same_origin_ws, use_crosswire, use_presence, use_status, use_topic_callback, ClientConfig, ClientError,
+        CrosswireProvider, Event as CrosswireEvent, PresenceEntry, Received, Status, TopicOptions, TopicSender,
+        TopicStatus,
     };
     use gloo_timers::callback::Interval;
     use serde_json::{json, Value};
@@ -40,7 +41,7 @@ mod app {
     /// bound only stops a server that floods errors from growing the page forever.
     const ERROR_CAP: usize = 1_000;
 
-    fn page_config() -> (String, Config) {
+    fn page_config() -> (String, ClientConfig) {
         let location = web_sys::window().map(|w| w.location());
         let get = |f: fn(&web_sys::Location) -> Result<String, wasm_bindgen::JsValue>| {
             location.as_ref().and_then(|l| f(l).ok()).unwrap_or_default()
@@ -50,7 +51,7 @@ mod app {
             .trim_start_matches('?')
             .split('&')
             .find_map(|kv| kv.strip_prefix("token=").map(str::to_owned));
-        let config = Config::default();
+        let config = ClientConfig::default();
         (
             url,
             match token {
@@ -215,7 +216,6 @@ mod app {
             Status::Closed { code, reason } => {
                 ("Closed".to_owned(), format!("{}{reason}", code.map(|c| format!("code {c} ")).unwrap_or_default()))
             }
-            _ => (status.name().to_owned(), String::new()),
         };
         let reconnect = {
             let client = client.clone();
@@ -245,97 +245,18 @@ mod app {
         let errors = use_reducer(Errors::default);
         // Every message goes straight into the log: the page keeps its own
         // (capped) list, so it needs no copy in a use_topic list.
-        let on_message = {
-            let (log, errors) = (log.dispatcher(), errors.dispatcher());
-            Callback::from(move |item: Result<Rc<Received<Value>>, ClientError>| match item {
-                Ok(m) => log.dispatch(LogAction::Received(Line {
-                    local_id: None,
-                    seq: Some(m.seq),
-                    from: m.from.clone(),
-                    text: text_of(&m.data),
-                    mine: false,
-                    failed: None,
-                })),
-                Err(e) => errors.dispatch(e.to_string()),
-            })
-        };
-        let chat = use_topic_callback::<Value>(&topic, TopicOptions::default(), on_message);
-        let client = use_crosswire();
-        let topic_status = use_state_eq(|| None::<TopicStatus>);
-        {
-            // The topic's state, and errors not about a topic (unreadable
-            // frames, a socket the browser refused to create, a failed token
-            // refresh), are shown too, never only logged.
-            let errors = errors.dispatcher();
-            let topic_status = topic_status.setter();
-            use_effect_with((client, (*topic).clone()), move |(client, name)| {
-                topic_status.set(crosswire_client::Topic::new(name).ok().and_then(|t| client.topic_status(&t)));
-                let name = name.clone();
-                let listener = client.listen(move |event| match event {
-                    CrosswireEvent::Error(
-                        e @ (ClientError::Protocol(_)
-                        | ClientError::Socket(_)
-                        | ClientError::TokenRefresh(_)
-                        | ClientError::Ended { .. }),
-                    ) => errors.dispatch(e.to_string()),
-                    CrosswireEvent::Topic { topic, status } if topic.as_str() == name => {
-                        topic_status.set(Some(status.clone()))
-                    }
-                    _ => {}
-                });
-                move || drop(listener)
-            });
-        }
+        let chat = use_topic_callback::<Value>(&topic, TopicOptions::default(), log_received(&log, &errors));
+        let topic_status = use_topic_status(&topic, errors.dispatcher());
         {
             let log = log.dispatcher();
             use_effect_with((*topic).clone(), move |_| log.dispatch(LogAction::Clear));
         }
-
-        let join = {
-            let topic = topic.clone();
-            let topic_draft = topic_draft.clone();
-            Callback::from(move |e: SubmitEvent| {
-                e.prevent_default();
-                let name = topic_draft.trim().to_owned();
-                if !name.is_empty() {
-                    topic.set(name);
-                }
-            })
+        let me = match &status {
+            Status::Open { peer } => Some(peer.clone()),
+            _ => None,
         };
-        let publish = {
-            let chat = chat.clone();
-            let draft = draft.clone();
-            let log = log.clone();
-            let me = match &status {
-                Status::Open { peer } => peer.clone(),
-                _ => "you".to_owned(),
-            };
-            Callback::from(move |e: SubmitEvent| {
-                e.prevent_default();
-                let text = draft.trim().to_owned();
-                if text.is_empty() {
-                    return;
-                }
-                let id = log.next_id;
-                log.dispatch(LogAction::Sent(Line {
-                    local_id: Some(id),
-                    seq: None,
-                    from: me.clone(),
-                    text: text.clone(),
-                    mine: true,
-                    failed: None,
-                }));
-                let ack = chat.publish_with_ack(json!({ "text": text }));
-                let log = log.dispatcher();
-                spawn_local(async move {
-                    match ack.await {
-                        Ok(seq) => log.dispatch(LogAction::Acked(id, seq)),
-                        Err(e) => log.dispatch(LogAction::Failed(id, e.to_string())),
-                    }
-                });
-                draft.set(String::new());
-            })
-        };
+        let join = join_topic(topic.clone(), topic_draft.clone());
+        let publish = publish_draft(chat, draft.clone(), log.clone(), me.clone().unwrap_or_else(|| "you".to_owned()));
         let on_topic_input = {
             let topic_draft = topic_draft.clone();
             Callback::from(move |e: InputEvent| topic_draft.set(input_value(&e)))
@@ -344,22 +265,7 @@ mod app {
             let draft = draft.clone();
             Callback::from(move |e: InputEvent| draft.set(input_value(&e)))
         };
-
-        let (topic_state, topic_label) = match &*topic_status {
-            None | Some(TopicStatus::Subscribing) => ("subscribing", "subscribing…".to_owned()),
-            Some(TopicStatus::Live { recovered: true, .. }) => ("live", "live (missed messages recovered)".to_owned()),
-            Some(TopicStatus::Live { .. }) => ("live", "live".to_owned()),
-            Some(TopicStatus::Gap { missed_after, .. }) => {
-                ("gap", format!("live, but messages after #{} could not be recovered", missed_after.seq))
-            }
-            Some(TopicStatus::Refused(e)) => ("refused", format!("refused: {e}")),
-            Some(_) => ("unknown", String::new()),
-        };
-        let me = match &status {
-            Status::Open { peer } => Some(peer.clone()),
-            _ => None,
-        };
-        let lines = log.lines.borrow();
+        let (topic_state, topic_label) = topic_label(topic_status.as_ref());
 
         html! {
             <main>
@@ -382,42 +288,159 @@ mod app {
                     <span id="topic-status" data-state={topic_state}>{ topic_label }</span>
                 </p>
                 <div class="columns">
-                    <section class="messages">
-                        <h2>{ "Messages" }</h2>
-                        if lines.is_empty() {
-                            <p class="empty">{ "No messages yet." }</p>
-                        }
-                        <ul id="messages" data-testid="messages">
-                            { for lines.iter().map(|l| html! {
-                                <li class={classes!("msg", l.mine.then_some("mine"), l.failed.is_some().then_some("failed"))}
-                                    data-seq={l.seq.map(|s| s.to_string()).unwrap_or_default()} data-from={l.from.clone()}>
-                                    <span class="from">{ if l.mine { format!("{} (you)", l.from) } else { l.from.clone() } }</span>
-                                    <span class="seq">{ l.seq.map(|s| format!("#{s}")).unwrap_or_else(|| "…".into()) }</span>
-                                    <span class="text">{ &l.text }</span>
-                                    if let Some(e) = &l.failed {
-                                        <span class="why">{ format!("not delivered: {e}") }</span>
-                                    }
-                                </li>
-                            }) }
-                        </ul>
-                    </section>
-                    <aside>
-                        <h2>{ "Here now" }</h2>
-                        <ul id="presence" data-testid="presence">
-                            { for presence.iter().map(|p| html! {
-                                <li data-peer={p.peer.clone()}>
-                                    { p.user.clone().unwrap_or_else(|| p.peer.clone()) }
-                                    if me.as_deref() == Some(p.peer.as_str()) { <em>{ " (you)" }</em> }
-                                </li>
-                            }) }
-                        </ul>
-                        <h2>{ "Errors" }</h2>
-                        <ul id="errors" data-testid="errors">
-                            { for errors.0.iter().map(|e| html! { <li>{ e }</li> }) }
-                        </ul>
-                    </aside>
+                    { message_list(&log.lines.borrow()) }
+                    { sidebar(&presence, me.as_deref(), &errors.0) }
                 </div>
             </main>
+        }
+    }
+
+    /// Puts each message of the topic (or the error about it) into the page.
+    fn log_received(
+        log: &UseReducerHandle<Log>,
+        errors: &UseReducerHandle<Errors>,
+    ) -> Callback<Result<Rc<Received<Value>>, ClientError>> {
+        let (log, errors) = (log.dispatcher(), errors.dispatcher());
+        Callback::from(move |item: Result<Rc<Received<Value>>, ClientError>| match item {
+            Ok(m) => log.dispatch(LogAction::Received(Line {
+                local_id: None,
+                seq: Some(m.seq),
+                from: m.from.clone(),
+                text: text_of(&m.data),
+                mine: false,
+                failed: None,
+            })),
+            Err(e) => errors.dispatch(e.to_string()),
+        })
+    }
+
+    /// The topic's state. Errors not about a topic (unreadable frames, a
+    /// socket the browser refused to create, a failed token refresh) go to
+    /// `errors` too: the page shows them, rather than only logging them.
+    #[hook]
+    fn use_topic_status(topic: &str, errors: UseReducerDispatcher<Errors>) -> Option<TopicStatus> {
+        let client = use_crosswire();
+        let topic_status = use_state_eq(|| None::<TopicStatus>);
+        let setter = topic_status.setter();
+        use_effect_with((client, topic.to_owned()), move |(client, name)| {
+            setter.set(crosswire_client::Topic::new(name).ok().and_then(|t| client.topic_status(&t)));
+            let name = name.clone();
+            let listener = client.listen(move |event| match event {
+                CrosswireEvent::Error(
+                    e @ (ClientError::Protocol(_)
+                    | ClientError::Socket(_)
+                    | ClientError::TokenRefresh(_)
+                    | ClientError::Ended { .. }),
+                ) => errors.dispatch(e.to_string()),
+                CrosswireEvent::Topic { topic, status } if topic.as_str() == name => setter.set(Some(status.clone())),
+                _ => {}
+            });
+            move || drop(listener)
+        });
+        (*topic_status).clone()
+    }
+
+    /// Joins the topic typed in the topic field.
+    fn join_topic(topic: UseStateHandle<String>, topic_draft: UseStateHandle<String>) -> Callback<SubmitEvent> {
+        Callback::from(move |e: SubmitEvent| {
+            e.prevent_default();
+            let name = topic_draft.trim().to_owned();
+            if !name.is_empty() {
+                topic.set(name);
+            }
+        })
+    }
+
+    /// Publishes the message field with an ack: its line shows at once, and
+    /// gets its seq (or why it was not delivered) when the server answers.
+    fn publish_draft(
+        chat: TopicSender<Value>,
+        draft: UseStateHandle<String>,
+        log: UseReducerHandle<Log>,
+        me: String,
+    ) -> Callback<SubmitEvent> {
+        Callback::from(move |e: SubmitEvent| {
+            e.prevent_default();
+            let text = draft.trim().to_owned();
+            if text.is_empty() {
+                return;
+            }
+            let id = log.next_id;
+            log.dispatch(LogAction::Sent(Line {
+                local_id: Some(id),
+                seq: None,
+                from: me.clone(),
+                text: text.clone(),
+                mine: true,
+                failed: None,
+            }));
+            let ack = chat.publish_with_ack(json!({ "text": text }));
+            let log = log.dispatcher();
+            spawn_local(async move {
+                match ack.await {
+                    Ok(seq) => log.dispatch(LogAction::Acked(id, seq)),
+                    Err(e) => log.dispatch(LogAction::Failed(id, e.to_string())),
+                }
+            });
+            draft.set(String::new());
+        })
+    }
+
+    /// The topic line's `data-state` and text.
+    fn topic_label(status: Option<&TopicStatus>) -> (&'static str, String) {
+        match status {
+            None | Some(TopicStatus::Subscribing) => ("subscribing", "subscribing…".to_owned()),
+            Some(TopicStatus::Live { recovered: true, .. }) => ("live", "live (missed messages recovered)".to_owned()),
+            Some(TopicStatus::Live { .. }) => ("live", "live".to_owned()),
+            Some(TopicStatus::Gap { missed_after, .. }) => {
+                ("gap", format!("live, but messages after #{} could not be recovered", missed_after.seq))
+            }
+            Some(TopicStatus::Refused(e)) => ("refused", format!("refused: {e}")),
+        }
+    }
+
+    fn message_list(lines: &VecDeque<Line>) -> Html {
+        html! {
+            <section class="messages">
+                <h2>{ "Messages" }</h2>
+                if lines.is_empty() {
+                    <p class="empty">{ "No messages yet." }</p>
+                }
+                <ul id="messages" data-testid="messages">
+                    { for lines.iter().map(|l| html! {
+                        <li class={classes!("msg", l.mine.then_some("mine"), l.failed.is_some().then_some("failed"))}
+                            data-seq={l.seq.map(|s| s.to_string()).unwrap_or_default()} data-from={l.from.clone()}>
+                            <span class="from">{ if l.mine { format!("{} (you)", l.from) } else { l.from.clone() } }</span>
+                            <span class="seq">{ l.seq.map(|s| format!("#{s}")).unwrap_or_else(|| "…".into()) }</span>
+                            <span class="text">{ &l.text }</span>
+                            if let Some(e) = &l.failed {
+                                <span class="why">{ format!("not delivered: {e}") }</span>
+                            }
+                        </li>
+                    }) }
+                </ul>
+            </section>
+        }
+    }
+
+    /// Who is here, and the errors.
+    fn sidebar(presence: &[PresenceEntry], me: Option<&str>, errors: &VecDeque<String>) -> Html {
+        html! {
+            <aside>
+                <h2>{ "Here now" }</h2>
+                <ul id="presence" data-testid="presence">
+                    { for presence.iter().map(|p| html! {
+                        <li data-peer={p.peer.clone()}>
+                            { p.user.clone().unwrap_or_else(|| p.peer.clone()) }
+                            if me == Some(p.peer.as_str()) { <em>{ " (you)" }</em> }
+                        </li>
+                    }) }
+                </ul>
+                <h2>{ "Errors" }</h2>
+                <ul id="errors" data-testid="errors">
+                    { for errors.iter().map(|e| html! { <li>{ e }</li> }) }
+                </ul>
+            </aside>
         }
     }
 }
