@@ -110,15 +110,8 @@ async fn a_disconnect_overtakes_the_queue() {
     let mut slow = connect_small_buffer(addr).await;
     slow.subscribe("t").await;
     let mut publisher = Client::connect(addr).await;
-    let blob = "q".repeat(32 * 1024);
-    for i in 1..=500 {
-        publisher.send(json!({"type": "publish", "topic": "t", "data": {"i": i, "blob": blob}})).await;
-    }
-    publisher.ping(0).await;
-    wait_until("frames are queued behind the stalled socket", || {
-        handle.peers().iter().any(|p| p.id == slow.peer && p.queued_frames > 0)
-    })
-    .await;
+    flood(&mut publisher, "t", 500, 32 * 1024).await;
+    wait_until("frames are queued behind the stalled socket", || backed_up(&handle, &slow.peer)).await;
     assert!(handle.disconnect(&slow.peer, 4000, "kicked"));
     let (seqs, close) = seqs_until_close(&mut slow, "t").await;
     assert!(seqs.len() < 500, "the queue was dropped, not flushed ({} of 500)", seqs.len());

@@ -144,15 +144,8 @@ async fn shutdown_closes_a_backed_up_peer_with_1001() {
     let mut slow = connect_small_buffer(addr).await;
     slow.subscribe("t").await;
     let mut publisher = Client::connect(addr).await;
-    let blob = "w".repeat(32 * 1024);
-    for i in 1..=300 {
-        publisher.send(serde_json::json!({"type": "publish", "topic": "t", "data": {"i": i, "blob": blob}})).await;
-    }
-    publisher.ping(0).await;
-    wait_until("frames wait behind the stalled socket", || {
-        handle.peers().iter().any(|p| p.id == slow.peer && p.queued_frames > 0)
-    })
-    .await;
+    flood(&mut publisher, "t", 300, 32 * 1024).await;
+    wait_until("frames wait behind the stalled socket", || backed_up(&handle, &slow.peer)).await;
     let shutdown = tokio::spawn(server.shutdown());
     let (seqs, close) = seqs_until_close(&mut slow, "t").await;
     assert_contiguous(&seqs, 1, "before the shutdown");

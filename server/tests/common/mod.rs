@@ -200,6 +200,22 @@ pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String, String) 
     (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
+/// Publishes `count` messages of about `bytes` bytes each to `topic`
+/// (`{"i": 1.., "blob": "…"}`, no acks), then waits until the server has
+/// handled them all (a ping round trip).
+pub async fn flood(publisher: &mut Client, topic: &str, count: u64, bytes: usize) {
+    let blob = "x".repeat(bytes);
+    for i in 1..=count {
+        publisher.send(json!({"type": "publish", "topic": topic, "data": {"i": i, "blob": blob}})).await;
+    }
+    publisher.ping(count).await;
+}
+
+/// Whether frames wait in peer `id`'s queue (its socket is not taking them).
+pub fn backed_up(handle: &crosswire_server::ServerHandle, id: &str) -> bool {
+    handle.peers().iter().any(|p| p.id == id && p.queued_frames > 0)
+}
+
 /// Whether the server has decided to close peer `id`: it is closing, or
 /// already gone (a close it decided on can complete, and the peer leave the
 /// list, before a busy test gets to look).
