@@ -3,38 +3,18 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use crosswire_shared::{close_code, ErrorCode, ServerFrame};
 use futures_util::SinkExt;
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
-
-const SECRET: &str = "test-secret-0123456789";
-
-fn auth_config() -> crosswire_server::ServerConfig {
-    let mut config = config();
-    config.jwt_secret = Some(SECRET.into());
-    config
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-fn token_with(secret: &str, claims: Value) -> String {
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
-}
 
 fn token(sub: &str, extra: Value) -> String {
     let mut claims = json!({"sub": sub, "exp": now() + 3600});
     claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    token_with(SECRET, claims)
+    token_with(SECRET, &claims)
 }
 
 /// Connects with `request` customisations; returns the HTTP status of a refusal.
@@ -61,9 +41,9 @@ async fn try_connect(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) ->
 async fn bad_tokens_get_401_before_any_upgrade() {
     let server = start_pubsub(auth_config()).await;
     let addr = server.local_addr();
-    let expired = token_with(SECRET, json!({"sub": "u", "exp": now() - 3600}));
-    let wrong_key = token_with("another-secret-0123456789", json!({"sub": "u", "exp": now() + 3600}));
-    let no_sub = token_with(SECRET, json!({"exp": now() + 3600}));
+    let expired = token_with(SECRET, &json!({"sub": "u", "exp": now() - 3600}));
+    let wrong_key = token_with("another-secret-0123456789", &json!({"sub": "u", "exp": now() + 3600}));
+    let no_sub = token_with(SECRET, &json!({"exp": now() + 3600}));
     for query in ["", "?token=", "?token=not.a.jwt", "?token=garbage"] {
         assert_eq!(try_connect(addr, query, &[]).await.err(), Some(401), "{query}");
     }
@@ -153,7 +133,7 @@ async fn topic_permissions_from_claims() {
 #[tokio::test(start_paused = true)]
 async fn an_expiring_token_closes_the_connection_with_4001() {
     let server = start_pubsub(auth_config()).await;
-    let short = token_with(SECRET, json!({"sub": "dave", "exp": now() + 20}));
+    let short = token_with(SECRET, &json!({"sub": "dave", "exp": now() + 20}));
     let mut dave = try_connect(server.local_addr(), &format!("?token={short}"), &[]).await.unwrap();
     // Paused time: the clock jumps; the server's expiry timer fires.
     tokio::time::sleep(Duration::from_secs(30)).await;

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use crosswire_shared::{close_code, ErrorCode, ServerFrame};
 use futures_util::SinkExt;
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::{
     protocol::frame::{
@@ -56,22 +55,15 @@ async fn an_oversized_message_closes_with_1009() {
     assert_eq!(u16::from(close.code), close_code::MESSAGE_TOO_BIG);
 }
 
-const SECRET: &str = "test-secret-0123456789";
-
 /// Once the server has decided to close a peer (here: its token expired),
 /// what it sends is read but not acted on: an expired token publishes nothing.
 #[tokio::test]
 async fn an_expired_token_publishes_nothing_more() {
-    let mut config = config();
-    config.jwt_secret = Some(SECRET.into());
-    let server = start_pubsub(config).await;
+    let server = start_pubsub(auth_config()).await;
     let handle = server.handle();
     let addr = server.local_addr();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let mint = |sub: &str, exp: u64| {
-        let claims = json!({"sub": sub, "exp": exp});
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
-    };
+    let now = now();
+    let mint = |sub: &str, exp: u64| token_with(SECRET, &json!({"sub": sub, "exp": exp}));
     let connect = |token: String| async move {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/_ws?token={token}")).await.unwrap();
         let mut client = Client { ws, peer: String::new() };

@@ -3,30 +3,14 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use crosswire_shared::{close_code, ErrorCode, ServerFrame};
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 
-const SECRET: &str = "refresh-secret-0123456789";
-
-fn auth_config() -> crosswire_server::ServerConfig {
-    let mut config = config();
-    config.jwt_secret = Some(SECRET.into());
-    config
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
 fn token(claims: Value) -> String {
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    token_with(SECRET, &claims)
 }
 
 async fn connect_with(addr: SocketAddr, token: &str) -> Client {

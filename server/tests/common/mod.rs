@@ -18,6 +18,25 @@ use tokio_tungstenite::{
 /// against hanging, never a delay the test relies on.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The HS256 secret of [`auth_config`].
+pub const SECRET: &str = "test-secret-0123456789";
+
+/// [`config`] with built-in JWT authentication on, keyed with [`SECRET`].
+pub fn auth_config() -> ServerConfig {
+    ServerConfig { jwt_secret: Some(SECRET.into()), ..config() }
+}
+
+/// Seconds since the Unix epoch, as JWT `exp`/`nbf` count them.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// An HS256 token for `claims`, signed with `secret`.
+pub fn token_with(secret: &str, claims: &Value) -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    encode(&Header::default(), claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
 pub fn config() -> ServerConfig {
     ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
