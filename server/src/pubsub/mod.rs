@@ -76,6 +76,17 @@ impl PubSubContext {
     }
 }
 
+/// Takes a token from one of a peer's buckets; when there is none, the
+/// `rate_limited` message naming the limit (`rate`/s, `burst`) and the wait.
+fn take_token(bucket: &Mutex<TokenBucket>, what: &str, (rate, burst): (u32, u32)) -> Result<(), String> {
+    let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+    if bucket.try_take() {
+        return Ok(());
+    }
+    let retry_ms = bucket.retry_after().as_millis().max(1);
+    Err(format!("{what} rate limit of {rate}/s (burst {burst}) exceeded; retry in {retry_ms} ms"))
+}
+
 /// The most messages one `history` answer carries.
 const MAX_HISTORY_LIMIT: usize = 1_000;
 
@@ -117,15 +128,8 @@ impl PubSub {
         | ClientFrame::Unsubscribe { topic }
         | ClientFrame::Presence { topic, .. } = &frame
         {
-            let mut churn = session.churn.lock().expect("churn bucket lock");
-            if !churn.try_take() {
-                let message = format!(
-                    "subscribe/unsubscribe/presence rate limit of {}/s (burst {}) exceeded; retry in {} ms",
-                    self.subscribe_rate,
-                    self.subscribe_burst,
-                    churn.retry_after().as_millis().max(1)
-                );
-                drop(churn);
+            let limits = (self.subscribe_rate, self.subscribe_burst);
+            if let Err(message) = take_token(&session.churn, "subscribe/unsubscribe/presence", limits) {
                 return error(peer, ErrorCode::RateLimited, message, None, Some(topic.clone()));
             }
         }
@@ -150,18 +154,9 @@ impl PubSub {
                 if !session.may_publish(&topic) {
                     return forbidden(peer, "publish to", topic, ack);
                 }
-                let mut bucket = session.bucket.lock().expect("bucket lock");
-                if !bucket.try_take() {
-                    let message = format!(
-                        "publish rate limit of {}/s (burst {}) exceeded; retry in {} ms",
-                        self.publish_rate,
-                        self.publish_burst,
-                        bucket.retry_after().as_millis().max(1)
-                    );
-                    drop(bucket);
+                if let Err(message) = take_token(&session.bucket, "publish", (self.publish_rate, self.publish_burst)) {
                     return error(peer, ErrorCode::RateLimited, message, ack, Some(topic));
                 }
-                drop(bucket);
                 if let Err(e) = peer.publish_data(&topic, &data, ack) {
                     error(peer, ErrorCode::TopicLimit, e.to_string(), ack, Some(topic));
                 }
