@@ -324,11 +324,9 @@ impl Topics {
         }
         let max = self.limits.max_topics;
         let room = self.count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
-        if room.is_err() {
-            let Some(idle) = longest_idle(shard) else { return false };
-            // Its place under the cap is handed over to the new topic.
-            let mut gone = shard.remove(&idle).expect("just found");
-            while gone.pop_oldest(&self.retained).is_some() {}
+        // At the cap, an idle topic's place is handed over to the new one.
+        if room.is_err() && !self.forget_longest_idle(shard) {
+            return false;
         }
         shard.insert(topic.clone(), TopicState::new(now));
         true
@@ -337,16 +335,23 @@ impl Topics {
     /// Forgets one idle topic in a shard other than `except`, freeing its
     /// place under the cap; false if no shard has one.
     fn forget_idle_elsewhere(&self, except: usize) -> bool {
-        for i in (0..SHARDS).map(|k| (except + 1 + k) % SHARDS).filter(|&i| i != except) {
-            let mut shard = lock(&self.shards[i]);
-            if let Some(idle) = longest_idle(&shard) {
-                let mut gone = shard.remove(&idle).expect("just found");
-                while gone.pop_oldest(&self.retained).is_some() {}
+        for i in (1..SHARDS).map(|k| (except + k) % SHARDS) {
+            if self.forget_longest_idle(&mut lock(&self.shards[i])) {
                 self.count.fetch_sub(1, Ordering::Relaxed);
                 return true;
             }
         }
         false
+    }
+
+    /// Removes the shard's longest-idle topic without subscribers, and its
+    /// retained bytes from the count; false if every topic has subscribers.
+    /// The topic count is the caller's to adjust.
+    fn forget_longest_idle(&self, shard: &mut Shard) -> bool {
+        let Some(idle) = longest_idle(shard) else { return false };
+        let mut gone = shard.remove(&idle).expect("just found");
+        while gone.pop_oldest(&self.retained).is_some() {}
+        true
     }
 
     fn remove_if_dead(&self, shard: &mut Shard, topic: &Topic, now: Instant) {
