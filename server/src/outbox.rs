@@ -127,9 +127,9 @@ struct State {
     live_bytes: usize,
     /// Credit this queue holds from the server-wide budget (whole chunks).
     reserved: usize,
-    /// Set by the first refused push or close request: nothing is queued after it.
+    /// Set by the first refused push, a close request or the write loop's
+    /// end: nothing is queued after it.
     refusing: bool,
-    rx_closed: bool,
 }
 
 /// A frame in a peer's queue, marked with whether it counts as live traffic.
@@ -188,7 +188,7 @@ impl Outbox {
 
     fn enqueue(&self, queued: Queued) -> Result<(), SendError> {
         let mut st = self.shared.lock();
-        if st.refusing || st.rx_closed {
+        if st.refusing {
             return Err(SendError::Closed);
         }
         let len = queued.frame.len();
@@ -300,7 +300,7 @@ pub(crate) struct FrameReceiver {
 impl Drop for FrameReceiver {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
-        st.rx_closed = true;
+        st.refusing = true;
         st.clear(&self.shared.budget);
     }
 }
