@@ -62,40 +62,26 @@ const WRITE_BATCH: usize = 64;
 /// frame is out, and how long the lingering close reads before giving up.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Milliseconds since a fixed start, in an atomic: shared between a task that
-/// stamps and one that checks, without a lock.
-struct Clock {
-    start: Instant,
-}
-
-impl Clock {
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    fn since(&self, ms: u64) -> Duration {
-        self.start.elapsed().saturating_sub(Duration::from_millis(ms))
-    }
-}
-
-/// When the peer was last heard from; written by the read loop, checked by
-/// the heartbeat.
+/// When the peer was last heard from, as milliseconds since the connection
+/// started (an atomic, so the read loop stamps and the heartbeat checks
+/// without a lock).
 struct Activity {
-    clock: Clock,
+    start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
-        Self { clock: Clock { start: Instant::now() }, last_ms: AtomicU64::new(0) }
+        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
     fn touch(&self) {
-        self.last_ms.store(self.clock.now_ms(), Ordering::Relaxed);
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     fn silent_for(&self) -> Duration {
-        self.clock.since(self.last_ms.load(Ordering::Relaxed))
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
     }
 }
 
