@@ -208,7 +208,7 @@ impl<C> Peer<C> {
         topic: &Topic,
         since: Option<&Since>,
         limit: usize,
-    ) -> Result<(Arc<str>, u64, Vec<tungstenite::Message>), ()> {
+    ) -> Option<(Arc<str>, u64, Vec<tungstenite::Message>)> {
         self.inner.state.topics.history(topic, since, limit)
     }
 }

@@ -550,26 +550,25 @@ impl Topics {
     /// A topic's retained messages for a `history` request, without
     /// subscribing: the encoded `message` frames after `since` (the oldest
     /// `limit` of them), or the latest `limit` when `since` is `None`, with the
-    /// topic's epoch and last seq. `Err(())` when `since` names another epoch
+    /// topic's epoch and last seq. `None` when `since` names another epoch
     /// or reaches back past what is retained. Creates nothing: an unknown
     /// topic has an empty history under the epoch `""`.
-    #[allow(clippy::result_unit_err)]
     pub(crate) fn history(
         &self,
         topic: &Topic,
         since: Option<&Since>,
         limit: usize,
-    ) -> Result<(Arc<str>, u64, Vec<WsMessage>), ()> {
+    ) -> Option<(Arc<str>, u64, Vec<WsMessage>)> {
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else {
             return match since {
-                Some(_) => Err(()),
-                None => Ok((Arc::from(""), 0, Vec::new())),
+                Some(_) => None,
+                None => Some((Arc::from(""), 0, Vec::new())),
             };
         };
         state.expire(Instant::now(), self.limits.history_ttl, &self.retained);
         let frames = match since {
-            Some(since) if !state.can_recover(since) => return Err(()),
+            Some(since) if !state.can_recover(since) => return None,
             Some(since) => {
                 state.history.iter().filter(|r| r.seq > since.seq).take(limit).map(|r| r.frame.clone()).collect()
             }
@@ -578,7 +577,7 @@ impl Topics {
                 state.history.iter().skip(skip).map(|r| r.frame.clone()).collect()
             }
         };
-        Ok((state.epoch.clone(), state.seq, frames))
+        Some((state.epoch.clone(), state.seq, frames))
     }
 }
 

@@ -182,7 +182,7 @@ impl PubSub {
                 }
                 let limit = limit.map_or(MAX_HISTORY_LIMIT, |l| (l as usize).min(MAX_HISTORY_LIMIT));
                 match peer.history(&topic, since.as_ref(), limit) {
-                    Ok((epoch, seq, frames)) => {
+                    Some((epoch, seq, frames)) => {
                         // The retained frames are already-encoded `message`
                         // frames: splice them in rather than decode and re-encode.
                         let mut text = String::with_capacity(96 + frames.iter().map(|f| f.len() + 1).sum::<usize>());
@@ -203,7 +203,7 @@ impl PubSub {
                         text.push_str("]}");
                         let _ = peer.send(text);
                     }
-                    Err(()) => {
+                    None => {
                         let message = match &since {
                             Some(s) => format!(
                                 "the history of {topic:?} no longer reaches back to seq {} of epoch {}",
