@@ -114,6 +114,10 @@ pub struct ServerConfig {
     /// Reverse proxies whose `Forwarded` / `X-Forwarded-For` headers name the
     /// client address. Default none: those headers are ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The Redis server that carries topics between nodes
+    /// (`redis://HOST:PORT[/DB]`); `None` (the default) keeps every topic in
+    /// this process, with nothing to install.
+    pub redis: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +155,7 @@ impl Default for ServerConfig {
             connect_rate_per_ip: 200,
             connect_burst_per_ip: 2000,
             trusted_proxies: Vec::new(),
+            redis: None,
         }
     }
 }
@@ -179,6 +184,9 @@ pub enum ConfigError {
     /// An allowed origin that is not `*` nor `scheme://host[:port]`.
     #[error("allowed origin {0:?} is not `*` nor scheme://host[:port]")]
     BadOrigin(String),
+    /// A Redis address that is not a `redis://` (or `rediss://`, `redis+unix://`) URL.
+    #[error("redis address {0:?} is not a redis://HOST:PORT[/DB] URL")]
+    BadRedisUrl(String),
 }
 
 impl ServerConfig {
@@ -215,6 +223,11 @@ impl ServerConfig {
         if let Some(bad) = self.allowed_origins.iter().find(|o| *o != "*" && crate::origin::Origin::parse(o).is_none())
         {
             return Err(ConfigError::BadOrigin(bad.clone()));
+        }
+        if let Some(url) = &self.redis {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")) {
+                return Err(ConfigError::BadRedisUrl(url.clone()));
+            }
         }
         Ok(())
     }
@@ -325,6 +338,10 @@ pub struct Args {
     /// headers name the client (repeatable).
     #[arg(long = "trusted-proxy", env = "CROSSWIRE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The Redis server that carries topics between nodes, as
+    /// `redis://HOST:PORT[/DB]`; without it every topic lives in this process.
+    #[arg(long, env = "CROSSWIRE_REDIS")]
+    pub redis: Option<String>,
 }
 
 #[cfg(feature = "cli")]
@@ -381,6 +398,7 @@ impl Args {
             connect_rate_per_ip: self.connect_rate_per_ip,
             connect_burst_per_ip: self.connect_burst_per_ip,
             trusted_proxies: self.trusted_proxies,
+            redis: self.redis,
             ..ServerConfig::default()
         };
         config.validate()?;

@@ -40,6 +40,9 @@ pub enum ErrorCode {
     /// A `history` request reaches further back than the topic's retained
     /// history (or names another epoch): the messages asked for are gone.
     HistoryUnavailable,
+    /// The broker behind the server (Redis) cannot be reached: the publish or
+    /// read was not done. Subscriptions stay; retry after a moment.
+    EngineUnavailable,
     /// A code this version of the protocol crate does not know.
     #[serde(other)]
     Unknown,
@@ -59,6 +62,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Unauthorized => "unauthorized",
             Self::HistoryUnavailable => "history_unavailable",
+            Self::EngineUnavailable => "engine_unavailable",
             Self::Unknown => "unknown",
         }
     }
