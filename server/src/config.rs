@@ -118,6 +118,10 @@ pub struct ServerConfig {
     /// (`redis://HOST:PORT[/DB]`); `None` (the default) keeps every topic in
     /// this process, with nothing to install.
     pub redis: Option<String>,
+    /// With Redis: how long a node's presence entries outlive the node. A
+    /// live node renews them every third of this; a node that died stops, and
+    /// its peers drop out of every presence list within this time. Default 30 s.
+    pub presence_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +160,7 @@ impl Default for ServerConfig {
             connect_burst_per_ip: 2000,
             trusted_proxies: Vec::new(),
             redis: None,
+            presence_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -206,6 +211,7 @@ impl ServerConfig {
             ("publish_burst", self.publish_burst == 0),
             ("subscribe_burst", self.subscribe_burst == 0),
             ("max_topics", self.max_topics == 0),
+            ("presence_ttl", self.presence_ttl.is_zero()),
         ] {
             if zero {
                 return Err(ConfigError::Zero(name));
@@ -342,6 +348,9 @@ pub struct Args {
     /// `redis://HOST:PORT[/DB]`; without it every topic lives in this process.
     #[arg(long, env = "CROSSWIRE_REDIS")]
     pub redis: Option<String>,
+    /// With Redis: milliseconds a dead node's peers stay in presence lists.
+    #[arg(long, env = "CROSSWIRE_PRESENCE_TTL_MS", default_value_t = ms(d().presence_ttl))]
+    pub presence_ttl_ms: u64,
 }
 
 #[cfg(feature = "cli")]
@@ -399,6 +408,7 @@ impl Args {
             connect_burst_per_ip: self.connect_burst_per_ip,
             trusted_proxies: self.trusted_proxies,
             redis: self.redis,
+            presence_ttl: Duration::from_millis(self.presence_ttl_ms),
             ..ServerConfig::default()
         };
         config.validate()?;
