@@ -311,6 +311,42 @@ async fn redis_restarted_without_persistence_resets_subscribers_to_a_new_epoch()
     }
 }
 
+/// `GET /readyz`'s status.
+async fn readyz(addr: std::net::SocketAddr) -> u16 {
+    http_raw(addr, "GET /readyz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").await.0
+}
+
+/// Waits (bounded) until `/readyz` answers `status`.
+async fn readyz_becomes(addr: std::net::SocketAddr, status: u16, within: Duration, what: &str) {
+    let started = Instant::now();
+    loop {
+        let now = readyz(addr).await;
+        if now == status {
+            return;
+        }
+        assert!(started.elapsed() < within, "{what}: /readyz still answers {now}, not {status}");
+        // The poll interval, not a wait for an event.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A node that cannot reach Redis is not ready (a balancer stops sending it
+/// clients) yet keeps its subscribers; once Redis is back it is ready again.
+#[tokio::test]
+async fn readyz_answers_503_while_redis_is_unreachable() {
+    let mut redis = RedisServer::start().await;
+    let nodes = start_nodes(&redis, 1).await;
+    let addr = nodes[0].addr();
+    readyz_becomes(addr, 200, WAIT, "with Redis up").await;
+    let mut sub = Client::connect(addr).await;
+    subscribe(&mut sub, "t").await;
+    redis.kill();
+    readyz_becomes(addr, 503, REFUSED_WITHIN, "with Redis down").await;
+    sub.assert_quiet_tolerating_presence().await;
+    redis.restart().await;
+    readyz_becomes(addr, 200, BACK_WITHIN, "with Redis back").await;
+}
+
 /// Redis dies and comes back from its append-only file: nothing is lost.
 /// The epoch stays, seqs go on without a gap, live subscribers get no reset,
 /// and a client that left before the outage recovers exactly on another node.
