@@ -23,7 +23,7 @@
 use std::{
     collections::{hash_map::Entry, BTreeSet, HashMap},
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, Weak},
 };
 
 use crosswire_shared::{PresenceEntry, ServerFrame, Since, Topic};
@@ -58,6 +58,8 @@ pub(crate) struct Topics {
     replay_limit: usize,
     /// Entries a presence list holds at most.
     presence_list: usize,
+    /// Itself, for the tasks it spawns; set by [`Topics::start`].
+    me: OnceLock<Weak<Topics>>,
 }
 
 struct TopicState {
@@ -181,12 +183,14 @@ impl Topics {
             engine,
             replay_limit,
             presence_list,
+            me: OnceLock::new(),
         }
     }
 
     /// Starts the engine, delivering to `this`.
     pub(crate) fn start(this: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         let hub: Weak<Self> = Arc::downgrade(this);
+        let _ = this.me.set(hub.clone());
         this.engine.start(Node::new(Arc::new(WeakHub(hub))), shutdown);
     }
 
@@ -403,24 +407,34 @@ impl Topics {
     }
 
     /// Sends the watchers of `topic` who is there now, in place of the
-    /// events withheld. With other nodes, their part is read first.
+    /// events withheld. With other nodes, their part is read first, by a
+    /// task of its own (the caller may hold a peer's turn).
     fn send_snapshot(&self, topic: &Topic) {
-        let push = |list: Vec<PresenceEntry>| {
-            let mut shard = self.shard(topic);
-            let Some(state) = shard.get_mut(topic) else { return };
-            state.presence_owed = false;
-            let frame = ServerFrame::Presence { topic: topic.clone(), id: None, peers: list };
-            let frame = WsMessage::Text(frame.encode().into());
-            for sub in state.watchers("") {
-                let _ = sub.outbox.push(frame.clone());
-            }
-            self.remove_if_empty(&mut shard, topic);
-        };
         match self.engine.remote_presence(topic) {
-            Pending::Ready(Some(Ok(remote))) => push(self.merge_presence(topic, remote)),
-            // The other nodes did not answer at once: the snapshot stays owed
-            // and the next sweep sends it.
-            _ => {}
+            Pending::Ready(Some(Ok(remote))) => self.push_snapshot(topic, remote),
+            Pending::Ready(_) => {}
+            Pending::Later(_) => {
+                let Some(this) = self.me.get().and_then(Weak::upgrade) else { return };
+                let topic = topic.clone();
+                tokio::spawn(async move {
+                    // Failing, the snapshot stays owed: the next sweep tries again.
+                    if let Ok(remote) = this.engine.remote_presence(&topic).await {
+                        this.push_snapshot(&topic, remote);
+                    }
+                });
+            }
+        }
+    }
+
+    fn push_snapshot(&self, topic: &Topic, remote: Vec<PresenceEntry>) {
+        let list = self.merge_presence(topic, remote);
+        let mut shard = self.shard(topic);
+        let Some(state) = shard.get_mut(topic) else { return };
+        state.presence_owed = false;
+        let frame = ServerFrame::Presence { topic: topic.clone(), id: None, peers: list };
+        let frame = WsMessage::Text(frame.encode().into());
+        for sub in state.watchers("") {
+            let _ = sub.outbox.push(frame.clone());
         }
     }
 
@@ -536,8 +550,8 @@ impl Topics {
 }
 
 fn ack_now(ack: Option<AckTo>, seq: u64) {
-    if let Some(AckTo { outbox, ack }) = ack {
-        let _ = outbox.push_reserved(WsMessage::Text(ServerFrame::Ack { ack, seq }.encode().into()));
+    if let Some(ack) = ack {
+        ack.send(seq);
     }
 }
 

@@ -169,6 +169,14 @@ pub struct AckTo {
     pub(crate) ack: u64,
 }
 
+impl AckTo {
+    /// Queues the `ack` frame: the message got `seq`.
+    pub(crate) fn send(self, seq: u64) {
+        let frame = crosswire_shared::ServerFrame::Ack { ack: self.ack, seq };
+        let _ = self.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
+    }
+}
+
 impl fmt::Debug for AckTo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AckTo").field("ack", &self.ack).finish_non_exhaustive()

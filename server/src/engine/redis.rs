@@ -336,10 +336,15 @@ impl Shared {
                     .await
             })
             .await;
-        if result.is_err() {
-            // The message was not published (or we cannot know): no ack will
-            // come, the error frame answers instead.
-            lock(&self.acks).remove(&id);
+        // Whoever takes the ack first queues it: the delivery on this node
+        // (in seq order with the topic's other messages, which matters when
+        // the publisher is subscribed) or, when this node's stream has not
+        // brought the message yet, this answer: then no later message of the
+        // topic has reached the publisher either. When the publish failed (or
+        // we cannot know), the error frame answers instead.
+        let pending = lock(&self.acks).remove(&id);
+        if let (Ok(seq), Some((ack, _))) = (&result, pending) {
+            ack.send(*seq);
         }
         result
     }
@@ -377,11 +382,13 @@ impl Shared {
         Ok(History { epoch: epoch.into(), seq, complete: complete == 1, messages })
     }
 
-    /// Fills what this node missed of `topic` after `after` (in `epoch`),
-    /// or resets the topic when the history no longer reaches.
+    /// Fills what this node missed of `topic` after `after` (in `epoch`).
+    /// When that history is gone (a new epoch: Redis lost the topic), the
+    /// subscribers are reset to the new epoch: at its start when all of it
+    /// is retained, so they miss nothing of it, else at its last seq.
     async fn catch_up(&self, node: &Node, topic: &Topic, epoch: &Arc<str>, after: u64) {
         let since = Since { epoch: epoch.to_string(), seq: after };
-        let history = match self.read(topic, Some(&since), usize::MAX >> 1, false).await {
+        let mut history = match self.read(topic, Some(&since), usize::MAX >> 1, true).await {
             Ok(history) => history,
             Err(e) => {
                 tracing::warn!(%topic, error = %e, "cannot catch up a topic from Redis; its subscribers get what follows");
@@ -390,8 +397,15 @@ impl Shared {
         };
         if !history.complete || *history.epoch != **epoch {
             tracing::info!(%topic, "history lost in Redis: resetting the topic's subscribers (recovered: false)");
-            node.reset(topic, history.epoch, history.seq);
-            return;
+            let start = Since { epoch: history.epoch.to_string(), seq: 0 };
+            let from_start = self.read(topic, Some(&start), usize::MAX >> 1, true).await;
+            match from_start {
+                Ok(all) if all.complete && all.epoch == history.epoch => {
+                    node.reset(topic, all.epoch.clone(), 0);
+                    history = all;
+                }
+                _ => return node.reset(topic, history.epoch, history.seq),
+            }
         }
         for (seq, frame) in history.messages {
             let delivery = Delivery { epoch: history.epoch.clone(), seq, from: Arc::from(""), frame, ack: None };
@@ -513,14 +527,14 @@ impl Shared {
             match pubsub {
                 Ok(Ok(pubsub)) => {
                     backoff = BACKOFF_MIN;
-                    self.subscribed.store(true, Ordering::Relaxed);
-                    tracing::info!(node = %self.node_id, "subscribed to Redis");
                     // Subscribed first, then caught up: whatever was published
                     // while we were away is in the history, whatever comes
                     // next is in the stream, and the node drops the overlap.
                     for (topic, epoch, seq) in node.positions() {
                         self.catch_up(&node, &topic, &epoch, seq).await;
                     }
+                    self.subscribed.store(true, Ordering::Relaxed);
+                    tracing::info!(node = %self.node_id, "subscribed to Redis");
                     let mut stream = pubsub.into_on_message();
                     loop {
                         let message = tokio::select! {
