@@ -54,7 +54,7 @@
 //! let server = Server::new(config.clone(), PubSub::new(&config)).bind().await?;
 //! println!("listening on {}", server.local_addr());
 //! let handle = server.handle();
-//! handle.publish_data(&"news".parse().unwrap(), &serde_json::json!({"headline": "hello"}))?;
+//! handle.publish_data(&"news".parse().unwrap(), &serde_json::json!({"headline": "hello"})).await?;
 //! server.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await;
 //! # Ok(()) }
 //! ```
@@ -79,6 +79,7 @@
 
 mod config;
 mod connection;
+mod engine;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod handshake;
@@ -111,6 +112,10 @@ use tokio::net::TcpListener;
 pub use config::Args;
 pub use config::{ConfigError, ServerConfig};
 pub use crosswire_shared as protocol;
+pub use engine::{
+    AckTo, Delivered, Delivery, Engine, EngineError, History, MemoryEngine, MemoryLimits, MessageText, Node, Pending,
+    Publication, RedisEngine,
+};
 pub use hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest};
 pub use message::{Message, Utf8Bytes};
 pub use outbox::SendError;
@@ -119,11 +124,9 @@ pub use pubsub::{PubSub, PubSubContext};
 pub use response::{text_response, HttpResponse};
 pub use service::{RemoteAddr, WebSocketService};
 pub use shutdown::shutdown_signal;
-pub use topics::TopicError;
 
 use shutdown::ShutdownController;
 use state::ServerState;
-use topics::Payload;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -149,9 +152,9 @@ pub enum PublishError {
     /// The data could not be encoded as JSON.
     #[error("cannot encode the data as JSON: {0}")]
     Encode(#[from] serde_json::Error),
-    /// The topic would have been created past the topic cap.
+    /// The engine refused or failed it (topic cap, broker unreachable).
     #[error(transparent)]
-    Topic(#[from] TopicError),
+    Engine(#[from] EngineError),
 }
 
 /// A server not yet running: a [`ServerConfig`] and the [`Hooks`] to run.
@@ -161,12 +164,21 @@ pub enum PublishError {
 pub struct Server<H> {
     config: ServerConfig,
     hooks: H,
+    engine: Option<Arc<dyn Engine>>,
 }
 
 impl<H: Hooks> Server<H> {
     /// A server running `hooks` with `config`.
     pub fn new(config: ServerConfig, hooks: H) -> Self {
-        Self { config, hooks }
+        Self { config, hooks, engine: None }
+    }
+
+    /// Carries topics with `engine` instead of the one the configuration
+    /// names (this process's [`MemoryEngine`], or a [`RedisEngine`] with
+    /// `redis` set): for another broker.
+    pub fn with_engine(mut self, engine: Arc<dyn Engine>) -> Self {
+        self.engine = Some(engine);
+        self
     }
 
     /// The WebSocket endpoint without a listener, for an app's own router:
@@ -175,7 +187,12 @@ impl<H: Hooks> Server<H> {
     pub fn endpoint(self) -> Result<Endpoint<H>, ConfigError> {
         self.config.validate()?;
         let shutdown = ShutdownController::new();
-        let state = Arc::new(ServerState::new(self.config, shutdown.handles()));
+        let engine = match self.engine {
+            Some(engine) => engine,
+            None => state::engine(&self.config)?,
+        };
+        let state = Arc::new(ServerState::new(self.config, shutdown.handles(), engine));
+        topics::Topics::start(&state.topics, state.shutdown.token());
         state.shutdown.spawn(state::sweep(Arc::clone(&state)));
         let service = WebSocketService { state, hooks: Arc::new(self.hooks) };
         Ok(Endpoint { service, shutdown })
@@ -309,21 +326,20 @@ impl ServerHandle {
     /// framing, as [`Peer::publish`] and crossws's `publish`); returns how
     /// many it was queued for.
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
-        // A raw publish never creates a topic, so it never meets the topic cap.
-        self.state.topics.publish(topic, None, Payload::Raw(message.into().into_frame())).map_or(0, |p| p.delivered)
+        self.state.topics.publish_raw(topic, None, message.into())
     }
 
     /// Publishes `data` to every subscriber of `topic` as a protocol v1
     /// `message` frame from `"server"` ([`PubSub`]'s clients): it gets the
     /// topic's next seq, which is returned, and is kept for recovery.
-    pub fn publish_data(&self, topic: &Topic, data: &impl serde::Serialize) -> Result<u64, PublishError> {
+    pub async fn publish_data(&self, topic: &Topic, data: &impl serde::Serialize) -> Result<u64, PublishError> {
         let raw = serde_json::value::to_raw_value(data)?;
-        Ok(self.publish_json(topic, &raw)?)
+        Ok(self.publish_json(topic, &raw).await?)
     }
 
     /// Like [`publish_data`](Self::publish_data), for data that is already JSON text.
-    pub fn publish_json(&self, topic: &Topic, data: &RawValue) -> Result<u64, TopicError> {
-        Ok(self.state.topics.publish(topic, None, Payload::Data { from: "server", data })?.seq)
+    pub async fn publish_json(&self, topic: &Topic, data: &RawValue) -> Result<u64, EngineError> {
+        self.state.topics.publish(topic, Publication { from: "server", data, ack: None }).await
     }
 
     /// Every connected peer, in id order.
@@ -349,9 +365,9 @@ impl ServerHandle {
         list
     }
 
-    /// Who is subscribed to `topic`.
-    pub fn presence(&self, topic: &Topic) -> Vec<PresenceEntry> {
-        self.state.topics.presence(topic)
+    /// Who is subscribed to `topic` (on every node of a cluster).
+    pub async fn presence(&self, topic: &Topic) -> Result<Vec<PresenceEntry>, EngineError> {
+        self.state.topics.presence(topic).await
     }
 
     /// How many topics exist (with subscribers, retained history, or an
@@ -364,6 +380,12 @@ impl ServerHandle {
     /// them (bounded by [`ServerConfig::max_total_queue_bytes`]).
     pub fn queued_bytes(&self) -> usize {
         self.state.queue_budget.reserved()
+    }
+
+    /// Whether the engine can serve: always for the embedded one; with
+    /// Redis, while the node is subscribed to it.
+    pub fn engine_ready(&self) -> bool {
+        self.state.topics.engine().is_ready()
     }
 
     /// Bytes of history retained now, server-wide (bounded by

@@ -9,10 +9,11 @@ use crosswire_shared::{PresenceEntry, RawValue, ServerFrame, Since, Topic};
 use tokio_tungstenite::tungstenite;
 
 use crate::{
+    engine::{AckTo, EngineError, History, Publication},
     message::Message,
     outbox::{Outbox, SendError},
     state::{PeerCore, ServerState},
-    topics::{lock_index, Payload, Publisher, SubscribeOutcome, Subscriber, TopicError},
+    topics::{lock_index, SubscribeOutcome, Subscriber},
 };
 
 /// One connected WebSocket peer, as the hooks see it. Cheap to clone.
@@ -85,34 +86,39 @@ impl<C> Peer<C> {
     }
 
     /// Sends `message` verbatim to every other subscriber of `topic` (crossws
-    /// semantics: the sender is excluded, and need not be subscribed). Returns
-    /// how many peers it was queued for.
+    /// semantics: the sender is excluded, and need not be subscribed), on
+    /// every node. Returns how many peers of this node it was queued for.
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
-        let payload = Payload::Raw(message.into().into_frame());
-        // A raw publish never creates a topic, so it never meets the topic cap.
-        self.inner.state.topics.publish(topic, Some(self.publisher(None)), payload).map_or(0, |p| p.delivered)
+        self.inner.state.topics.publish_raw(topic, Some(&self.inner.core.id), message.into())
     }
 
     /// Publishes `data` as a protocol `message` frame from this peer to every
     /// other subscriber of `topic`: it gets the topic's next seq, which is
     /// returned, and is kept in the topic's history for recovery. With `ack`,
-    /// the `ack` frame is queued to this peer in the same step, so it reaches
-    /// the peer before any later message of the topic: a client can tell its
-    /// own seq from a gap.
-    pub(crate) fn publish_data(&self, topic: &Topic, data: &RawValue, ack: Option<u64>) -> Result<u64, TopicError> {
-        let payload = Payload::Data { from: &self.inner.core.id, data };
-        Ok(self.inner.state.topics.publish(topic, Some(self.publisher(ack)), payload)?.seq)
+    /// the `ack` frame is queued to this peer by the step that delivers the
+    /// message on this node, so it reaches the peer before any later message
+    /// of the topic: a client can tell its own seq from a gap.
+    pub(crate) async fn publish_data(
+        &self,
+        topic: &Topic,
+        data: &RawValue,
+        ack: Option<u64>,
+    ) -> Result<u64, EngineError> {
+        let core = &self.inner.core;
+        let ack = ack.map(|ack| AckTo { outbox: core.outbox.clone(), ack });
+        self.inner.state.topics.publish(topic, Publication { from: &core.id, data, ack }).await
     }
 
-    fn publisher(&self, ack: Option<u64>) -> Publisher<'_> {
-        Publisher { id: &self.inner.core.id, outbox: &self.inner.core.outbox, ack }
+    fn subscriber(&self, presence: bool) -> Subscriber {
+        let core = &self.inner.core;
+        Subscriber::new(core.outbox.clone(), core.user.get().cloned(), presence, Arc::clone(&core.topics))
     }
 
     /// Subscribes to `topic` for raw messages; `Ok(false)` if already
     /// subscribed. Fails only when the topic would be one more than the
     /// server's topic cap allows.
-    pub fn subscribe(&self, topic: &Topic) -> Result<bool, TopicError> {
-        Ok(self.subscribe_with(topic, None, false, false, |_| None)?.1)
+    pub fn subscribe(&self, topic: &Topic) -> Result<bool, EngineError> {
+        self.inner.state.topics.subscribe_raw(topic, &self.inner.core.id, self.subscriber(false))
     }
 
     /// Subscribes to `topic` as the protocol does: queues the `subscribed`
@@ -120,39 +126,22 @@ impl<C> Peer<C> {
     /// before any live message, and opts into `join`/`leave` events when
     /// `presence` is set. Subscribing again never subscribes twice; with
     /// `since` it replays again.
-    pub(crate) fn subscribe_protocol(
+    pub(crate) async fn subscribe_protocol(
         &self,
         topic: &Topic,
         since: Option<&Since>,
         presence: bool,
-    ) -> Result<SubscribeOutcome, TopicError> {
-        let subscribed = self.subscribe_with(topic, since, presence, true, |sub| {
+    ) -> Result<SubscribeOutcome, EngineError> {
+        let reply = |sub: &SubscribeOutcome| {
             Some(ServerFrame::Subscribed {
                 topic: topic.clone(),
                 epoch: sub.epoch.to_string(),
                 seq: sub.seq,
                 recovered: sub.recovered,
             })
-        })?;
-        Ok(subscribed.0)
-    }
-
-    fn subscribe_with(
-        &self,
-        topic: &Topic,
-        since: Option<&Since>,
-        presence: bool,
-        history: bool,
-        reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
-    ) -> Result<(SubscribeOutcome, bool), TopicError> {
-        let core = &self.inner.core;
-        let sub = Subscriber {
-            outbox: core.outbox.clone(),
-            user: core.user.get().cloned(),
-            presence,
-            memberships: Arc::clone(&core.topics),
         };
-        self.inner.state.topics.subscribe(topic, &core.id, sub, since, history, reply)
+        let topics = &self.inner.state.topics;
+        Ok(topics.subscribe(topic, &self.inner.core.id, self.subscriber(presence), since, reply).await?.0)
     }
 
     /// Leaves `topic`; returns false if the peer was not subscribed.
@@ -183,9 +172,9 @@ impl<C> Peer<C> {
         }
     }
 
-    /// Who is subscribed to `topic`.
-    pub(crate) fn presence(&self, topic: &Topic) -> Vec<PresenceEntry> {
-        self.inner.state.topics.presence(topic)
+    /// Who is subscribed to `topic`, on every node.
+    pub(crate) async fn presence(&self, topic: &Topic) -> Result<Vec<PresenceEntry>, EngineError> {
+        self.inner.state.topics.presence(topic).await
     }
 
     /// Spawns a task that the server's shutdown waits for and ends.
@@ -203,12 +192,12 @@ impl<C> Peer<C> {
 
     /// A topic's retained `message` frames for a protocol `history` request
     /// (see `Topics::history`): read access only, no subscription.
-    pub(crate) fn history(
+    pub(crate) async fn history(
         &self,
         topic: &Topic,
         since: Option<&Since>,
         limit: usize,
-    ) -> Option<(Arc<str>, u64, Vec<tungstenite::Message>)> {
-        self.inner.state.topics.history(topic, since, limit)
+    ) -> Result<Option<History>, EngineError> {
+        self.inner.state.topics.history(topic, since, limit).await
     }
 }

@@ -28,6 +28,12 @@ impl ShutdownHandles {
         self.graceful.cancelled().await;
     }
 
+    /// The token that shutdown cancels first: for tasks that are not spawned
+    /// through [`spawn`](Self::spawn) (an engine's), to stop with it.
+    pub(crate) fn token(&self) -> CancellationToken {
+        self.graceful.clone()
+    }
+
     /// Spawns a task the shutdown waits for, and ends (its output `None`) if
     /// it is still running when the grace period is over.
     pub(crate) fn spawn<F>(&self, task: F) -> JoinHandle<Option<F::Output>>

@@ -14,10 +14,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::{
     config::ServerConfig,
+    engine::{Engine, MemoryEngine, MemoryLimits, RedisEngine},
     limits, origin,
     outbox::{Bounds, Outbox, QueueBudget},
     shutdown::ShutdownHandles,
-    topics::{self, Memberships, Topics},
+    topics::{Memberships, Topics},
 };
 
 /// Refusals answered at once; past this a refused connection is closed
@@ -27,7 +28,7 @@ pub(crate) const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 /// Shared state of one server.
 pub(crate) struct ServerState {
     pub(crate) config: ServerConfig,
-    pub(crate) topics: Topics,
+    pub(crate) topics: Arc<Topics>,
     peers: Mutex<HashMap<Arc<str>, Arc<PeerCore>>>,
     /// Connections (behind a foreign listener: WebSockets) open at once.
     pub(crate) limit: Arc<Semaphore>,
@@ -62,9 +63,10 @@ impl std::fmt::Debug for ServerState {
 }
 
 impl ServerState {
-    pub(crate) fn new(config: ServerConfig, shutdown: ShutdownHandles) -> Self {
+    /// The state of a server whose topics `engine` carries.
+    pub(crate) fn new(config: ServerConfig, shutdown: ShutdownHandles, engine: Arc<dyn Engine>) -> Self {
         Self {
-            topics: Topics::new(topic_limits(&config)),
+            topics: Arc::new(Topics::new(engine, config.history_size, config.max_presence_list)),
             peers: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: limits::IpLimiter::new(&config),
@@ -130,15 +132,19 @@ impl ServerState {
     }
 }
 
-/// What bounds the topic registry.
-fn topic_limits(config: &ServerConfig) -> topics::Limits {
-    topics::Limits {
+/// The engine `config` asks for: Redis when it names one, else this process.
+pub(crate) fn engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, crate::ConfigError> {
+    if let Some(url) = &config.redis {
+        let engine =
+            RedisEngine::new(url, config).map_err(|e| crate::ConfigError::BadRedisUrl(format!("{url}: {e}")))?;
+        return Ok(Arc::new(engine));
+    }
+    Ok(Arc::new(MemoryEngine::new(MemoryLimits {
         history_size: config.history_size,
         history_ttl: config.history_ttl,
         max_topics: config.max_topics,
         history_bytes: config.history_memory_bytes,
-        presence_list: config.max_presence_list,
-    }
+    })))
 }
 
 /// How much live traffic one peer's queue may hold.

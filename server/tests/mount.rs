@@ -62,7 +62,7 @@ async fn the_protocol_runs_behind_the_apps_own_listener() {
     assert_eq!(message_data(&a.recv().await), (1, b.peer.clone(), json!("hi")));
 
     let handle = endpoint.handle();
-    assert_eq!(handle.publish_data(&"room".parse().unwrap(), &json!("from the app")).unwrap(), 2);
+    assert_eq!(handle.publish_data(&"room".parse().unwrap(), &json!("from the app")).await.unwrap(), 2);
     assert_eq!(message_data(&a.recv().await).2, json!("from the app"));
     let peers = handle.peers();
     assert_eq!(peers.len(), 2);

@@ -100,7 +100,7 @@ async fn server_handle_publishes_and_lists_peers(engine: Engine) {
     let mut a = Client::connect(server.local_addr()).await;
     a.subscribe("news").await;
     let topic = Topic::new("news").unwrap();
-    assert_eq!(handle.publish_data(&topic, &json!({"headline": "hi"})).unwrap(), 1);
+    assert_eq!(handle.publish_data(&topic, &json!({"headline": "hi"})).await.unwrap(), 1);
     let (seq, from, data) = message_data(&a.recv().await);
     assert_eq!((seq, from.as_str(), data), (1, "server", json!({"headline": "hi"})));
     let peers = handle.peers();

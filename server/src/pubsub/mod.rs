@@ -17,6 +17,7 @@ use tokio::task::AbortHandle;
 
 use crate::{
     config::ServerConfig,
+    engine::{EngineError, History},
     hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest},
     limits::TokenBucket,
     message::Message,
@@ -122,7 +123,7 @@ impl PubSub {
         }
     }
 
-    fn handle(&self, peer: &Peer<PubSubContext>, frame: ClientFrame) {
+    async fn handle(&self, peer: &Peer<PubSubContext>, frame: ClientFrame) {
         let session = peer.context();
         if let ClientFrame::Subscribe { topic, .. }
         | ClientFrame::Unsubscribe { topic }
@@ -142,8 +143,8 @@ impl PubSub {
                     let message = format!("a peer may be subscribed to at most {} topics", self.max_topics);
                     return error(peer, ErrorCode::TooManyTopics, message, None, Some(topic));
                 }
-                if let Err(e) = peer.subscribe_protocol(&topic, since.as_ref(), presence) {
-                    error(peer, ErrorCode::TopicLimit, e.to_string(), None, Some(topic));
+                if let Err(e) = peer.subscribe_protocol(&topic, since.as_ref(), presence).await {
+                    engine_error(peer, &e, None, topic);
                 }
             }
             ClientFrame::Unsubscribe { topic } => {
@@ -157,8 +158,8 @@ impl PubSub {
                 if let Err(message) = take_token(&session.bucket, "publish", (self.publish_rate, self.publish_burst)) {
                     return error(peer, ErrorCode::RateLimited, message, ack, Some(topic));
                 }
-                if let Err(e) = peer.publish_data(&topic, &data, ack) {
-                    error(peer, ErrorCode::TopicLimit, e.to_string(), ack, Some(topic));
+                if let Err(e) = peer.publish_data(&topic, &data, ack).await {
+                    engine_error(peer, &e, ack, topic);
                 }
             }
             ClientFrame::Ping { id } => reply(peer, ServerFrame::Pong { id }),
@@ -167,8 +168,16 @@ impl PubSub {
                 if !session.may_subscribe(&topic) {
                     return forbidden(peer, "see presence of", topic, None);
                 }
-                let peers = peer.presence(&topic);
-                reply(peer, ServerFrame::Presence { topic, id, peers });
+                match peer.presence(&topic).await {
+                    Ok(peers) => reply(peer, ServerFrame::Presence { topic, id, peers }),
+                    Err(e) => {
+                        let code = engine_code(&e);
+                        reply(
+                            peer,
+                            ServerFrame::Error { code, message: e.to_string(), ack: None, topic: Some(topic), id },
+                        )
+                    }
+                }
             }
             ClientFrame::Refresh { token, id } => self.refresh(peer, &token, id),
             ClientFrame::History { topic, since, limit, id } => {
@@ -181,11 +190,19 @@ impl PubSub {
                     );
                 }
                 let limit = limit.map_or(MAX_HISTORY_LIMIT, |l| (l as usize).min(MAX_HISTORY_LIMIT));
-                match peer.history(&topic, since.as_ref(), limit) {
-                    Some((epoch, seq, frames)) => {
+                match peer.history(&topic, since.as_ref(), limit).await {
+                    Err(e) => {
+                        let code = engine_code(&e);
+                        reply(
+                            peer,
+                            ServerFrame::Error { code, message: e.to_string(), ack: None, topic: Some(topic), id },
+                        )
+                    }
+                    Ok(Some(History { epoch, seq, messages: frames, .. })) => {
                         // The retained frames are already-encoded `message`
                         // frames: splice them in rather than decode and re-encode.
-                        let mut text = String::with_capacity(96 + frames.iter().map(|f| f.len() + 1).sum::<usize>());
+                        let mut text =
+                            String::with_capacity(96 + frames.iter().map(|(_, f)| f.len() + 1).sum::<usize>());
                         text.push_str(r#"{"type":"history","topic":"#);
                         text.push_str(&serde_json::to_string(&topic).expect("a topic serializes"));
                         if let Some(id) = id {
@@ -194,16 +211,16 @@ impl PubSub {
                         text.push_str(r#","epoch":"#);
                         text.push_str(&serde_json::to_string(&*epoch).expect("a string serializes"));
                         text.push_str(&format!(r#","seq":{seq},"messages":["#));
-                        for (i, frame) in frames.iter().enumerate() {
+                        for (i, (_, frame)) in frames.iter().enumerate() {
                             if i > 0 {
                                 text.push(',');
                             }
-                            text.push_str(frame.to_text().unwrap_or("null"));
+                            text.push_str(frame.as_str());
                         }
                         text.push_str("]}");
                         let _ = peer.send(text);
                     }
-                    None => {
+                    Ok(None) => {
                         let message = match &since {
                             Some(s) => format!(
                                 "the history of {topic:?} no longer reaches back to seq {} of epoch {}",
@@ -273,6 +290,18 @@ fn error(
     reply(peer, ServerFrame::Error { code, message: message.into(), ack, topic, id: None });
 }
 
+/// The error code telling a client why the engine did not do what it asked.
+fn engine_code(e: &EngineError) -> ErrorCode {
+    match e {
+        EngineError::TopicLimit { .. } => ErrorCode::TopicLimit,
+        EngineError::Unavailable(_) => ErrorCode::EngineUnavailable,
+    }
+}
+
+fn engine_error(peer: &Peer<PubSubContext>, e: &EngineError, ack: Option<u64>, topic: Topic) {
+    error(peer, engine_code(e), e.to_string(), ack, Some(topic));
+}
+
 fn forbidden(peer: &Peer<PubSubContext>, what: &str, topic: Topic, ack: Option<u64>) {
     let message = format!("your token does not allow you to {what} {topic:?}");
     error(peer, ErrorCode::Forbidden, message, ack, Some(topic));
@@ -323,7 +352,7 @@ impl Hooks for PubSub {
             return error(peer, ErrorCode::BadRequest, message, None, None);
         };
         match ClientFrame::decode(text) {
-            Ok(frame) => self.handle(peer, frame),
+            Ok(frame) => self.handle(peer, frame).await,
             Err(DecodeError { code, message, ack, topic }) => error(peer, code, message, ack, topic),
         }
     }

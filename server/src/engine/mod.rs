@@ -1,0 +1,360 @@
+//! The broker behind the local fan-out: each topic's seq and epoch, its
+//! history, delivery to every node, and who is subscribed on other nodes.
+//!
+//! One [`Engine`] serves one server. It has two implementations here: the
+//! embedded [`MemoryEngine`] (the default: one process, nothing to install)
+//! and [`RedisEngine`] (`--redis`: any number of nodes sharing topics).
+//! Another broker can be plugged in by implementing the trait; the server
+//! relies on these guarantees, and nothing else:
+//!
+//! - **Total order per topic.** [`Engine::publish`] gives the message the
+//!   topic's next seq (1, 2, 3, … within an epoch, never a gap, never
+//!   reused), retains it, and hands it to every node's [`Node::deliver`]: on
+//!   each node, a topic's deliveries arrive in seq order. A node that misses
+//!   some (a dropped connection to the broker) fills the hole from
+//!   [`Engine::read`] before going on, or, when the history no longer
+//!   reaches, calls [`Node::reset`]: never a silent gap.
+//! - **Atomic publish.** Seq assignment, history append and the notification
+//!   of other nodes are one step: no node sees seq n+1 retained or delivered
+//!   without seq n.
+//! - **Read after subscribe is exact.** A [`Engine::read`] started after a
+//!   subscriber was registered with the node returns every message up to the
+//!   seq it reports; everything later reaches the node through `deliver`.
+//!   The node merges the two (see `topics.rs`), which is how a `since`
+//!   replays exactly the missed messages on any node.
+//! - **Epochs.** A topic's epoch changes only when its history is really
+//!   lost (forgotten while idle, or a broker restarted without persistence).
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
+use serde::Serialize;
+use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message as WsMessage};
+
+use crate::outbox::Outbox;
+
+mod memory;
+mod redis;
+
+pub use memory::{MemoryEngine, MemoryLimits};
+pub use redis::RedisEngine;
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The topic would be one more than the engine may hold, and none is idle.
+    #[error("the server holds as many topics as it may ({max}), none idle")]
+    TopicLimit {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The broker cannot be reached (or did not answer in time).
+    #[error("the message broker is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The answer of an engine operation: at once (the memory engine never
+/// waits, and pays for no allocation), or later (a round trip to a broker).
+pub enum Pending<'a, T> {
+    /// Done.
+    Ready(Option<Result<T, EngineError>>),
+    /// Under way.
+    Later(Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send + 'a>>),
+}
+
+impl<T> Pending<'_, T> {
+    /// Done now.
+    pub fn ready(result: Result<T, EngineError>) -> Self {
+        Self::Ready(Some(result))
+    }
+}
+
+impl<'a, T> Pending<'a, T> {
+    /// Done when `future` is.
+    pub fn later(future: impl Future<Output = Result<T, EngineError>> + Send + 'a) -> Self {
+        Self::Later(Box::pin(future))
+    }
+}
+
+// Neither variant is pinned in place: `Ready` is moved out of, `Later` is boxed.
+impl<T> Unpin for Pending<'_, T> {}
+
+impl<T> Future for Pending<'_, T> {
+    type Output = Result<T, EngineError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Ready(result) => Poll::Ready(result.take().expect("a Pending is polled after it is done")),
+            Self::Later(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Pending<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ready(_) => "Pending::Ready",
+            Self::Later(_) => "Pending::Later",
+        })
+    }
+}
+
+/// A `message` frame of protocol v1, encoded once for every subscriber on
+/// every node (and kept as such in history): JSON text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MessageText(Utf8Bytes);
+
+impl MessageText {
+    /// The frame publishing `data` from `from` as `topic`'s message `seq`.
+    pub fn encode(topic: &Topic, seq: u64, from: &str, data: &RawValue) -> Self {
+        /// Borrowed twin of `ServerFrame::Message`: the data is serialized
+        /// straight from the received frame, never copied into an owned one.
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename = "message")]
+        struct Frame<'a> {
+            topic: &'a Topic,
+            seq: u64,
+            from: &'a str,
+            data: &'a RawValue,
+        }
+        let text = serde_json::to_string(&Frame { topic, seq, from, data }).expect("a message frame always serializes");
+        Self(text.into())
+    }
+
+    /// Text a broker carried; it must be UTF-8.
+    pub fn from_utf8(bytes: bytes::Bytes) -> Result<Self, std::str::Utf8Error> {
+        Utf8Bytes::try_from(bytes).map(Self)
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty (never, for a real frame).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn to_ws(&self) -> WsMessage {
+        WsMessage::Text(self.0.clone())
+    }
+}
+
+impl fmt::Debug for MessageText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// Where a publisher's `ack` goes: queued by the node that delivers the
+/// message to its own subscribers, in the same step, so that the publisher
+/// has its ack before any later message of the topic. Opaque: an engine only
+/// carries it from [`Publication`] to [`Delivery`].
+#[derive(Clone)]
+pub struct AckTo {
+    pub(crate) outbox: Outbox,
+    pub(crate) ack: u64,
+}
+
+impl AckTo {
+    /// Queues the `ack` frame: the message got `seq`.
+    pub(crate) fn send(self, seq: u64) {
+        let frame = crosswire_shared::ServerFrame::Ack { ack: self.ack, seq };
+        let _ = self.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
+    }
+}
+
+impl fmt::Debug for AckTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AckTo").field("ack", &self.ack).finish_non_exhaustive()
+    }
+}
+
+/// What a peer (or the server) publishes with a seq.
+#[derive(Debug)]
+pub struct Publication<'a> {
+    /// The publisher's peer id (`"server"` for the server's own), excluded
+    /// from the fan-out.
+    pub from: &'a str,
+    /// The payload.
+    pub data: &'a RawValue,
+    /// Its ack, if it asked for one.
+    pub ack: Option<AckTo>,
+}
+
+/// One message of a topic as it reaches a node.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The topic's epoch the seq belongs to.
+    pub epoch: Arc<str>,
+    /// Its seq.
+    pub seq: u64,
+    /// The publisher's id, excluded from the fan-out.
+    pub from: Arc<str>,
+    /// The encoded `message` frame.
+    pub frame: MessageText,
+    /// The publisher's ack, on the publisher's node.
+    pub ack: Option<AckTo>,
+}
+
+/// What [`Node::deliver`] did with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Queued for this node's subscribers (how many).
+    Queued(usize),
+    /// Already delivered (a catch-up overlapping the live stream): dropped.
+    Duplicate,
+    /// Not the next seq the node holds for the topic (`after` is the last it
+    /// delivered, in `epoch`): the engine must deliver what lies between
+    /// first, from [`Engine::read`], or [`Node::reset`] the topic.
+    Gap {
+        /// The last seq delivered.
+        after: u64,
+    },
+    /// Nobody on this node is subscribed to the topic.
+    Nobody,
+}
+
+/// A topic's position and retained messages, as [`Engine::read`] returns them.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The epoch.
+    pub epoch: Arc<str>,
+    /// The last seq assigned.
+    pub seq: u64,
+    /// Whether the messages after the `since` asked for are all here (true
+    /// when no `since` was given).
+    pub complete: bool,
+    /// Retained messages after `since` (or the latest ones), oldest first,
+    /// at most the limit asked for, with their seqs.
+    pub messages: Vec<(u64, MessageText)>,
+}
+
+/// What a node does with what its engine hands it: implemented by the
+/// topic registry, so that the engine needs nothing above it.
+pub(crate) trait Hub: Send + Sync + 'static {
+    fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered;
+    fn deliver_raw(&self, topic: &Topic, from: &str, message: WsMessage) -> usize;
+    fn reset(&self, topic: &Topic, epoch: Arc<str>, seq: u64);
+    fn positions(&self) -> Vec<(Topic, Arc<str>, u64)>;
+    fn announce_remote(&self, topic: &Topic, who: PresenceEntry, joined: bool);
+}
+
+/// This node, as an engine sees it: where its deliveries go.
+#[derive(Clone)]
+pub struct Node {
+    hub: Arc<dyn Hub>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node").finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub(crate) fn new(hub: Arc<dyn Hub>) -> Self {
+        Self { hub }
+    }
+
+    /// Hands one message of `topic` to this node's subscribers.
+    pub fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered {
+        self.hub.deliver(topic, delivery)
+    }
+
+    /// Sends a raw (unsequenced) message published on another node to this
+    /// node's subscribers of `topic`, except `from`.
+    pub fn deliver_raw(&self, topic: &Topic, from: &str, message: crate::Message) -> usize {
+        self.hub.deliver_raw(topic, from, message.into_frame())
+    }
+
+    /// The topic's history was lost (or a hole can no longer be filled): its
+    /// subscribers here are told the new position (`subscribed` with
+    /// `recovered: false`) and live delivery resumes after `seq`.
+    pub fn reset(&self, topic: &Topic, epoch: Arc<str>, seq: u64) {
+        self.hub.reset(topic, epoch, seq)
+    }
+
+    /// Where this node stands in each topic it has subscribers for: the
+    /// epoch and last seq delivered. What an engine catches up from after
+    /// its connection to the broker came back.
+    pub fn positions(&self) -> Vec<(Topic, Arc<str>, u64)> {
+        self.hub.positions()
+    }
+
+    /// A peer of another node joined (`true`) or left `topic`: this node's
+    /// watchers are told.
+    pub fn presence(&self, topic: &Topic, who: PresenceEntry, joined: bool) {
+        self.hub.announce_remote(topic, who, joined)
+    }
+}
+
+/// The broker. See the module documentation for what an implementation
+/// must guarantee.
+pub trait Engine: fmt::Debug + Send + Sync + 'static {
+    /// Called once, before anything else: where this node's deliveries go.
+    /// An engine that needs background tasks (a subscription to its broker)
+    /// spawns them here, on the server's runtime; they end with `shutdown`.
+    fn start(&self, node: Node, shutdown: tokio_util::sync::CancellationToken);
+
+    /// Gives the message `topic`'s next seq, retains it, and delivers it to
+    /// every node; resolves to the seq.
+    fn publish<'a>(&'a self, topic: &'a Topic, publication: Publication<'a>) -> Pending<'a, u64>;
+
+    /// Sends a raw message to `topic`'s subscribers on the other nodes (this
+    /// node delivers its own): no seq, no history.
+    fn broadcast(&self, topic: &Topic, from: &str, message: &crate::Message);
+
+    /// The topic's epoch and last seq, with the retained messages after
+    /// `since` (or the latest ones), at most `limit`. With `create`, a topic
+    /// without an epoch gets one (a subscriber will hold it); without, an
+    /// unknown topic reads as empty in epoch `""`.
+    fn read<'a>(
+        &'a self,
+        topic: &'a Topic,
+        since: Option<&'a Since>,
+        limit: usize,
+        create: bool,
+    ) -> Pending<'a, History>;
+
+    /// A subscriber on this node now holds `topic`: the topic must stay (an
+    /// engine bounding its topics may refuse a new one).
+    fn hold(&self, topic: &Topic) -> Result<(), EngineError>;
+
+    /// A subscriber on this node let go of `topic`.
+    fn release(&self, topic: &Topic);
+
+    /// A peer of this node joined (`true`) or left `topic`, for the other
+    /// nodes' presence lists and watchers.
+    fn presence_changed(&self, topic: &Topic, who: &PresenceEntry, joined: bool);
+
+    /// Who is subscribed to `topic` on the other nodes.
+    fn remote_presence<'a>(&'a self, topic: &'a Topic) -> Pending<'a, Vec<PresenceEntry>>;
+
+    /// Whether the engine can serve now (its broker is reachable).
+    fn is_ready(&self) -> bool;
+
+    /// Periodic upkeep: expire history, forget idle topics.
+    fn sweep(&self) {}
+
+    /// Topics the engine holds (on this node, for a shared broker).
+    fn topic_count(&self) -> usize;
+
+    /// Bytes of history this process retains.
+    fn retained_bytes(&self) -> usize {
+        0
+    }
+}

@@ -1,0 +1,724 @@
+//! The Redis engine: any number of nodes share their topics through one
+//! Redis (≥ 6).
+//!
+//! - **Publish** is one Lua script: it takes the topic's next seq, builds
+//!   the `message` frame around it (the node sends the text before and after
+//!   the seq), appends it to the topic's history (a list trimmed by count,
+//!   age and bytes) and PUBLISHes it, all in one atomic step. Each node
+//!   receives the frame text once and fans it out to its own subscribers:
+//!   one copy per node crosses the network, and nobody encodes it again.
+//! - **Delivery** goes over a fixed set of [`SHARD_CHANNELS`] channels, a
+//!   topic always on the same one; every node subscribes to all of them at
+//!   start. So a subscribe never waits for a Redis SUBSCRIBE round trip, and
+//!   no (un)subscribe can race with a delivery. The cost: every node
+//!   receives every publication and drops those of topics it has no
+//!   subscriber for (a hash lookup). Right for a few nodes sharing most
+//!   topics; see docs/SCALING.md.
+//! - **Order and gaps.** One channel delivers in PUBLISH order, that is in
+//!   seq order per topic. The node checks each seq against the last it
+//!   delivered; a hole (its pub/sub connection dropped meanwhile) is filled
+//!   from the history before going on, and when the history no longer
+//!   reaches, the topic is reset for its subscribers (`recovered: false`).
+//!   After a reconnect, every topic the node serves is caught up that way.
+//! - **Epochs** live in Redis with the seq (`cw:{topic}:m`). They change
+//!   only when the topic's state is gone: expired while idle and unheld, or
+//!   a Redis restarted without persistence.
+//! - **Presence** is a hash per topic of every node's peers, each entry with
+//!   an expiry its node renews; a node that dies stops renewing, and its
+//!   peers drop out of every list within `presence_ttl`. Joins and leaves
+//!   travel on the shard channels.
+//! - **Redis unreachable:** every operation fails within [`COMMAND_TIMEOUT`]
+//!   with [`EngineError::Unavailable`] (publishers get `engine_unavailable`),
+//!   subscribers stay connected, and the node reconnects with backoff.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
+use futures_util::StreamExt;
+use redis::{aio::ConnectionManager, AsyncCommands, Client, Script};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{AckTo, Delivered, Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication};
+use crate::{config::ServerConfig, message::Message};
+
+/// Channels carrying the topics between nodes.
+pub(crate) const SHARD_CHANNELS: usize = 16;
+
+/// How long one Redis operation may take before it counts as failed.
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// An ack whose message never came back is dropped after this long (the
+/// client's own ack deadline has long fired).
+const ACK_FORGET: Duration = Duration::from_secs(60);
+
+/// Seq, history append and notification, atomically.
+/// KEYS: meta, history. ARGV: epoch if new, now (ms), ttl (ms), max
+/// messages, max bytes, channel, frame head, frame tail, topic, node,
+/// publish id, from.
+const PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'bytes', 0)
+  redis.call('DEL', KEYS[2])
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local now = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local entry = ARGV[2] .. '\n' .. ARGV[10] .. '\n' .. ARGV[11] .. '\n' .. ARGV[12] .. '\n' .. ARGV[7] .. seq .. ARGV[8]
+if tonumber(ARGV[4]) > 0 then
+  redis.call('RPUSH', KEYS[2], entry)
+  local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', #entry)
+  local len = redis.call('LLEN', KEYS[2])
+  while len > 0 do
+    local head = redis.call('LINDEX', KEYS[2], 0)
+    local at = tonumber(string.match(head, '^(%d+)'))
+    if len > tonumber(ARGV[4]) or bytes > tonumber(ARGV[5]) or at < now - ttl then
+      redis.call('LPOP', KEYS[2])
+      bytes = redis.call('HINCRBY', KEYS[1], 'bytes', -#head)
+      len = len - 1
+    else
+      break
+    end
+  end
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PUBLISH', ARGV[6], 'm\n' .. ARGV[9] .. '\n' .. epoch .. '\n' .. seq .. '\n' .. entry)
+return seq
+"#;
+
+/// A topic's position and the history after `since` (or the latest).
+/// KEYS: meta, history. ARGV: since epoch ('' for none), since seq, limit,
+/// create ('1'/'0'), epoch if new, now (ms), ttl (ms).
+/// Returns {epoch, top seq, complete (0/1), seq of the first entry, entries}.
+const READ: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  if ARGV[4] ~= '1' then
+    return {'', 0, ARGV[1] == '' and 1 or 0, 0, {}}
+  end
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'bytes', 0)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]))
+local top = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local now = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[7])
+local len = redis.call('LLEN', KEYS[2])
+while len > 0 do
+  local head = redis.call('LINDEX', KEYS[2], 0)
+  local at = tonumber(string.match(head, '^(%d+)'))
+  if at < now - ttl then
+    redis.call('LPOP', KEYS[2])
+    redis.call('HINCRBY', KEYS[1], 'bytes', -#head)
+    len = len - 1
+  else
+    break
+  end
+end
+local first = top - len + 1
+local limit = tonumber(ARGV[3])
+if ARGV[1] == '' then
+  local from = math.max(0, len - limit)
+  return {epoch, top, 1, first + from, redis.call('LRANGE', KEYS[2], from, len - 1)}
+end
+local since = tonumber(ARGV[2])
+if ARGV[1] ~= epoch or since > top or since < first - 1 then
+  return {epoch, top, 0, 0, {}}
+end
+local from = since + 1 - first
+local to = math.min(from + limit - 1, len - 1)
+return {epoch, top, 1, since + 1, redis.call('LRANGE', KEYS[2], from, to)}
+"#;
+
+/// A node's peers in a topic: HSET with expiry, or HDEL; then PUBLISH the
+/// event. KEYS: presence. ARGV: peer, value ('' to remove), channel, event.
+const PRESENCE: &str = r#"
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], 86400000)
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"#;
+
+/// Topics shared over Redis.
+pub struct RedisEngine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEngine").field("node", &self.shared.node_id).finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    client: Client,
+    /// This node's id in Redis: what tells its own publications and
+    /// presence entries from the others'.
+    node_id: String,
+    history_size: usize,
+    history_ttl: Duration,
+    history_bytes: usize,
+    presence_ttl: Duration,
+    connection: watch::Sender<Option<ConnectionManager>>,
+    /// The pub/sub connection is subscribed: deliveries flow.
+    subscribed: AtomicBool,
+    node: OnceLock<Node>,
+    publish: Script,
+    read: Script,
+    presence: Script,
+    next_publish: AtomicU64,
+    /// Acks of this node's publishes, until their message comes back.
+    acks: Mutex<HashMap<u64, (AckTo, tokio::time::Instant)>>,
+    /// Topics held by this node's subscribers, with how many hold each.
+    held: Mutex<HashMap<Topic, usize>>,
+    /// This node's presence entries, renewed before they expire.
+    present: Mutex<HashMap<(Topic, String), Option<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn fresh_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn meta_key(topic: &Topic) -> String {
+    format!("cw:{{{topic}}}:m")
+}
+
+fn history_key(topic: &Topic) -> String {
+    format!("cw:{{{topic}}}:h")
+}
+
+fn presence_key(topic: &Topic) -> String {
+    format!("cw:{{{topic}}}:p")
+}
+
+fn channel(topic: &Topic) -> String {
+    // FNV-1a: the same shard on every node, whatever its hasher's seed.
+    let hash =
+        topic.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("crosswire:{}", hash % SHARD_CHANNELS as u64)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(e.to_string())
+}
+
+/// One retained (or delivered) message as the scripts write it:
+/// `at \n node \n publish id \n from \n frame`.
+struct Entry<'a> {
+    node: &'a str,
+    publish_id: u64,
+    from: &'a str,
+    frame: Bytes,
+}
+
+fn parse_entry(bytes: &Bytes) -> Option<Entry<'_>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut parts = text.splitn(5, '\n');
+    let _at = parts.next()?;
+    let node = parts.next()?;
+    let publish_id = parts.next()?.parse().ok()?;
+    let from = parts.next()?;
+    let frame = parts.next()?;
+    let offset = frame.as_ptr() as usize - text.as_ptr() as usize;
+    Some(Entry { node, publish_id, from, frame: bytes.slice(offset..) })
+}
+
+impl RedisEngine {
+    /// An engine for the Redis at `url`, bounded as `config` says; it
+    /// connects when the server starts.
+    pub fn new(url: &str, config: &ServerConfig) -> Result<Self, EngineError> {
+        let client = Client::open(url).map_err(unavailable)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                client,
+                node_id: format!("{:012x}", rand::random::<u64>() >> 16),
+                history_size: config.history_size,
+                history_ttl: config.history_ttl,
+                history_bytes: config.history_memory_bytes,
+                presence_ttl: config.presence_ttl,
+                connection: watch::channel(None).0,
+                subscribed: AtomicBool::new(false),
+                node: OnceLock::new(),
+                publish: Script::new(PUBLISH),
+                read: Script::new(READ),
+                presence: Script::new(PRESENCE),
+                next_publish: AtomicU64::new(1),
+                acks: Mutex::new(HashMap::new()),
+                held: Mutex::new(HashMap::new()),
+                present: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+impl Shared {
+    /// The command connection, waiting (bounded) for the first one.
+    async fn connection(&self) -> Result<ConnectionManager, EngineError> {
+        let mut rx = self.connection.subscribe();
+        let wait = async move { rx.wait_for(Option::is_some).await.ok().and_then(|conn| conn.clone()) };
+        match tokio::time::timeout(COMMAND_TIMEOUT, wait).await {
+            Ok(Some(conn)) => Ok(conn),
+            _ => Err(EngineError::Unavailable("not connected to Redis".into())),
+        }
+    }
+
+    async fn run<T>(&self, f: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>) -> Result<T, EngineError> {
+        let conn = self.connection().await?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, f(conn)).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(EngineError::Unavailable("Redis did not answer in time".into())),
+        }
+    }
+
+    async fn publish(
+        &self,
+        topic: &Topic,
+        from: &str,
+        data: &RawValue,
+        ack: Option<AckTo>,
+    ) -> Result<u64, EngineError> {
+        // The frame around the seq the script will assign, encoded here once.
+        let sample = MessageText::encode(topic, 0, from, data);
+        let text = sample.as_str();
+        let marker = r#","seq":0,"#;
+        let at = text.find(marker).expect("a message frame carries its seq") + marker.len() - 2;
+        let (head, tail) = (&text[..at], &text[at + 1..]);
+        let id = self.next_publish.fetch_add(1, Ordering::Relaxed);
+        if let Some(ack) = ack {
+            lock(&self.acks).insert(id, (ack, tokio::time::Instant::now()));
+        }
+        let result = self
+            .run(async |mut conn| {
+                self.publish
+                    .key(meta_key(topic))
+                    .key(history_key(topic))
+                    .arg(fresh_epoch())
+                    .arg(now_ms())
+                    .arg(self.history_ttl.as_millis() as u64)
+                    .arg(self.history_size)
+                    .arg(self.history_bytes)
+                    .arg(channel(topic))
+                    .arg(head)
+                    .arg(tail)
+                    .arg(topic.as_str())
+                    .arg(&self.node_id)
+                    .arg(id)
+                    .arg(from)
+                    .invoke_async::<u64>(&mut conn)
+                    .await
+            })
+            .await;
+        // Whoever takes the ack first queues it: the delivery on this node
+        // (in seq order with the topic's other messages, which matters when
+        // the publisher is subscribed) or, when this node's stream has not
+        // brought the message yet, this answer: then no later message of the
+        // topic has reached the publisher either. When the publish failed (or
+        // we cannot know), the error frame answers instead.
+        let pending = lock(&self.acks).remove(&id);
+        if let (Ok(seq), Some((ack, _))) = (&result, pending) {
+            ack.send(*seq);
+        }
+        result
+    }
+
+    async fn read(
+        &self,
+        topic: &Topic,
+        since: Option<&Since>,
+        limit: usize,
+        create: bool,
+    ) -> Result<History, EngineError> {
+        let (epoch, seq, complete, first, entries): (String, u64, u8, u64, Vec<Bytes>) = self
+            .run(async |mut conn| {
+                self.read
+                    .key(meta_key(topic))
+                    .key(history_key(topic))
+                    .arg(since.map_or("", |s| &*s.epoch))
+                    .arg(since.map_or(0, |s| s.seq))
+                    .arg(limit.max(1))
+                    .arg(if create { "1" } else { "0" })
+                    .arg(fresh_epoch())
+                    .arg(now_ms())
+                    .arg(self.history_ttl.as_millis() as u64)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let mut messages = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let parsed = parse_entry(entry).ok_or_else(|| unavailable("a malformed history entry"))?;
+            let frame = MessageText::from_utf8(parsed.frame).map_err(unavailable)?;
+            messages.push((first + i as u64, frame));
+        }
+        let messages = if limit == 0 { Vec::new() } else { messages };
+        Ok(History { epoch: epoch.into(), seq, complete: complete == 1, messages })
+    }
+
+    /// Fills what this node missed of `topic` after `after` (in `epoch`).
+    /// When that history is gone (a new epoch: Redis lost the topic), the
+    /// subscribers are reset to the new epoch: at its start when all of it
+    /// is retained, so they miss nothing of it, else at its last seq.
+    async fn catch_up(&self, node: &Node, topic: &Topic, epoch: &Arc<str>, after: u64) {
+        let since = Since { epoch: epoch.to_string(), seq: after };
+        let mut history = match self.read(topic, Some(&since), usize::MAX >> 1, true).await {
+            Ok(history) => history,
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "cannot catch up a topic from Redis; its subscribers get what follows");
+                return;
+            }
+        };
+        if !history.complete || *history.epoch != **epoch {
+            tracing::info!(%topic, "history lost in Redis: resetting the topic's subscribers (recovered: false)");
+            let start = Since { epoch: history.epoch.to_string(), seq: 0 };
+            let from_start = self.read(topic, Some(&start), usize::MAX >> 1, true).await;
+            match from_start {
+                Ok(all) if all.complete && all.epoch == history.epoch => {
+                    node.reset(topic, all.epoch.clone(), 0);
+                    history = all;
+                }
+                _ => return node.reset(topic, history.epoch, history.seq),
+            }
+        }
+        for (seq, frame) in history.messages {
+            let delivery = Delivery { epoch: history.epoch.clone(), seq, from: Arc::from(""), frame, ack: None };
+            node.deliver(topic, delivery);
+        }
+    }
+
+    /// Hands one pub/sub message to the node.
+    async fn on_message(&self, node: &Node, payload: Bytes) {
+        let Ok(text) = std::str::from_utf8(&payload) else { return };
+        let mut head = text.splitn(2, '\n');
+        match head.next() {
+            Some("m") => {
+                let mut parts = text.splitn(5, '\n');
+                let (Some(_), Some(topic), Some(epoch), Some(seq)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return;
+                };
+                let (Ok(topic), Ok(seq)) = (Topic::new(topic), seq.parse::<u64>()) else { return };
+                let Some(rest) = parts.next() else { return };
+                let offset = rest.as_ptr() as usize - text.as_ptr() as usize;
+                let entry_bytes = payload.slice(offset..);
+                let Some(entry) = parse_entry(&entry_bytes) else { return };
+                let Ok(frame) = MessageText::from_utf8(entry.frame.clone()) else { return };
+                let ack = (entry.node == self.node_id).then(|| lock(&self.acks).remove(&entry.publish_id)).flatten();
+                let delivery =
+                    Delivery { epoch: epoch.into(), seq, from: entry.from.into(), frame, ack: ack.map(|(ack, _)| ack) };
+                if let Delivered::Gap { after } = node.deliver(&topic, delivery.clone()) {
+                    let known = node.positions().into_iter().find(|(t, ..)| *t == topic).map(|(_, e, _)| e);
+                    let epoch = known.unwrap_or_else(|| delivery.epoch.clone());
+                    self.catch_up(node, &topic, &epoch, after).await;
+                    node.deliver(&topic, delivery);
+                }
+            }
+            Some("r") => {
+                // r \n topic \n node \n from \n kind \n data
+                let mut parts = text.splitn(6, '\n');
+                let (Some(_), Some(topic), Some(origin), Some(from), Some(kind), Some(data)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return;
+                };
+                if origin == self.node_id {
+                    return;
+                }
+                let Ok(topic) = Topic::new(topic) else { return };
+                let message = if kind == "b" {
+                    let offset = data.as_ptr() as usize - text.as_ptr() as usize;
+                    Message::Binary(payload.slice(offset..))
+                } else {
+                    Message::Text(data.to_owned().into())
+                };
+                node.deliver_raw(&topic, from, message);
+            }
+            Some(kind @ ("j" | "l")) => {
+                // j|l \n topic \n node \n peer \n user
+                let mut parts = text.splitn(5, '\n');
+                let (Some(_), Some(topic), Some(origin), Some(peer), Some(user)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return;
+                };
+                if origin == self.node_id {
+                    return;
+                }
+                let Ok(topic) = Topic::new(topic) else { return };
+                let who = PresenceEntry { peer: peer.to_owned(), user: (!user.is_empty()).then(|| user.to_owned()) };
+                node.presence(&topic, who, kind == "j");
+            }
+            _ => {}
+        }
+    }
+
+    /// Keeps the command connection: made once, then ConnectionManager
+    /// reconnects by itself.
+    async fn connect(self: Arc<Self>, shutdown: CancellationToken) {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(COMMAND_TIMEOUT)
+            .set_response_timeout(COMMAND_TIMEOUT)
+            .set_number_of_retries(2)
+            .set_max_delay(BACKOFF_MAX.as_millis() as u64);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let attempt = ConnectionManager::new_with_config(self.client.clone(), config.clone());
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                conn = attempt => match conn {
+                    Ok(conn) => {
+                        self.connection.send_replace(Some(conn));
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot connect to Redis; retrying"),
+                },
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// The pub/sub connection: subscribes to every shard channel, catches up
+    /// every topic this node serves, then delivers; again after any drop.
+    async fn listen(self: Arc<Self>, node: Node, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let connected = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                let channels: Vec<String> = (0..SHARD_CHANNELS).map(|i| format!("crosswire:{i}")).collect();
+                pubsub.subscribe(channels).await?;
+                redis::RedisResult::Ok(pubsub)
+            };
+            let pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = tokio::time::timeout(COMMAND_TIMEOUT, connected) => result,
+            };
+            match pubsub {
+                Ok(Ok(pubsub)) => {
+                    backoff = BACKOFF_MIN;
+                    // Subscribed first, then caught up: whatever was published
+                    // while we were away is in the history, whatever comes
+                    // next is in the stream, and the node drops the overlap.
+                    for (topic, epoch, seq) in node.positions() {
+                        self.catch_up(&node, &topic, &epoch, seq).await;
+                    }
+                    self.subscribed.store(true, Ordering::Relaxed);
+                    tracing::info!(node = %self.node_id, "subscribed to Redis");
+                    let mut stream = pubsub.into_on_message();
+                    loop {
+                        let message = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            message = stream.next() => message,
+                        };
+                        let Some(message) = message else { break };
+                        let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                        self.on_message(&node, payload).await;
+                    }
+                    self.subscribed.store(false, Ordering::Relaxed);
+                    tracing::warn!("lost the Redis pub/sub connection; reconnecting");
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot subscribe to Redis; retrying"),
+                Err(_) => tracing::warn!("Redis did not answer the subscription in time; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Renews this node's presence entries and the topics its subscribers
+    /// hold, so that neither expires while the node lives.
+    async fn renew(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = (self.presence_ttl / 3).max(Duration::from_millis(100));
+        let mut ticker = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let entries: Vec<_> =
+                lock(&self.present).iter().map(|((t, p), u)| (t.clone(), p.clone(), u.clone())).collect();
+            let held: Vec<Topic> = lock(&self.held).keys().cloned().collect();
+            let expires = now_ms() + self.presence_ttl.as_millis() as u64;
+            let ttl = self.history_ttl.as_millis() as u64;
+            let _ = self
+                .run(async |mut conn| {
+                    let mut pipe = redis::pipe();
+                    for (topic, peer, user) in &entries {
+                        pipe.hset(presence_key(topic), peer, self.presence_value(expires, user.as_deref())).ignore();
+                    }
+                    for topic in &held {
+                        pipe.pexpire(meta_key(topic), ttl as i64).ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await
+                })
+                .await;
+            let cutoff = tokio::time::Instant::now().checked_sub(ACK_FORGET);
+            if let Some(cutoff) = cutoff {
+                lock(&self.acks).retain(|_, (_, at)| *at > cutoff);
+            }
+        }
+    }
+
+    fn presence_value(&self, expires: u64, user: Option<&str>) -> String {
+        format!("{}\n{expires}\n{}", self.node_id, user.unwrap_or(""))
+    }
+}
+
+impl Engine for RedisEngine {
+    fn start(&self, node: Node, shutdown: CancellationToken) {
+        let shared = &self.shared;
+        let _ = shared.node.set(node.clone());
+        tokio::spawn(Arc::clone(shared).connect(shutdown.clone()));
+        tokio::spawn(Arc::clone(shared).listen(node, shutdown.clone()));
+        tokio::spawn(Arc::clone(shared).renew(shutdown));
+    }
+
+    fn publish<'a>(&'a self, topic: &'a Topic, publication: Publication<'a>) -> Pending<'a, u64> {
+        let Publication { from, data, ack } = publication;
+        Pending::later(self.shared.publish(topic, from, data, ack))
+    }
+
+    fn broadcast(&self, topic: &Topic, from: &str, message: &Message) {
+        let (kind, data): (&str, &[u8]) = match message {
+            Message::Text(text) => ("t", text.as_bytes()),
+            Message::Binary(data) => ("b", data),
+        };
+        let mut payload = format!("r\n{topic}\n{}\n{from}\n{kind}\n", self.shared.node_id).into_bytes();
+        payload.extend_from_slice(data);
+        let channel = channel(topic);
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let sent = shared.run(async |mut conn| conn.publish::<_, _, ()>(channel, payload).await).await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "a raw message did not reach the other nodes");
+            }
+        });
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a Topic,
+        since: Option<&'a Since>,
+        limit: usize,
+        create: bool,
+    ) -> Pending<'a, History> {
+        Pending::later(self.shared.read(topic, since, limit, create))
+    }
+
+    fn hold(&self, topic: &Topic) -> Result<(), EngineError> {
+        *lock(&self.shared.held).entry(topic.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    fn release(&self, topic: &Topic) {
+        let mut held = lock(&self.shared.held);
+        if let Some(n) = held.get_mut(topic) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(topic);
+            }
+        }
+    }
+
+    fn presence_changed(&self, topic: &Topic, who: &PresenceEntry, joined: bool) {
+        let shared = Arc::clone(&self.shared);
+        let key = (topic.clone(), who.peer.clone());
+        if joined {
+            lock(&shared.present).insert(key, who.user.clone());
+        } else {
+            lock(&shared.present).remove(&key);
+        }
+        let topic = topic.clone();
+        let who = who.clone();
+        tokio::spawn(async move {
+            let expires = now_ms() + shared.presence_ttl.as_millis() as u64;
+            let value = if joined { shared.presence_value(expires, who.user.as_deref()) } else { String::new() };
+            let event = format!(
+                "{}\n{topic}\n{}\n{}\n{}",
+                if joined { "j" } else { "l" },
+                shared.node_id,
+                who.peer,
+                who.user.as_deref().unwrap_or("")
+            );
+            let sent = shared
+                .run(async |mut conn| {
+                    shared
+                        .presence
+                        .key(presence_key(&topic))
+                        .arg(&who.peer)
+                        .arg(&value)
+                        .arg(channel(&topic))
+                        .arg(&event)
+                        .invoke_async::<()>(&mut conn)
+                        .await
+                })
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "a presence change did not reach Redis");
+            }
+        });
+    }
+
+    fn remote_presence<'a>(&'a self, topic: &'a Topic) -> Pending<'a, Vec<PresenceEntry>> {
+        let shared = &self.shared;
+        Pending::later(async move {
+            let all: HashMap<String, String> =
+                shared.run(async |mut conn| conn.hgetall(presence_key(topic)).await).await?;
+            let now = now_ms();
+            let mut list = Vec::new();
+            for (peer, value) in all {
+                let mut parts = value.splitn(3, '\n');
+                let (Some(node), Some(expires), Some(user)) = (parts.next(), parts.next(), parts.next()) else {
+                    continue;
+                };
+                if node == shared.node_id || expires.parse::<u64>().map_or(true, |e| e < now) {
+                    continue;
+                }
+                list.push(PresenceEntry { peer, user: (!user.is_empty()).then(|| user.to_owned()) });
+            }
+            Ok(list)
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.subscribed.load(Ordering::Relaxed) && self.shared.connection.borrow().is_some()
+    }
+
+    fn topic_count(&self) -> usize {
+        lock(&self.shared.held).len()
+    }
+}

@@ -1,0 +1,196 @@
+//! The Redis engine's own rules, on two in-process nodes sharing a private
+//! redis-server: cross-node delivery with the publisher's ack first,
+//! recovery on the other node, `engine_unavailable` while Redis is down, and
+//! a node's catch-up after its pub/sub connection dropped.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use crosswire_server::{RunningServer, ServerConfig};
+use crosswire_shared::{ErrorCode, ServerFrame, Since};
+use serde_json::json;
+
+/// A private redis-server on a free loopback port, without persistence, in
+/// its own directory; killed and removed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("crosswire-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Self::spawn(port, &dir);
+        let redis = Redis { child, port, dir };
+        redis.wait_ready().await;
+        redis
+    }
+
+    fn spawn(port: u16, dir: &PathBuf) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/setup.sh installs it)")
+    }
+
+    async fn wait_ready(&self) {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, &self.dir);
+        self.wait_ready().await;
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn node_config(redis: &Redis) -> ServerConfig {
+    ServerConfig { redis: Some(redis.url()), ..config() }
+}
+
+async fn node(redis: &Redis) -> RunningServer {
+    let server = start_pubsub(node_config(redis)).await;
+    let handle = server.handle();
+    wait_until("the node subscribed to Redis", || handle.engine_ready()).await;
+    server
+}
+
+fn subscribed(frame: ServerFrame) -> (String, u64, bool) {
+    match frame {
+        ServerFrame::Subscribed { epoch, seq, recovered, .. } => (epoch, seq, recovered),
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+}
+
+fn seq_of(frame: &ServerFrame) -> u64 {
+    match frame {
+        ServerFrame::Message { seq, .. } => *seq,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_cross_nodes_in_order_and_recover_on_another_node() {
+    let redis = Redis::start().await;
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut sub = Client::connect(a.local_addr()).await;
+    let (epoch, seq, _) = subscribed(sub.subscribe("room").await);
+    assert_eq!(seq, 0);
+    let mut publisher = Client::connect(b.local_addr()).await;
+    // The publisher on B is subscribed too: its acks come before later messages.
+    publisher.subscribe("room").await;
+    for i in 1..=20 {
+        assert_eq!(publisher.publish("room", json!(i), i).await, i);
+    }
+    for i in 1..=20 {
+        assert_eq!(seq_of(&sub.recv().await), i);
+    }
+    // Gone from A after seq 20; 10 more published; back on B with `since`.
+    drop(sub);
+    for i in 21..=30 {
+        assert_eq!(publisher.publish("room", json!(i), i).await, i);
+    }
+    let mut back = Client::connect(b.local_addr()).await;
+    back.send(json!({"type": "subscribe", "topic": "room", "since": Since { epoch: epoch.clone(), seq: 20 }})).await;
+    let (again, top, recovered) = subscribed(back.recv().await);
+    assert_eq!((again.as_str(), top, recovered), (epoch.as_str(), 30, true));
+    for i in 21..=30 {
+        assert_eq!(seq_of(&back.recv().await), i);
+    }
+    back.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_publishes_keeps_subscribers_and_resets_lost_history() {
+    let mut redis = Redis::start().await;
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut sub = Client::connect(a.local_addr()).await;
+    let (epoch, ..) = subscribed(sub.subscribe("news").await);
+    let mut publisher = Client::connect(b.local_addr()).await;
+    assert_eq!(publisher.publish("news", json!("before"), 1).await, 1);
+    assert_eq!(seq_of(&sub.recv().await), 1);
+
+    redis.kill();
+    let (ha, hb) = (a.handle(), b.handle());
+    wait_until("both nodes see Redis gone", || !ha.engine_ready() && !hb.engine_ready()).await;
+    publisher.send(json!({"type": "publish", "topic": "news", "data": "lost", "ack": 2})).await;
+    match publisher.recv().await {
+        ServerFrame::Error { code: ErrorCode::EngineUnavailable, ack: Some(2), .. } => {}
+        other => panic!("expected engine_unavailable, got {other:?}"),
+    }
+    sub.assert_quiet().await;
+
+    // Back without persistence: the topic's history is gone, its epoch too.
+    redis.restart().await;
+    wait_until("both nodes back on Redis", || ha.engine_ready() && hb.engine_ready()).await;
+    assert_eq!(publisher.publish("news", json!("after"), 3).await, 1);
+    let (new_epoch, seq, recovered) = subscribed(sub.recv().await);
+    assert_ne!(new_epoch, epoch);
+    assert_eq!((seq, recovered), (0, false));
+    assert_eq!(seq_of(&sub.recv().await), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_subscription_catches_up_from_history() {
+    let redis = Redis::start().await;
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut sub = Client::connect(a.local_addr()).await;
+    sub.subscribe("feed").await;
+    let mut publisher = Client::connect(b.local_addr()).await;
+    assert_eq!(publisher.publish("feed", json!(1), 1).await, 1);
+    assert_eq!(seq_of(&sub.recv().await), 1);
+    // Cut every pub/sub connection; publish while they are down.
+    let ha = a.handle();
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    for i in 2..=40 {
+        assert_eq!(publisher.publish("feed", json!(i), i).await, i);
+    }
+    wait_until("node A subscribed again", || ha.engine_ready()).await;
+    for i in 41..=50 {
+        assert_eq!(publisher.publish("feed", json!(i), i).await, i);
+    }
+    for i in 2..=50 {
+        assert_eq!(seq_of(&sub.recv().await), i, "every message once, in order");
+    }
+    sub.assert_quiet().await;
+}
