@@ -49,9 +49,12 @@ fn free_port() -> u16 {
 /// Sends one command in RESP on a new connection and returns the answer:
 /// the line of a simple string, error, integer or null (`+PONG`, `-ERR …`,
 /// `:2`, `$-1`), or the body of a bulk string; `None` when nothing answers. Blocking, with
-/// timeouts: a loopback round trip, also usable from `Drop`.
-fn reply(port: u16, args: &[&str]) -> Option<String> {
+/// timeouts: a loopback round trip, also usable from `Drop`. Counts the
+/// connection in `connected` once made.
+fn reply(port: u16, args: &[&str], connected: &AtomicUsize) -> Option<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    // Counted once Redis has it: tries while it starts up reach nobody.
+    connected.fetch_add(1, Ordering::Relaxed);
     stream.set_read_timeout(Some(WAIT)).ok()?;
     stream.set_write_timeout(Some(WAIT)).ok()?;
     let mut request = format!("*{}\r\n", args.len());
@@ -214,8 +217,7 @@ impl RedisServer {
 
     /// One command on a connection of its own, counted as the harness's.
     fn reply(&self, args: &[&str]) -> Option<String> {
-        self.own_connections.fetch_add(1, Ordering::Relaxed);
-        reply(self.port, args)
+        reply(self.port, args, &self.own_connections)
     }
 
     /// Runs one command on it and returns the answer (see [`reply`]).
