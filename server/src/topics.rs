@@ -481,7 +481,7 @@ impl Topics {
         Ok(reaches.then_some(history))
     }
 
-    fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered {
+    fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         let Delivery { epoch, seq, from, frame, ack } = delivery;
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else {
@@ -560,7 +560,7 @@ fn ack_now(ack: Option<AckTo>, seq: u64) {
 struct WeakHub(Weak<Topics>);
 
 impl Hub for WeakHub {
-    fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered {
+    fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         self.0.upgrade().map_or(Delivered::Nobody, |t| t.deliver(topic, delivery))
     }
 

@@ -397,11 +397,11 @@ impl Shared {
 
     /// The delivery of one entry (as the scripts write it), with the ack it
     /// owes when this node published it and has not acked it yet.
-    fn delivery(&self, epoch: Arc<str>, seq: u64, entry: &Bytes) -> Option<Delivery> {
+    fn delivery<'e>(&self, epoch: Arc<str>, seq: u64, entry: &'e Bytes) -> Option<Delivery<'e>> {
         let entry = parse_entry(entry)?;
         let frame = MessageText::from_utf8(entry.frame.clone()).ok()?;
         let ack = (entry.node == self.node_id).then(|| lock(&self.acks).remove(&entry.publish_id)).flatten();
-        Some(Delivery { epoch, seq, from: entry.from.into(), frame, ack: ack.map(|(ack, _)| ack) })
+        Some(Delivery { epoch, seq, from: entry.from, frame, ack: ack.map(|(ack, _)| ack) })
     }
 
     /// Fills what this node missed of `topic` after `after` (in `epoch`).
@@ -452,7 +452,8 @@ impl Shared {
                 let (Ok(topic), Ok(seq)) = (Topic::new(topic), seq.parse::<u64>()) else { return };
                 let Some(rest) = parts.next() else { return };
                 let offset = rest.as_ptr() as usize - text.as_ptr() as usize;
-                let Some(delivery) = self.delivery(epoch.into(), seq, &payload.slice(offset..)) else { return };
+                let entry = payload.slice(offset..);
+                let Some(delivery) = self.delivery(epoch.into(), seq, &entry) else { return };
                 if let Delivered::Gap { after } = node.deliver(&topic, delivery.clone()) {
                     let known = node.positions().into_iter().find(|(t, ..)| *t == topic).map(|(_, e, _)| e);
                     let epoch = known.unwrap_or_else(|| delivery.epoch.clone());
