@@ -1085,7 +1085,15 @@ impl Session {
                 entry.advance(seq);
             }
             None if same_epoch => entry.advance(seq.max(entry.last_seq.unwrap_or(0))),
-            None => entry.advance(seq),
+            None => {
+                // Unasked, in another epoch: the server lost the topic's
+                // history (a broker restarted without persistence) and says
+                // where it stands now. What we had not seen is gone.
+                if let Some(old) = entry.epoch.clone() {
+                    gap = Some(Since { epoch: old, seq: entry.last_seq.unwrap_or(0) });
+                }
+                entry.advance(seq)
+            }
         }
         entry.epoch = Some(epoch.clone());
         let presence = entry.presence_refs > 0;

@@ -473,6 +473,30 @@ fn a_new_epoch_resets_tracking() {
 }
 
 #[test]
+fn an_unasked_subscribed_in_a_new_epoch_is_a_reported_reset() {
+    // A cluster's broker lost the topic's history while the connection
+    // stayed up: the server re-announces the topic at its new position.
+    let mut h = Harness::default();
+    h.open("p1");
+    h.input(Input::Subscribe { topic: t("a"), presence: false });
+    subscribed(&mut h, "a", "E1", 0, false);
+    message(&mut h, "a", 1, "1");
+    message(&mut h, "a", 2, "2");
+    let cmds = subscribed(&mut h, "a", "E2", 0, false);
+    let since = Since { epoch: "E1".into(), seq: 2 };
+    assert_eq!(
+        events(&cmds),
+        vec![
+            Event::Error(ClientError::Gap { topic: t("a"), epoch: "E1".into(), after_seq: 2 }),
+            Event::Topic { topic: t("a"), status: TopicStatus::Gap { epoch: "E2".into(), missed_after: since } },
+        ]
+    );
+    assert!(sent(&cmds).is_empty(), "nothing to ask again: the history is gone");
+    assert_eq!(messages(&message(&mut h, "a", 1, "3")), vec![(1, "3".into())]);
+    assert_eq!(h.s.since(&t("a")), Some(Since { epoch: "E2".into(), seq: 1 }));
+}
+
+#[test]
 fn nothing_missed_is_no_gap_even_without_recovery() {
     let mut h = Harness::default();
     h.open("p1");

@@ -32,8 +32,14 @@
 //!    `close`); protocol v1's operations on it are crate-private, for `PubSub`.
 //! 8. **state**: what connections share (configuration, topics, peer list,
 //!    limits, shutdown handles).
-//! 9. **topics**: the registry and fan-out: one encoded frame per publish
-//!    shared by every subscriber, each topic's seq and bounded history.
+//! 9. **topics**: this node's subscribers and the fan-out: one encoded
+//!    frame per message shared by every subscriber, presence events, and the
+//!    merge of a history read with live deliveries that makes recovery exact.
+//! 10. **engine** ([`Engine`]): the broker: each topic's seq, epoch and
+//!    bounded history, delivery to every node, cluster presence. The
+//!    embedded [`MemoryEngine`] is the default; [`RedisEngine`] (`redis` in
+//!    the configuration, `--redis`) shares topics between nodes; another
+//!    broker plugs in with [`Server::with_engine`].
 //!
 //! Below them, leaves and support modules: `limits`, `config`, `origin`,
 //! the per-peer queue (`outbox`), `shutdown`, [`Message`], the HTTP

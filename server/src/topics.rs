@@ -481,7 +481,7 @@ impl Topics {
         Ok(reaches.then_some(history))
     }
 
-    fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered {
+    fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         let Delivery { epoch, seq, from, frame, ack } = delivery;
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else {
@@ -560,7 +560,7 @@ fn ack_now(ack: Option<AckTo>, seq: u64) {
 struct WeakHub(Weak<Topics>);
 
 impl Hub for WeakHub {
-    fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered {
+    fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         self.0.upgrade().map_or(Delivered::Nobody, |t| t.deliver(topic, delivery))
     }
 
@@ -595,4 +595,289 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard lock would be a bug in this module; the
     // map is still consistent at every await-free step, so keep serving.
     shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The registry over the memory engine: what a subscriber receives.
+    use std::time::Duration;
+
+    use crosswire_shared::RawValue;
+
+    use super::*;
+    use crate::{
+        engine::{MemoryEngine, MemoryLimits},
+        outbox::{Bounds, OutboxReceiver, QueueBudget},
+    };
+
+    fn topic(name: &str) -> Topic {
+        Topic::new(name).unwrap()
+    }
+
+    fn limits(history_size: usize) -> MemoryLimits {
+        MemoryLimits { history_size, history_ttl: Duration::from_secs(60), max_topics: 1000, history_bytes: usize::MAX }
+    }
+
+    fn topics_with(limits: MemoryLimits, presence_list: usize) -> Arc<Topics> {
+        let topics = Arc::new(Topics::new(Arc::new(MemoryEngine::new(limits)), limits.history_size, presence_list));
+        Topics::start(&topics, tokio_util::sync::CancellationToken::new());
+        topics
+    }
+
+    fn topics(history_size: usize) -> Arc<Topics> {
+        topics_with(limits(history_size), 1000)
+    }
+
+    fn sub(capacity: usize) -> (Subscriber, OutboxReceiver) {
+        let (outbox, rx) = Outbox::new(Bounds { frames: capacity, bytes: usize::MAX }, QueueBudget::new(usize::MAX));
+        (Subscriber::new(outbox, None, false, Memberships::default()), rx)
+    }
+
+    fn watcher() -> (Subscriber, OutboxReceiver) {
+        let (mut s, rx) = sub(1 << 20);
+        s.presence = true;
+        (s, rx)
+    }
+
+    fn texts(rx: &mut OutboxReceiver) -> Vec<String> {
+        let mut out = vec![];
+        while let Some(m) = rx.frames.try_recv() {
+            out.push(m.into_text().unwrap().to_string());
+        }
+        out
+    }
+
+    fn data(n: u64) -> Box<RawValue> {
+        RawValue::from_string(n.to_string()).unwrap()
+    }
+
+    async fn publish(topics: &Topics, t: &Topic, n: u64) -> Result<u64, EngineError> {
+        topics.publish(t, Publication { from: "x", data: &data(n), ack: None }).await
+    }
+
+    async fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> SubscribeOutcome {
+        topics.subscribe(t, &id.into(), s, since, |_| None).await.unwrap().0
+    }
+
+    #[tokio::test]
+    async fn seq_ack_and_exclusion() {
+        let topics = topics(4);
+        let t = topic("t");
+        let (a, mut arx) = sub(16);
+        let a_outbox = a.outbox.clone();
+        let (b, mut brx) = sub(16);
+        join(&topics, &t, "a", a, None).await;
+        join(&topics, &t, "b", b, None).await;
+        let ack = Some(AckTo { outbox: a_outbox, ack: 9 });
+        assert_eq!(topics.publish(&t, Publication { from: "a", data: &data(1), ack }).await, Ok(1));
+        assert_eq!(
+            texts(&mut arx),
+            [r#"{"type":"ack","ack":9,"seq":1}"#],
+            "the publisher gets its ack, not its message"
+        );
+        assert_eq!(texts(&mut brx), [r#"{"type":"message","topic":"t","seq":1,"from":"a","data":1}"#]);
+    }
+
+    #[tokio::test]
+    async fn the_peers_index_follows_the_subscriber_map() {
+        let topics = topics(0);
+        let (a, b) = (topic("a"), topic("b"));
+        let index = Memberships::default();
+        let entry = || Subscriber::new(sub(4).0.outbox, None, false, Arc::clone(&index));
+        assert!(topics.subscribe_raw(&a, &"p".into(), entry()).unwrap());
+        assert!(topics.subscribe_raw(&b, &"p".into(), entry()).unwrap());
+        assert!(!topics.subscribe_raw(&a, &"p".into(), entry()).unwrap(), "subscribing again is not joining again");
+        assert_eq!(lock_index(&index).iter().cloned().collect::<Vec<_>>(), [a.clone(), b.clone()]);
+        assert!(topics.unsubscribe(&a, "p"));
+        assert!(!topics.unsubscribe(&a, "p"));
+        assert_eq!(lock_index(&index).iter().cloned().collect::<Vec<_>>(), [b]);
+    }
+
+    #[tokio::test]
+    async fn recovery_window() {
+        let topics = topics(3);
+        let t = topic("t");
+        let epoch = join(&topics, &t, "probe", sub(16).0, None).await.epoch;
+        for n in 1..=5 {
+            publish(&topics, &t, n).await.unwrap();
+        }
+        let since = |seq| Since { epoch: epoch.to_string(), seq };
+        // Retained: 3, 4, 5. From 2 on is recoverable, from 1 is not.
+        let (s, mut rx) = sub(16);
+        assert!(join(&topics, &t, "p", s, Some(&since(2))).await.recovered);
+        assert_eq!(texts(&mut rx).len(), 3);
+        assert!(!join(&topics, &t, "q", sub(16).0, Some(&since(1))).await.recovered);
+        assert!(join(&topics, &t, "r", sub(16).0, Some(&since(5))).await.recovered);
+        assert!(!join(&topics, &t, "s", sub(16).0, Some(&since(6))).await.recovered);
+        let wrong = Since { epoch: "other".into(), seq: 4 };
+        assert!(!join(&topics, &t, "u", sub(16).0, Some(&wrong)).await.recovered);
+    }
+
+    #[tokio::test]
+    async fn deliveries_while_the_history_is_read_follow_the_replay_once() {
+        // What a broker's delay looks like: the registry is handed seq 2 and
+        // 3 while a subscriber with `since` 0 waits for its read, which then
+        // reports seq 2 (message 3 came later). The subscriber gets 1, 2
+        // from the read and 3 from what was held: each once, in order.
+        let topics = topics(8);
+        let t = topic("t");
+        let epoch = join(&topics, &t, "probe", sub(16).0, None).await.epoch;
+        publish(&topics, &t, 1).await.unwrap();
+        let (mut s, mut rx) = sub(16);
+        s.pending = Some(Vec::new());
+        topics.shard(&t).get_mut(&t).unwrap().subscribers.insert("late".into(), s);
+        publish(&topics, &t, 2).await.unwrap();
+        let read = topics.engine.read(&t, Some(&Since { epoch: epoch.to_string(), seq: 0 }), 8, true).await.unwrap();
+        publish(&topics, &t, 3).await.unwrap();
+        assert_eq!(read.seq, 2);
+        // Completing by hand what `subscribe` does after its read.
+        let mut shard = topics.shard(&t);
+        let sub = shard.get_mut(&t).unwrap().subscribers.get_mut("late").unwrap();
+        for (_, frame) in read.messages.iter().filter(|(s, _)| *s <= read.seq) {
+            sub.outbox.push_reserved(frame.to_ws()).unwrap();
+        }
+        for (_, frame) in sub.pending.take().unwrap().into_iter().filter(|(s, _)| *s > read.seq) {
+            sub.outbox.push(frame).unwrap();
+        }
+        drop(shard);
+        let seqs: Vec<u64> = texts(&mut rx)
+            .iter()
+            .map(|t| serde_json::from_str::<serde_json::Value>(t).unwrap()["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_expires_and_empty_topics_go() {
+        let topics = topics_with(MemoryLimits { history_ttl: Duration::from_secs(10), ..limits(8) }, 1000);
+        let t = topic("t");
+        let (s, _rx) = sub(4);
+        let epoch = join(&topics, &t, "a", s, None).await.epoch;
+        publish(&topics, &t, 1).await.unwrap();
+        topics.unsubscribe(&t, "a");
+        assert_eq!((topics.len(), topics.retained_bytes() > 0), (1, true), "retained history keeps the topic");
+        // Idle but within the TTL: kept, so its only subscriber can come back to the same epoch.
+        topics.sweep();
+        assert_eq!(topics.len(), 1);
+        let back = Since { epoch: epoch.to_string(), seq: 0 };
+        assert!(join(&topics, &t, "a", sub(4).0, Some(&back)).await.recovered);
+        topics.unsubscribe(&t, "a");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        topics.sweep();
+        assert_eq!(topics.len(), 0);
+        assert_eq!(topics.retained_bytes(), 0, "expired history is no longer counted");
+        // Raw publishes to a topic nobody is in create nothing.
+        assert_eq!(topics.publish_raw(&t, None, crate::Message::from("x")), 0);
+        assert_eq!(topics.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn publishing_where_nobody_ever_subscribed_retains_nothing() {
+        let topics = topics(8);
+        for n in 0..100 {
+            assert_eq!(publish(&topics, &topic(&format!("nowhere{n}")), n).await, Ok(1));
+        }
+        assert_eq!(topics.retained_bytes(), 0, "nobody holds an epoch to ask for it");
+    }
+
+    #[tokio::test]
+    async fn full_queue_is_isolated() {
+        let topics = topics(0);
+        let t = topic("t");
+        let (slow, mut slow_rx) = sub(2);
+        let (fast, mut fast_rx) = sub(64);
+        join(&topics, &t, "slow", slow, None).await;
+        join(&topics, &t, "fast", fast, None).await;
+        for n in 0..10 {
+            publish(&topics, &t, n).await.unwrap();
+        }
+        assert_eq!(texts(&mut fast_rx).len(), 10);
+        assert!(texts(&mut slow_rx).is_empty(), "a cut peer gets nothing after the refused frame, only its close");
+        assert!(slow_rx.close.borrow().is_some(), "the slow peer is told to close");
+    }
+
+    #[tokio::test]
+    async fn at_the_topic_cap_an_idle_topic_makes_room_and_a_busy_one_does_not() {
+        let topics = topics_with(MemoryLimits { max_topics: 4, ..limits(8) }, 1000);
+        let mut held = vec![];
+        for n in 0..4 {
+            let t = topic(&format!("held{n}"));
+            let (s, rx) = sub(4);
+            join(&topics, &t, "p", s, None).await;
+            held.push((t, rx));
+        }
+        assert_eq!(topics.len(), 4);
+        let fresh = topic("fresh");
+        assert_eq!(
+            topics.subscribe(&fresh, &"p".into(), sub(4).0, None, |_| None).await.map(|_| ()),
+            Err(EngineError::TopicLimit { max: 4 }),
+            "every topic has a subscriber: none may go"
+        );
+        assert_eq!(publish(&topics, &fresh, 1).await, Err(EngineError::TopicLimit { max: 4 }));
+        // Once a topic is idle, a new one takes its place.
+        topics.unsubscribe(&held[0].0, "p");
+        assert!(topics.subscribe(&fresh, &"p".into(), sub(4).0, None, |_| None).await.is_ok());
+        assert_eq!(topics.len(), 4, "the cap holds");
+    }
+
+    #[tokio::test]
+    async fn history_bytes_are_bounded_server_wide_oldest_first() {
+        let budget = 64 * 1024;
+        let topics = topics_with(MemoryLimits { history_bytes: budget, ..limits(100_000) }, 1000);
+        let (old, new) = (topic("old"), topic("new"));
+        let old_epoch = join(&topics, &old, "a", sub(1 << 20).0, None).await.epoch;
+        let new_epoch = join(&topics, &new, "a", sub(1 << 20).0, None).await.epoch;
+        let blob = RawValue::from_string(format!("\"{}\"", "x".repeat(1000))).unwrap();
+        for _ in 0..50 {
+            topics.publish(&old, Publication { from: "x", data: &blob, ack: None }).await.unwrap();
+        }
+        for _ in 0..500 {
+            topics.publish(&new, Publication { from: "x", data: &blob, ack: None }).await.unwrap();
+            assert!(topics.retained_bytes() <= budget, "{} > {budget}", topics.retained_bytes());
+        }
+        assert!(topics.retained_bytes() > budget / 2, "eviction keeps most of the budget in use");
+        // The old topic's messages were the oldest: they went first.
+        let since = |epoch: &Arc<str>, seq| Since { epoch: epoch.to_string(), seq };
+        assert!(!join(&topics, &old, "b", sub(1 << 20).0, Some(&since(&old_epoch, 0))).await.recovered);
+        assert!(!join(&topics, &new, "b", sub(1 << 20).0, Some(&since(&new_epoch, 0))).await.recovered);
+        let (s, mut rx) = sub(1 << 20);
+        assert!(join(&topics, &new, "c", s, Some(&since(&new_epoch, 480))).await.recovered, "the newest stay");
+        assert_eq!(texts(&mut rx).len(), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_churn_is_coalesced_into_a_snapshot() {
+        let topics = topics(0);
+        let t = topic("room");
+        let (w, mut wrx) = watcher();
+        join(&topics, &t, "watcher", w, None).await;
+        for n in 0..500 {
+            let id = format!("churn{n}");
+            join(&topics, &t, &id, sub(4).0, None).await;
+            topics.unsubscribe(&t, &id);
+        }
+        let events = texts(&mut wrx);
+        assert!(
+            events.len() <= PRESENCE_BURST as usize + 1,
+            "{} events reached the watcher; the budget is {PRESENCE_BURST}",
+            events.len()
+        );
+        // Once the budget refills, the watcher is told where things stand.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        topics.sweep();
+        let snapshot = texts(&mut wrx);
+        assert_eq!(snapshot, [r#"{"type":"presence","topic":"room","peers":[{"peer":"watcher"}]}"#]);
+    }
+
+    #[tokio::test]
+    async fn a_presence_list_is_capped() {
+        let topics = topics_with(limits(0), 10);
+        let t = topic("big");
+        for n in 0..50 {
+            join(&topics, &t, &format!("p{n:02}"), sub(4).0, None).await;
+        }
+        let list = topics.presence(&t).await.unwrap();
+        assert_eq!(list.len(), 10);
+        assert_eq!(list[0].peer, "p00");
+    }
 }

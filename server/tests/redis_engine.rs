@@ -194,3 +194,46 @@ async fn a_node_that_lost_its_subscription_catches_up_from_history() {
     }
     sub.assert_quiet().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_with_since_racing_publishes_on_another_node_neither_loses_nor_duplicates() {
+    let redis = Redis::start().await;
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut probe = Client::connect(a.local_addr()).await;
+    let (epoch, ..) = subscribed(probe.subscribe("race").await);
+    drop(probe);
+    // Publishers on B run while subscribers on A come in with `since`
+    // at whatever seq they last saw; each must then see every later seq once.
+    const TOTAL: u64 = 600;
+    let b_addr = b.local_addr();
+    let publishers: Vec<_> = (0..2)
+        .map(|p| {
+            tokio::spawn(async move {
+                let mut client = Client::connect(b_addr).await;
+                for i in 0..TOTAL / 2 {
+                    client.send(json!({"type": "publish", "topic": "race", "data": [p, i]})).await;
+                }
+                client.assert_quiet().await;
+            })
+        })
+        .collect();
+    let mut since = 0;
+    for round in 0..6 {
+        let mut sub = Client::connect(a.local_addr()).await;
+        sub.send(json!({"type": "subscribe", "topic": "race", "since": Since { epoch: epoch.clone(), seq: since }}))
+            .await;
+        let (_, top, recovered) = subscribed(sub.recv().await);
+        assert!(recovered, "round {round}: within the window");
+        // Read up to a seq past what was current, then leave and come back.
+        let until = (top + 20).min(TOTAL);
+        let mut next = since + 1;
+        while next <= until {
+            assert_eq!(seq_of(&sub.recv().await), next, "round {round}");
+            next += 1;
+        }
+        since = until;
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+}

@@ -244,7 +244,7 @@ impl MemoryEngine {
             state.history.push_back(Retained { seq, at: now, frame: frame.clone() });
         }
         let delivery =
-            Delivery { epoch: state.epoch.clone(), seq, from: publication.from.into(), frame, ack: publication.ack };
+            Delivery { epoch: state.epoch.clone(), seq, from: publication.from, frame, ack: publication.ack };
         // Delivered under the topic lock: the next seq cannot be delivered
         // before this one, and a read waiting for the lock sees it retained
         // and delivered, or neither.

@@ -197,13 +197,13 @@ pub struct Publication<'a> {
 
 /// One message of a topic as it reaches a node.
 #[derive(Debug, Clone)]
-pub struct Delivery {
+pub struct Delivery<'a> {
     /// The topic's epoch the seq belongs to.
     pub epoch: Arc<str>,
     /// Its seq.
     pub seq: u64,
     /// The publisher's id, excluded from the fan-out.
-    pub from: Arc<str>,
+    pub from: &'a str,
     /// The encoded `message` frame.
     pub frame: MessageText,
     /// The publisher's ack, on the publisher's node.
@@ -246,7 +246,7 @@ pub struct History {
 /// What a node does with what its engine hands it: implemented by the
 /// topic registry, so that the engine needs nothing above it.
 pub(crate) trait Hub: Send + Sync + 'static {
-    fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered;
+    fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered;
     fn deliver_raw(&self, topic: &Topic, from: &str, message: WsMessage) -> usize;
     fn reset(&self, topic: &Topic, epoch: Arc<str>, seq: u64);
     fn positions(&self) -> Vec<(Topic, Arc<str>, u64)>;
@@ -271,7 +271,7 @@ impl Node {
     }
 
     /// Hands one message of `topic` to this node's subscribers.
-    pub fn deliver(&self, topic: &Topic, delivery: Delivery) -> Delivered {
+    pub fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         self.hub.deliver(topic, delivery)
     }
 

@@ -349,13 +349,15 @@ impl Shared {
         result
     }
 
-    async fn read(
+    /// The READ script's answer: epoch, last seq, whether complete, the seq
+    /// of the first entry, and the entries as written.
+    async fn read_entries(
         &self,
         topic: &Topic,
         since: Option<&Since>,
         limit: usize,
         create: bool,
-    ) -> Result<History, EngineError> {
+    ) -> Result<(Arc<str>, u64, bool, u64, Vec<Bytes>), EngineError> {
         let (epoch, seq, complete, first, entries): (String, u64, u8, u64, Vec<Bytes>) = self
             .run(async |mut conn| {
                 self.read
@@ -372,14 +374,34 @@ impl Shared {
                     .await
             })
             .await?;
+        let entries = if limit == 0 { Vec::new() } else { entries };
+        Ok((epoch.into(), seq, complete == 1, first, entries))
+    }
+
+    async fn read(
+        &self,
+        topic: &Topic,
+        since: Option<&Since>,
+        limit: usize,
+        create: bool,
+    ) -> Result<History, EngineError> {
+        let (epoch, seq, complete, first, entries) = self.read_entries(topic, since, limit, create).await?;
         let mut messages = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter().enumerate() {
             let parsed = parse_entry(entry).ok_or_else(|| unavailable("a malformed history entry"))?;
             let frame = MessageText::from_utf8(parsed.frame).map_err(unavailable)?;
             messages.push((first + i as u64, frame));
         }
-        let messages = if limit == 0 { Vec::new() } else { messages };
-        Ok(History { epoch: epoch.into(), seq, complete: complete == 1, messages })
+        Ok(History { epoch, seq, complete, messages })
+    }
+
+    /// The delivery of one entry (as the scripts write it), with the ack it
+    /// owes when this node published it and has not acked it yet.
+    fn delivery<'e>(&self, epoch: Arc<str>, seq: u64, entry: &'e Bytes) -> Option<Delivery<'e>> {
+        let entry = parse_entry(entry)?;
+        let frame = MessageText::from_utf8(entry.frame.clone()).ok()?;
+        let ack = (entry.node == self.node_id).then(|| lock(&self.acks).remove(&entry.publish_id)).flatten();
+        Some(Delivery { epoch, seq, from: entry.from, frame, ack: ack.map(|(ack, _)| ack) })
     }
 
     /// Fills what this node missed of `topic` after `after` (in `epoch`).
@@ -387,29 +409,31 @@ impl Shared {
     /// subscribers are reset to the new epoch: at its start when all of it
     /// is retained, so they miss nothing of it, else at its last seq.
     async fn catch_up(&self, node: &Node, topic: &Topic, epoch: &Arc<str>, after: u64) {
+        let all = usize::MAX >> 1;
         let since = Since { epoch: epoch.to_string(), seq: after };
-        let mut history = match self.read(topic, Some(&since), usize::MAX >> 1, true).await {
-            Ok(history) => history,
+        let read = match self.read_entries(topic, Some(&since), all, true).await {
+            Ok(read) => read,
             Err(e) => {
                 tracing::warn!(%topic, error = %e, "cannot catch up a topic from Redis; its subscribers get what follows");
                 return;
             }
         };
-        if !history.complete || *history.epoch != **epoch {
+        let (mut epoch_now, mut first, mut entries) = (read.0.clone(), read.3, read.4);
+        if !read.2 || *read.0 != **epoch {
             tracing::info!(%topic, "history lost in Redis: resetting the topic's subscribers (recovered: false)");
-            let start = Since { epoch: history.epoch.to_string(), seq: 0 };
-            let from_start = self.read(topic, Some(&start), usize::MAX >> 1, true).await;
-            match from_start {
-                Ok(all) if all.complete && all.epoch == history.epoch => {
-                    node.reset(topic, all.epoch.clone(), 0);
-                    history = all;
+            let start = Since { epoch: read.0.to_string(), seq: 0 };
+            match self.read_entries(topic, Some(&start), all, true).await {
+                Ok((e, _, true, f, list)) if e == read.0 => {
+                    node.reset(topic, e.clone(), 0);
+                    (epoch_now, first, entries) = (e, f, list);
                 }
-                _ => return node.reset(topic, history.epoch, history.seq),
+                _ => return node.reset(topic, read.0, read.1),
             }
         }
-        for (seq, frame) in history.messages {
-            let delivery = Delivery { epoch: history.epoch.clone(), seq, from: Arc::from(""), frame, ack: None };
-            node.deliver(topic, delivery);
+        for (i, entry) in entries.iter().enumerate() {
+            if let Some(delivery) = self.delivery(epoch_now.clone(), first + i as u64, entry) {
+                node.deliver(topic, delivery);
+            }
         }
     }
 
@@ -428,12 +452,8 @@ impl Shared {
                 let (Ok(topic), Ok(seq)) = (Topic::new(topic), seq.parse::<u64>()) else { return };
                 let Some(rest) = parts.next() else { return };
                 let offset = rest.as_ptr() as usize - text.as_ptr() as usize;
-                let entry_bytes = payload.slice(offset..);
-                let Some(entry) = parse_entry(&entry_bytes) else { return };
-                let Ok(frame) = MessageText::from_utf8(entry.frame.clone()) else { return };
-                let ack = (entry.node == self.node_id).then(|| lock(&self.acks).remove(&entry.publish_id)).flatten();
-                let delivery =
-                    Delivery { epoch: epoch.into(), seq, from: entry.from.into(), frame, ack: ack.map(|(ack, _)| ack) };
+                let entry = payload.slice(offset..);
+                let Some(delivery) = self.delivery(epoch.into(), seq, &entry) else { return };
                 if let Delivered::Gap { after } = node.deliver(&topic, delivery.clone()) {
                     let known = node.positions().into_iter().find(|(t, ..)| *t == topic).map(|(_, e, _)| e);
                     let epoch = known.unwrap_or_else(|| delivery.epoch.clone());
@@ -562,7 +582,8 @@ impl Shared {
     /// Renews this node's presence entries and the topics its subscribers
     /// hold, so that neither expires while the node lives.
     async fn renew(self: Arc<Self>, shutdown: CancellationToken) {
-        let every = (self.presence_ttl / 3).max(Duration::from_millis(100));
+        // Often enough for both: presence entries and held topics' epochs.
+        let every = (self.presence_ttl.min(self.history_ttl) / 3).max(Duration::from_millis(100));
         let mut ticker = tokio::time::interval(every);
         loop {
             tokio::select! {
