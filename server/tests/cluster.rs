@@ -174,25 +174,32 @@ async fn fan_out_is_exactly_once_and_in_seq_order_under_publishers_on_every_node
                 for i in 1..=PER_PUBLISHER {
                     client.send(json!({"type": "publish", "topic": "fan", "data": {"p": id, "i": i}, "ack": i})).await;
                 }
-                let mut seqs = vec![];
+                // (ack id, seq) in arrival order.
+                let mut acks = vec![];
                 for i in 1..=PER_PUBLISHER {
                     match client.recv().await {
-                        ServerFrame::Ack { ack, seq } => {
-                            assert_eq!(ack, i, "publisher {id}: acks come in the order of the publishes");
-                            seqs.push(seq);
-                        }
+                        ServerFrame::Ack { ack, seq } => acks.push((ack, seq)),
                         other => panic!("publisher {id}: expected ack {i}, got {other:?}"),
                     }
                 }
-                seqs
+                acks
             }));
         }
     }
     // seq -> what was published under it.
     let mut published = BTreeMap::new();
     for (id, publisher) in publishers.into_iter().enumerate() {
-        let seqs = publisher.await.unwrap();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "publisher {id}: its seqs follow its order: {seqs:?}");
+        let mut acks = publisher.await.unwrap();
+        let arrived: Vec<u64> = acks.iter().map(|(ack, _)| *ack).collect();
+        acks.sort_unstable();
+        let seqs: Vec<u64> = acks.iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(acks.len() as u64, PER_PUBLISHER, "publisher {id}: one ack per publish");
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "publisher {id}: its seqs follow its publishing order: {acks:?}");
+        let order: Vec<u64> = (1..=PER_PUBLISHER).collect();
+        assert_eq!(
+            arrived, order,
+            "publisher {id}: acks arrive in the order of the publishes (that is, of their seqs)"
+        );
         for (i, seq) in seqs.into_iter().enumerate() {
             let previous = published.insert(seq, json!({"p": id, "i": i as u64 + 1}));
             assert!(previous.is_none(), "seq {seq} handed out twice");
