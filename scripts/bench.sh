@@ -9,7 +9,7 @@
 #   BENCH_SCENARIOS="fanout latency" scripts/bench.sh
 #   BENCH_SERVERS=crosswire scripts/bench.sh
 #   BENCH_PIN=1 scripts/bench.sh          # server on CPU 0, load generator on CPU 1
-#   BENCH_SCENARIOS=cluster scripts/bench.sh   # only the two-node run over Redis
+#   BENCH_SCENARIOS=cluster scripts/bench.sh   # only the two-node runs over Redis
 #
 # Raw results (one JSON file per run, the servers' logs, a table) go to
 # test-output/bench/<UTC time>/. Nothing system-wide is changed.
@@ -162,12 +162,13 @@ for scenario in $SCENARIOS; do
   done
 done
 
-# The two-node run over Redis (issue 11): a private redis-server and two
+# The two-node runs over Redis (issue 11): a private redis-server and two
 # crosswire nodes on it, publishers on node A and subscribers on node B, so
-# that every delivery crosses Redis. The load is the fanin scenario's, whose
-# single-node numbers stand next to it in the table. Bun has no counterpart.
-# Runs by default, and with BENCH_SCENARIOS naming "cluster". The server CPU
-# column is node B's (the fan-out); node A's and Redis's are not counted.
+# that every delivery crosses Redis. The loads are the fanin and latency
+# scenarios', whose single-node numbers stand next to them in the table. Bun
+# has no counterpart. They run by default, and with BENCH_SCENARIOS naming
+# "cluster". The server CPU column is node B's (the fan-out); node A's and
+# Redis's are not counted.
 CLUSTER_PIDS=()
 stop_cluster() {
   local pid
@@ -218,31 +219,34 @@ start_node() { # <log prefix> <redis url>
   exit 1
 }
 
-run_cluster() {
-  command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
-    || { echo "the cluster run needs redis-server and redis-cli: run scripts/setup.sh" >&2; exit 2; }
-  redis-server --version | sed 's/^/redis: /' | tee -a "$OUT/machine.txt"
-  local run base
+run_cluster() { # <name> <the single-node scenario whose load it runs>
+  local name=$1 load=$2 run base
   for run in $(seq "$RUNS"); do
-    base="$OUT/cluster.crosswire.$run"
+    base="$OUT/$name.crosswire.$run"
     wait_quiet
     # A fresh Redis and fresh nodes per run: no topic, history or backlog carried over.
     start_redis "$base.redis"
     start_node "$base.node-a" "redis://127.0.0.1:$REDIS_PORT"
     local port_a=$NODE_PORT
     start_node "$base.node-b" "redis://127.0.0.1:$REDIS_PORT"
-    echo "== cluster run $run: crosswire, publishers on :$port_a, subscribers on :$NODE_PORT, redis :$REDIS_PORT (CPUs ${BUSY}% busy before)"
+    echo "== $name run $run: crosswire, publishers on :$port_a, subscribers on :$NODE_PORT, redis :$REDIS_PORT (CPUs ${BUSY}% busy before)"
     # shellcheck disable=SC2086
     if ! "${LOADGEN_CPU[@]}" "$TARGET"/release/crosswire-bench --url "ws://127.0.0.1:$NODE_PORT/_ws" \
-      --publish-url "ws://127.0.0.1:$port_a/_ws" --label "cluster/crosswire-2-nodes-redis" \
-      --server-pid "$NODE_PID" --json "$base.json" --meta "cpu_busy_before=$BUSY" $COMMON ${SCENARIO[fanin]}; then
+      --publish-url "ws://127.0.0.1:$port_a/_ws" --label "$name/crosswire-2-nodes-redis" \
+      --server-pid "$NODE_PID" --json "$base.json" --meta "cpu_busy_before=$BUSY" $COMMON ${SCENARIO[$load]}; then
       echo "   (run failed; recorded as missing)"
     fi
     stop_cluster
   done
 }
 if [[ -z ${BENCH_SCENARIOS:-} || " $SCENARIOS " == *" cluster "* ]]; then
-  run_cluster
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
+    || { echo "the cluster runs need redis-server and redis-cli: run scripts/setup.sh" >&2; exit 2; }
+  redis-server --version | sed 's/^/redis: /' | tee -a "$OUT/machine.txt"
+  # Throughput as fast as the window allows (fanin's load), and latency at a
+  # moderate fixed rate (the latency scenario's), both across the two nodes.
+  run_cluster cluster fanin
+  run_cluster cluster-latency latency
 fi
 
 # One line per scenario and server: the median of the runs of each column.
