@@ -90,7 +90,10 @@ impl<C> Peer<C> {
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
         let payload = Payload::Raw(message.into().into_frame());
         // A raw publish never creates a topic, so it never meets the topic cap.
-        self.inner.state.topics.publish(topic, Some(self.publisher(None)), payload).map_or(0, |p| p.delivered)
+        let state = &self.inner.state;
+        let delivered = state.topics.publish(topic, Some(self.publisher(None)), payload).map_or(0, |p| p.delivered);
+        state.metrics.published(delivered);
+        delivered
     }
 
     /// Publishes `data` as a protocol `message` frame from this peer to every
@@ -101,7 +104,10 @@ impl<C> Peer<C> {
     /// own seq from a gap.
     pub(crate) fn publish_data(&self, topic: &Topic, data: &RawValue, ack: Option<u64>) -> Result<u64, TopicError> {
         let payload = Payload::Data { from: &self.inner.core.id, data };
-        Ok(self.inner.state.topics.publish(topic, Some(self.publisher(ack)), payload)?.seq)
+        let state = &self.inner.state;
+        let published = state.topics.publish(topic, Some(self.publisher(ack)), payload)?;
+        state.metrics.published(published.delivered);
+        Ok(published.seq)
     }
 
     fn publisher(&self, ack: Option<u64>) -> Publisher<'_> {

@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
     time::Duration,
 };
 
@@ -14,7 +17,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::{
     config::ServerConfig,
-    limits, origin,
+    limits,
+    metrics::{Levels, Metrics},
+    origin,
     outbox::{Bounds, Outbox, QueueBudget},
     shutdown::ShutdownHandles,
     topics::{self, Memberships, Topics},
@@ -39,6 +44,10 @@ pub(crate) struct ServerState {
     pub(crate) shutdown: ShutdownHandles,
     /// Live bytes queued across every peer.
     pub(crate) queue_budget: Arc<QueueBudget>,
+    pub(crate) metrics: Metrics,
+    /// Whether the pub/sub engine (Redis) is reachable; set by the engine,
+    /// always true without one. While false the node is not ready.
+    pub(crate) engine_up: Arc<AtomicBool>,
 }
 
 /// What the server knows of a peer whatever its hooks' context type: the
@@ -77,8 +86,26 @@ impl ServerState {
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             shutdown,
             queue_budget: QueueBudget::new(config.max_total_queue_bytes),
+            metrics: Metrics::new(),
+            engine_up: Arc::new(AtomicBool::new(true)),
             config,
         }
+    }
+
+    /// Whether this node should be sent new connections: not while it
+    /// drains for a shutdown or restart, nor while its engine is down.
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.shutdown.is_draining() && self.engine_up.load(Ordering::Relaxed)
+    }
+
+    /// Every metric, in the Prometheus text format, levels read now.
+    pub(crate) fn metrics_text(&self) -> String {
+        self.metrics.encode(Levels {
+            connections: self.peer_count(),
+            topics: self.topics.len(),
+            queue_bytes: self.queue_budget.reserved(),
+            history_bytes: self.topics.retained_bytes(),
+        })
     }
 
     pub(crate) fn ws_config(&self) -> WebSocketConfig {

@@ -23,6 +23,7 @@ const ORDER: &[&str] = &[
     "origin",
     "outbox",
     "shutdown",
+    "metrics",
     "message",
     "response",
     "write_timeout",
