@@ -38,7 +38,7 @@ async fn remote_addr(ConnectInfo(addr): ConnectInfo<SocketAddr>, mut req: Reques
 async fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let config = Cli::parse().args.into_config()?;
+    let config = crosswire_server::parse_cli::<Cli>()?.args.into_config()?;
     let endpoint = Server::new(config.clone(), PubSub::new(&config)).endpoint()?;
 
     let mut app = Router::new()

@@ -74,10 +74,13 @@
 //!
 //! # Features
 //!
-//! - `cli` (default): `Args`, the clap flags of the binary and examples.
+//! - `cli` (default): `Args`, the clap flags of the binary and examples, and
+//!   [`parse_cli`], which applies their `--config` file.
 //! - `fuzzing`: makes the `handshake` module public, for the fuzz targets only.
 
 mod config;
+#[cfg(feature = "cli")]
+mod config_file;
 mod connection;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -111,6 +114,8 @@ use tokio::net::TcpListener;
 #[cfg(feature = "cli")]
 pub use config::Args;
 pub use config::{ConfigError, ServerConfig};
+#[cfg(feature = "cli")]
+pub use config_file::{parse_cli, try_parse_cli_from, ConfigFileError};
 pub use crosswire_shared as protocol;
 pub use hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest};
 pub use message::{Message, Utf8Bytes};

@@ -65,3 +65,19 @@ fn bad_flags_are_refused_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16 bytes"));
 }
+
+#[test]
+fn the_config_file_is_read_and_its_errors_name_the_key() {
+    let dir = std::env::temp_dir().join(format!("crosswire-binary-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("crosswire.toml");
+    std::fs::write(&path, "path = \"no-slash\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server")).arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must start with '/'"), "the file's value is used");
+    std::fs::write(&path, "no-such-flag = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server")).env("CROSSWIRE_CONFIG", &path).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown key `no-such-flag`") && stderr.contains(path.to_str().unwrap()), "{stderr}");
+}

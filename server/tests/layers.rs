@@ -20,6 +20,7 @@ const ORDER: &[&str] = &[
     "topics",
     "limits",
     "config",
+    "config_file",
     "origin",
     "outbox",
     "shutdown",
