@@ -23,7 +23,10 @@
 use std::{
     collections::{hash_map::Entry, BTreeSet, HashMap},
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex, MutexGuard, OnceLock, Weak},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
+    },
 };
 
 use crosswire_shared::{PresenceEntry, ServerFrame, Since, Topic};
@@ -60,6 +63,9 @@ pub(crate) struct Topics {
     presence_list: usize,
     /// Itself, for the tasks it spawns; set by [`Topics::start`].
     me: OnceLock<Weak<Topics>>,
+    /// Messages queued for subscribers here, for `/metrics`: one relaxed add
+    /// per message, whatever the subscriber count.
+    deliveries: AtomicU64,
 }
 
 struct TopicState {
@@ -184,6 +190,7 @@ impl Topics {
             replay_limit,
             presence_list,
             me: OnceLock::new(),
+            deliveries: AtomicU64::new(0),
         }
     }
 
@@ -224,6 +231,7 @@ impl Topics {
                 delivered += 1;
             }
         }
+        self.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
     }
 
@@ -455,6 +463,11 @@ impl Topics {
         self.engine.sweep();
     }
 
+    /// Messages queued for this node's subscribers so far.
+    pub(crate) fn deliveries(&self) -> u64 {
+        self.deliveries.load(Ordering::Relaxed)
+    }
+
     /// How many topics exist now.
     pub(crate) fn len(&self) -> usize {
         self.engine.topic_count()
@@ -509,6 +522,7 @@ impl Topics {
                 delivered += 1;
             }
         }
+        self.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         Delivered::Queued(delivered)
     }
 
