@@ -110,6 +110,10 @@ impl<H: Hooks> WebSocketService<H> {
             state.metrics.rejected(Rejection::Draining);
             let mut res = text_response(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down; retry\n");
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            // The standalone listener leaves a connection whose upgrade was
+            // being decided to finish by itself (see `ConnCtx::upgrading`):
+            // without an upgrade, only this ends it before the grace period.
+            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return res;
         }
         if let Err(rejection) = state.origins.check_origin(req.uri(), req.headers()) {

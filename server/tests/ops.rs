@@ -237,8 +237,17 @@ async fn a_mounted_endpoint_goes_unready_and_refuses_upgrades_while_it_drains() 
     // A new WebSocket is sent elsewhere instead of being opened to be closed.
     assert_eq!(connect_with(addr, "", &[]).await.err(), Some(503));
     assert_eq!(value(&handle, "crosswire_upgrades_rejected_total{reason=\"draining\"}"), 1.0);
+    // It asks to be retried, and ends its connection (`http_raw` reads to the end).
+    let (status, head, _) = http_raw(
+        addr,
+        "GET /_ws HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(head.contains("retry-after: 1") && head.contains("connection: close"), "{head}");
     let (_, _, body) = get(addr, "/metrics").await;
-    assert_eq!(sample(&body, "crosswire_upgrades_rejected_total{reason=\"draining\"}"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "crosswire_upgrades_rejected_total{reason=\"draining\"}"), Some(2.0), "{body}");
     let frame = peer.closed().await.expect("a close frame");
     assert_eq!(u16::from(frame.code), close_code::SERVICE_RESTART);
     tokio::time::timeout(WAIT, stop).await.expect("the stop finishes").unwrap();
