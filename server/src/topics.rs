@@ -107,7 +107,9 @@ impl Subscriber {
         PresenceEntry { peer: id.to_owned(), user: self.user.as_deref().map(str::to_owned) }
     }
 
-    /// Queues a live frame, or holds it while the history is read.
+    /// Queues a live frame, or holds it while the history is read. Inlined
+    /// into the fan-out loop: it runs once per delivery.
+    #[inline]
     fn push(&mut self, seq: u64, frame: &WsMessage) -> bool {
         match &mut self.pending {
             Some(held) if held.len() < PENDING_LIMIT => {
