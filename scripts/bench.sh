@@ -9,6 +9,7 @@
 #   BENCH_SCENARIOS="fanout latency" scripts/bench.sh
 #   BENCH_SERVERS=crosswire scripts/bench.sh
 #   BENCH_PIN=1 scripts/bench.sh          # server on CPU 0, load generator on CPU 1
+#   BENCH_SCENARIOS=cluster scripts/bench.sh   # only the two-node run over Redis
 #
 # Raw results (one JSON file per run, the servers' logs, a table) go to
 # test-output/bench/<UTC time>/. Nothing system-wide is changed.
@@ -142,6 +143,7 @@ start_server() { # start_server <name> <log prefix>; sets SERVER_PID and PORT
 }
 
 for scenario in $SCENARIOS; do
+  [[ $scenario == cluster ]] && continue # run_cluster below
   [[ -n ${SCENARIO[$scenario]:-} ]] || { echo "unknown scenario $scenario" >&2; exit 2; }
   for run in $(seq "$RUNS"); do
     # Alternate the servers run by run, so drifting background load hits both alike.
@@ -159,6 +161,89 @@ for scenario in $SCENARIOS; do
     done
   done
 done
+
+# The two-node run over Redis (issue 11): a private redis-server and two
+# crosswire nodes on it, publishers on node A and subscribers on node B, so
+# that every delivery crosses Redis. The load is the fanin scenario's, whose
+# single-node numbers stand next to it in the table. Bun has no counterpart.
+# Runs by default, and with BENCH_SCENARIOS naming "cluster". The server CPU
+# column is node B's (the fan-out); node A's and Redis's are not counted.
+CLUSTER_PIDS=()
+stop_cluster() {
+  local pid
+  for pid in "${CLUSTER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${CLUSTER_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  CLUSTER_PIDS=()
+}
+trap 'stop_server; stop_cluster' EXIT
+trap 'stop_server; stop_cluster; exit 130' INT TERM
+
+# A private redis-server without persistence, in a directory of its own; sets
+# REDIS_PORT. Its port 0 would turn TCP off, so: a port nothing answers on,
+# and another try if something took it first.
+start_redis() { # <dir>
+  local dir=$1 try
+  mkdir -p "$dir"
+  for try in 1 2 3 4 5; do
+    REDIS_PORT=$((20000 + RANDOM % 40000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null && continue
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$dir" --logfile redis.log \
+      --save "" --appendonly no --daemonize no >/dev/null 2>&1 &
+    CLUSTER_PIDS+=("$!")
+    for _ in $(seq 100); do
+      [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]] && return 0
+      kill -0 "${CLUSTER_PIDS[-1]}" 2>/dev/null || break
+      sleep 0.1
+    done
+  done
+  echo "redis-server did not start; see $dir/redis.log" >&2
+  exit 1
+}
+
+# A crosswire node on Redis; sets NODE_PID and NODE_PORT.
+start_node() { # <log prefix> <redis url>
+  local log=$1
+  "${SERVER_CPU[@]}" "$TARGET"/release/crosswire-server --port 0 --redis "$2" $CROSSWIRE_FLAGS >"$log.out" 2>"$log.err" &
+  NODE_PID=$!
+  CLUSTER_PIDS+=("$NODE_PID")
+  NODE_PORT=""
+  for _ in $(seq 100); do
+    NODE_PORT=$(sed -n 's|.*listening on http://[^ ]*:\([0-9][0-9]*\).*|\1|p' "$log.out" | head -n1)
+    [[ -n $NODE_PORT ]] && return 0
+    kill -0 "$NODE_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "node did not start; see $log.err" >&2
+  cat "$log.err" >&2
+  exit 1
+}
+
+run_cluster() {
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
+    || { echo "the cluster run needs redis-server and redis-cli: run scripts/setup.sh" >&2; exit 2; }
+  redis-server --version | sed 's/^/redis: /' | tee -a "$OUT/machine.txt"
+  local run base
+  for run in $(seq "$RUNS"); do
+    base="$OUT/cluster.crosswire.$run"
+    wait_quiet
+    # A fresh Redis and fresh nodes per run: no topic, history or backlog carried over.
+    start_redis "$base.redis"
+    start_node "$base.node-a" "redis://127.0.0.1:$REDIS_PORT"
+    local port_a=$NODE_PORT
+    start_node "$base.node-b" "redis://127.0.0.1:$REDIS_PORT"
+    echo "== cluster run $run: crosswire, publishers on :$port_a, subscribers on :$NODE_PORT, redis :$REDIS_PORT (CPUs ${BUSY}% busy before)"
+    # shellcheck disable=SC2086
+    if ! "${LOADGEN_CPU[@]}" "$TARGET"/release/crosswire-bench --url "ws://127.0.0.1:$NODE_PORT/_ws" \
+      --publish-url "ws://127.0.0.1:$port_a/_ws" --label "cluster/crosswire-2-nodes-redis" \
+      --server-pid "$NODE_PID" --json "$base.json" --meta "cpu_busy_before=$BUSY" $COMMON ${SCENARIO[fanin]}; then
+      echo "   (run failed; recorded as missing)"
+    fi
+    stop_cluster
+  done
+}
+if [[ -z ${BENCH_SCENARIOS:-} || " $SCENARIOS " == *" cluster "* ]]; then
+  run_cluster
+fi
 
 # One line per scenario and server: the median of the runs of each column.
 jq -s -r '

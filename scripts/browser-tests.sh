@@ -5,7 +5,8 @@
 #   2. the end-to-end test (tests/browser/e2e.mjs): the demo built by
 #      `trunk build --release --offline`, served by the server with --static,
 #      driven by playwright-core in Debian's Chromium (two pages, a server
-#      restart); screenshots go to test-output/.
+#      restart, a failover between two nodes on a private redis-server);
+#      screenshots go to test-output/.
 # Everything listens on 127.0.0.1. Prints "browser: N passed, M failed" last
 # and exits non-zero on failure. Needs what scripts/setup.sh --browser installs.
 #   3. the README's Yew example, built as a new app outside the repository.
@@ -138,7 +139,7 @@ run_wasm() {
 
 run_e2e() {
   local tool
-  for tool in trunk wasm-bindgen wasm-opt; do
+  for tool in trunk wasm-bindgen wasm-opt redis-server; do
     command -v "$tool" >/dev/null || { say "missing $tool: run scripts/setup.sh"; fail 1 "e2e: $tool"; return; }
   done
   [ -d node_modules/playwright-core ] || { say "missing node_modules: run scripts/setup.sh"; fail 1 "e2e: playwright-core"; return; }

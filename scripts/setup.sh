@@ -5,6 +5,8 @@
 #     otherwise try to download it, and this machine reaches only package registries)
 #   - trunk 0.21.14 (0.22 needs a newer rustc)
 #   - Node packages from package.json (binaryen's wasm-opt, playwright-core)
+#   - Debian's redis-server (and redis-cli): the Redis engine's tests, browser
+#     test and benchmark each start a private one on a free loopback port
 # With --browser it also installs Debian's chromium and chromium-driver.
 # Cold installs take minutes each (trunk ~10-15, wasm-bindgen-cli ~5-8); warm runs are instant.
 set -euo pipefail
@@ -36,6 +38,16 @@ fi
 if [ ! -x node_modules/.bin/wasm-opt ] || [ ! -d node_modules/playwright-core ]; then
   say "installing Node packages (binaryen's wasm-opt, playwright-core) with npm ci"
   npm ci --no-audit --no-fund --loglevel=error
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  say "installing Debian's redis-server (the Redis engine's tests start private ones)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # Only the binaries: the tests start their own servers, none runs as a service.
+  apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # The package starts a system-wide instance on port 6379; nothing here uses it.
+  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
 fi
 
 if [ "${1:-}" = "--browser" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then

@@ -60,6 +60,11 @@ struct Cli {
     /// WebSocket URL of the server under test.
     #[arg(long, default_value = "ws://127.0.0.1:3000/_ws")]
     url: String,
+    /// Where the publishers connect, when not to `--url` (which the
+    /// subscribers use): another node of a cluster, so that every delivery
+    /// crosses the broker between them.
+    #[arg(long)]
+    publish_url: Option<String>,
     /// A name for this run in the report (e.g. the server's).
     #[arg(long, default_value = "")]
     label: String,
@@ -598,7 +603,7 @@ async fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
     let pubs: Vec<JoinHandle<PubReport>> = (0..cli.publishers)
         .map(|index| {
             let plan = PubPlan {
-                url: cli.url.clone(),
+                url: cli.publish_url.clone().unwrap_or_else(|| cli.url.clone()),
                 index,
                 publishers: cli.publishers,
                 messages: cli.messages,
@@ -829,6 +834,7 @@ fn report(cli: &Cli, threads: usize, run: &Measured, subs: &SubTotals, pubs: &Pu
     let report = json!({
         "label": cli.label,
         "url": cli.url,
+        "publish_url": cli.publish_url.as_deref().unwrap_or(&cli.url),
         "params": {
             "subscribers": cli.subscribers, "publishers": cli.publishers, "messages": cli.messages,
             "payload_bytes": cli.payload_bytes, "topics": cli.topics, "rate": cli.rate, "window": cli.window,

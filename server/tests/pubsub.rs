@@ -1,14 +1,15 @@
-//! Protocol v1 pub/sub semantics over real sockets.
+//! Protocol v1 pub/sub semantics over real sockets, on both engines: every
+//! test runs as `memory::…` (the embedded engine) and as `redis::…` (a
+//! private redis-server of its own).
 
 mod common;
 
-use common::*;
+use common::{redis::Engine, *};
 use crosswire_shared::{ServerFrame, Topic};
 use serde_json::json;
 
-#[tokio::test]
-async fn welcome_then_subscribed_with_epoch_and_seq() {
-    let server = start_pubsub(config()).await;
+async fn welcome_then_subscribed_with_epoch_and_seq(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let mut a = Client::connect(server.local_addr()).await;
     assert!(!a.peer.is_empty());
     match a.subscribe("room").await {
@@ -21,9 +22,8 @@ async fn welcome_then_subscribed_with_epoch_and_seq() {
     }
 }
 
-#[tokio::test]
-async fn publish_reaches_others_but_not_the_sender() {
-    let server = start_pubsub(config()).await;
+async fn publish_reaches_others_but_not_the_sender(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let addr = server.local_addr();
     let (mut a, mut b, mut c) = (Client::connect(addr).await, Client::connect(addr).await, Client::connect(addr).await);
     a.subscribe("room").await;
@@ -42,9 +42,8 @@ async fn publish_reaches_others_but_not_the_sender() {
     c.assert_quiet().await;
 }
 
-#[tokio::test]
-async fn each_subscriber_sees_seq_order() {
-    let server = start_pubsub(config()).await;
+async fn each_subscriber_sees_seq_order(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let addr = server.local_addr();
     let mut subs = vec![];
     for _ in 0..3 {
@@ -69,9 +68,8 @@ async fn each_subscriber_sees_seq_order() {
     }
 }
 
-#[tokio::test]
-async fn subscribe_is_idempotent_and_unsubscribe_stops_delivery() {
-    let server = start_pubsub(config()).await;
+async fn subscribe_is_idempotent_and_unsubscribe_stops_delivery(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let addr = server.local_addr();
     let (mut a, mut b) = (Client::connect(addr).await, Client::connect(addr).await);
     a.subscribe("t").await;
@@ -88,18 +86,16 @@ async fn subscribe_is_idempotent_and_unsubscribe_stops_delivery() {
     assert!(matches!(a.recv().await, ServerFrame::Unsubscribed { .. }));
 }
 
-#[tokio::test]
-async fn ping_pong_with_and_without_id() {
-    let server = start_pubsub(config()).await;
+async fn ping_pong_with_and_without_id(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let mut a = Client::connect(server.local_addr()).await;
     a.ping(42).await;
     a.send(json!({"type": "ping"})).await;
     assert_eq!(a.recv_json().await, json!({"type": "pong"}));
 }
 
-#[tokio::test]
-async fn server_handle_publishes_and_lists_peers() {
-    let server = start_pubsub(config()).await;
+async fn server_handle_publishes_and_lists_peers(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let handle = server.handle();
     let mut a = Client::connect(server.local_addr()).await;
     a.subscribe("news").await;
@@ -116,9 +112,8 @@ async fn server_handle_publishes_and_lists_peers() {
     assert_eq!((u16::from(close.code), close.reason.as_str()), (4000, "bye"));
 }
 
-#[tokio::test]
-async fn empty_topics_are_cleaned_up() {
-    let mut config = config();
+async fn empty_topics_are_cleaned_up(engine: Engine) {
+    let mut config = engine.config();
     config.history_size = 0;
     let server = start_pubsub(config).await;
     let handle = server.handle();
@@ -141,9 +136,8 @@ async fn empty_topics_are_cleaned_up() {
     panic!("topic y was not cleaned up after its only subscriber left");
 }
 
-#[tokio::test]
-async fn presence_lists_subscribers_and_streams_join_leave() {
-    let server = start_pubsub(config()).await;
+async fn presence_lists_subscribers_and_streams_join_leave(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let addr = server.local_addr();
     let (mut a, mut b) = (Client::connect(addr).await, Client::connect(addr).await);
     a.send(json!({"type": "subscribe", "topic": "room", "presence": true})).await;
@@ -169,3 +163,14 @@ async fn presence_lists_subscribers_and_streams_join_leave() {
         other => panic!("expected leave, got {other:?}"),
     }
 }
+
+crate::on_both_engines!(
+    welcome_then_subscribed_with_epoch_and_seq,
+    publish_reaches_others_but_not_the_sender,
+    each_subscriber_sees_seq_order,
+    subscribe_is_idempotent_and_unsubscribe_stops_delivery,
+    ping_pong_with_and_without_id,
+    server_handle_publishes_and_lists_peers,
+    empty_topics_are_cleaned_up,
+    presence_lists_subscribers_and_streams_join_leave,
+);

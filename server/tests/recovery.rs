@@ -2,13 +2,14 @@
 //! reconnects of random subscribers, over real sockets. Every subscriber must
 //! end with exactly the published sequence of each of its topics whenever its
 //! gap stayed inside the history window, and must have been told
-//! `recovered:false` exactly when it did not.
+//! `recovered:false` exactly when it did not. Every test runs on both
+//! engines: `memory::…` and `redis::…` (a private redis-server of its own).
 
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
-use common::*;
+use common::{redis::Engine, *};
 use crosswire_shared::{ServerFrame, Since};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
@@ -87,8 +88,8 @@ impl Sub {
     }
 }
 
-async fn run(seed: u64, steps: usize) -> (usize, usize) {
-    let mut config = config();
+async fn run(engine: &Engine, seed: u64, steps: usize) -> (usize, usize) {
+    let mut config = engine.config();
     config.history_size = HISTORY;
     let server = start_pubsub(config).await;
     let addr = server.local_addr();
@@ -170,22 +171,25 @@ async fn run(seed: u64, steps: usize) -> (usize, usize) {
     (recoveries, gaps)
 }
 
-#[tokio::test]
-async fn no_message_is_lost_or_duplicated_across_reconnects() {
+async fn no_message_is_lost_or_duplicated_across_reconnects(engine: Engine) {
     let (mut recoveries, mut gaps) = (0, 0);
+    let mut engine = engine;
     for seed in [1, 2, 3, 4, 5, 6] {
-        let (r, g) = run(seed, 400).await;
+        let (r, g) = run(&engine, seed, 400).await;
         recoveries += r;
         gaps += g;
+        // Each seed starts from no topics at all: with Redis, a Redis of its own.
+        if seed < 6 {
+            engine = engine.fresh().await;
+        }
     }
     // The seeds exercise both outcomes, or the property proved nothing.
     assert!(recoveries > 10, "recovered resubscribes: {recoveries}");
     assert!(gaps > 0, "unrecoverable gaps: {gaps}");
 }
 
-#[tokio::test]
-async fn publishes_during_the_replay_are_neither_lost_nor_duplicated() {
-    let mut config = config();
+async fn publishes_during_the_replay_are_neither_lost_nor_duplicated(engine: Engine) {
+    let mut config = engine.config();
     config.history_size = 200;
     // The subscriber reads nothing until both publishers are done.
     config.outbound_queue = 512;
@@ -226,11 +230,10 @@ async fn publishes_during_the_replay_are_neither_lost_nor_duplicated() {
 /// `since` at once (as the browser client does on reconnect): it gets every
 /// missed message of each, in order, with `recovered:true`, and is not cut
 /// as a slow consumer for it. The replay is what it asked for, not a backlog.
-#[tokio::test]
-async fn recovery_is_exact_for_every_topic_at_once() {
+async fn recovery_is_exact_for_every_topic_at_once(engine: Engine) {
     const TOPICS: u64 = 10;
     const MISSED: u64 = 150;
-    let mut config = config();
+    let mut config = engine.config();
     // Far less than one topic's replay, let alone ten.
     config.outbound_queue = 64;
     config.max_queue_bytes = 256 * 1024;
@@ -286,9 +289,8 @@ async fn recovery_is_exact_for_every_topic_at_once() {
 /// after `since` (as a fresh subscribe would), then live messages go on: a
 /// client that saw a gap it did not cause recovers it this way, and drops
 /// the replayed seqs it already has.
-#[tokio::test]
-async fn subscribing_again_with_since_replays_after_it() {
-    let server = start_pubsub(config()).await;
+async fn subscribing_again_with_since_replays_after_it(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let addr = server.local_addr();
     let mut sub = Client::connect(addr).await;
     let epoch = match sub.subscribe("t").await {
@@ -319,9 +321,8 @@ async fn subscribing_again_with_since_replays_after_it() {
 
 /// A publisher's ack is queued before any later message of the topic, so a
 /// client can always tell its own seq (never echoed live) from a gap.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ack_comes_before_any_later_message() {
-    let server = start_pubsub(config()).await;
+async fn the_ack_comes_before_any_later_message(engine: Engine) {
+    let server = start_pubsub(engine.config()).await;
     let addr = server.local_addr();
     let mut a = Client::connect(addr).await;
     a.subscribe("t").await;
@@ -344,3 +345,11 @@ async fn the_ack_comes_before_any_later_message() {
         assert_eq!(seen, (1..=400).collect::<Vec<_>>(), "acks and messages interleave in seq order");
     }
 }
+
+crate::on_both_engines!(
+    no_message_is_lost_or_duplicated_across_reconnects,
+    publishes_during_the_replay_are_neither_lost_nor_duplicated,
+    recovery_is_exact_for_every_topic_at_once,
+    subscribing_again_with_since_replays_after_it,
+    the_ack_comes_before_any_later_message(flavor = "multi_thread", worker_threads = 2),
+);

@@ -11,13 +11,19 @@
 //    reconnects the missed messages appear, none twice.
 // 4. Volume: 2,000 messages on one topic all appear in the demo, in order (the
 //    demo once stopped showing messages after the 1,000th).
+// 5. Failover: a private redis-server and two nodes A and B on it; a page
+//    reaches A through the proxy; A is killed (SIGKILL), the proxy moves to B,
+//    and every message published meanwhile (through B) appears, none twice.
 // Prints TAP-style "ok N - ..." / "not ok N - ..." lines; exits non-zero on failure.
-// Screenshots: OUT/demo.png (the demo after the run), OUT/demo-reconnecting.png.
+// Screenshots: OUT/demo.png (the demo after the run), OUT/demo-reconnecting.png,
+// OUT/demo-failover.png.
 import { spawn, execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import { once } from 'node:events';
 import path from 'node:path';
 import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
@@ -97,9 +103,58 @@ async function stop(child, ms = 10_000) {
   clearTimeout(timer);
 }
 
+/** Sends one Redis command (RESP) and resolves with the first line of the answer, or null. */
+function redisCommand(port, args) {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1');
+    let buf = '';
+    socket.setTimeout(2_000, () => { socket.destroy(); resolve(null); });
+    socket.on('error', () => resolve(null));
+    socket.on('connect', () => socket.write(`*${args.length}\r\n${args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('')}`));
+    socket.on('data', (d) => {
+      buf += d;
+      const i = buf.indexOf('\r\n');
+      if (i >= 0) { socket.destroy(); resolve(buf.slice(0, i)); }
+    });
+  });
+}
+
+/** A port free a moment ago (redis-server cannot pick one itself: its port 0 turns TCP off). */
+async function freePort() {
+  const server = net.createServer();
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  const { port } = server.address();
+  await new Promise((ok) => server.close(ok));
+  return port;
+}
+
+const redisDirs = new Set();
+/** A private redis-server on a free loopback port, without persistence, in a directory of its own. */
+async function startRedis() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'crosswire-e2e-redis-'));
+  redisDirs.add(dir);
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir,
+      '--logfile', 'redis.log', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+    children.add(child);
+    let exited = false;
+    child.on('error', () => { exited = true; });
+    child.on('exit', () => { exited = true; children.delete(child); });
+    const deadline = Date.now() + 10_000;
+    while (!exited && Date.now() < deadline) {
+      if (await redisCommand(port, ['PING']) === '+PONG') return { child, port, url: `redis://127.0.0.1:${port}` };
+      await new Promise((ok) => setTimeout(ok, 50));
+    }
+    child.kill('SIGKILL');
+  }
+  throw new Error('redis-server did not start (is it installed? run scripts/setup.sh)');
+}
+
 async function cleanup() {
   if (browser) await browser.close().catch(() => {});
   for (const c of children) c.kill('SIGKILL');
+  for (const d of redisDirs) fs.rmSync(d, { recursive: true, force: true });
 }
 process.on('SIGTERM', async () => { await cleanup(); process.exit(143); });
 
@@ -273,6 +328,68 @@ async function main() {
     if (topicState !== 'live') throw new Error(`topic status ${topicState}: ${await c.textContent('#topic-status')}`);
     await context.close();
     await stop(proxy);
+  });
+
+  await test('node killed: the page moves to another node of the cluster and shows every message published meanwhile', async () => {
+    const redis = await startRedis();
+    const cluster = ['--redis', redis.url, '--presence-ttl-ms', '1500'];
+    const nodeA = await startServer(0, cluster);
+    const nodeB = await startServer(0, cluster);
+    const { child: proxy, match } = await startProcess(
+      'node', [path.join(here, 'proxy.mjs'), '--target', `127.0.0.1:${nodeA.port}`],
+      /\{"proxy":(\d+),"control":(\d+)\}/, 10_000, 'e2e-failover-proxy');
+    const control = async (p) => {
+      const res = await fetch(`http://127.0.0.1:${match[2]}${p}`);
+      if (!res.ok) throw new Error(`proxy ${p}: ${res.status}`);
+    };
+    const context = await browser.newContext({ viewport: { width: 1000, height: 720 } });
+    const d = await context.newPage();
+    await d.goto(`http://127.0.0.1:${match[1]}/`, { timeout: 20_000 });
+    await waitState(d, ['open'], 20_000);
+    await waitLive(d, 10_000);
+    // Publishes straight to node B over a WebSocket of the page's own, so the
+    // page's messages cross from B to A through Redis.
+    const publishViaB = (texts) => d.evaluate(async ({ wsUrl, texts }) => {
+      const ws = new WebSocket(wsUrl);
+      await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = fail; });
+      const acked = new Promise((ok, fail) => {
+        let left = texts.length;
+        ws.onmessage = (e) => {
+          const f = JSON.parse(e.data);
+          if (f.type === 'error') fail(new Error(`publish refused: ${e.data}`));
+          if (f.type === 'ack' && --left === 0) ok();
+        };
+      });
+      texts.forEach((text, i) => ws.send(JSON.stringify({ type: 'publish', topic: 'test', data: { text }, ack: i + 1 })));
+      await acked;
+      ws.close();
+    }, { wsUrl: `ws://127.0.0.1:${nodeB.port}/_ws`, texts });
+    await publishViaB([`before failover ${tag}`]);
+    await waitText(d, `before failover ${tag}`, 10_000);
+    // Held off until the proxy points at B: the page must miss what follows.
+    await control('/block');
+    nodeA.child.kill('SIGKILL');
+    await waitState(d, ['reconnecting', 'connecting'], 10_000);
+    const missed = [1, 2, 3].map((i) => `during failover ${i} ${tag}`);
+    await publishViaB(missed);
+    await control(`/upstream?target=127.0.0.1:${nodeB.port}`);
+    await control('/unblock');
+    await waitState(d, ['open'], 30_000);
+    for (const m of missed) await waitText(d, m, 10_000);
+    await publishViaB([`after failover ${tag}`]);
+    await waitText(d, `after failover ${tag}`, 10_000);
+    const seen = await texts(d);
+    for (const m of [`before failover ${tag}`, ...missed, `after failover ${tag}`]) {
+      const count = seen.filter((t) => t === m).length;
+      if (count !== 1) throw new Error(`"${m}" shown ${count} times: ${JSON.stringify(seen)}`);
+    }
+    const topicState = await d.getAttribute('#topic-status', 'data-state');
+    if (topicState !== 'live') throw new Error(`topic status ${topicState}: ${await d.textContent('#topic-status')}`);
+    await d.screenshot({ path: path.join(OUT, 'demo-failover.png') });
+    await context.close();
+    await stop(proxy);
+    await stop(nodeB.child);
+    await stop(redis.child);
   });
 
   await a.screenshot({ path: path.join(OUT, 'demo.png') });

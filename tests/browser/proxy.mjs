@@ -15,12 +15,16 @@
 //             answer every new HTTP request (handshakes and probes) with that
 //             status (CORS open) instead of forwarding, until /accept
 //   /accept   forward again
+//   /upstream?target=127.0.0.1:PORT
+//             forward new connections there from now on (a load balancer
+//             moving to another node; open connections keep theirs)
+//             -> {"upstream":"127.0.0.1:PORT"}
 //   /requests the request lines seen (newest last), e.g. to check a token
 //   /token?sub=U&exp_in=SECS&topics=P
 //             an HS256 token signed with --jwt-secret (what an app's token
 //             endpoint does), allowed to subscribe and publish to pattern P
 //             (default test:*) -> {"token":JWT,"exp":SECS,"issued":N}
-//   /status   {"connections":N,"blocked":bool,"refusing":N|null,"accepted":N,"cuts":N}
+//   /status   {"connections":N,"blocked":bool,"refusing":N|null,"accepted":N,"cuts":N,"upstream":"HOST:PORT"}
 // Everything binds 127.0.0.1 only.
 import net from 'node:net';
 import http from 'node:http';
@@ -31,11 +35,12 @@ function arg(name, fallback) {
   return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
 }
 
-const [targetHost, targetPort] = (() => {
-  const t = arg('target', '127.0.0.1:3000');
+function hostPort(t) {
   const i = t.lastIndexOf(':');
   return [t.slice(0, i), Number(t.slice(i + 1))];
-})();
+}
+// Where new connections go; /upstream changes it.
+let [targetHost, targetPort] = hostPort(arg('target', '127.0.0.1:3000'));
 const listenPort = Number(arg('listen', '0'));
 const jwtSecret = arg('jwt-secret', '');
 let issued = 0;
@@ -137,8 +142,19 @@ const control = http.createServer((req, res) => {
     case '/unblock': blocked = false; body = { blocked }; break;
     case '/refuse': refusing = Number(url.searchParams.get('status') || 401); body = { refusing }; break;
     case '/accept': refusing = null; body = { refusing }; break;
+    case '/upstream': {
+      const [host, port] = hostPort(url.searchParams.get('target') || '');
+      // Loopback only, like everything else here.
+      if (host !== '127.0.0.1' || !(port > 0 && port < 65536)) {
+        res.writeHead(400, headers).end(JSON.stringify({ error: 'target must be 127.0.0.1:PORT' }));
+        return;
+      }
+      [targetHost, targetPort] = [host, port];
+      body = { upstream: `${host}:${port}` };
+      break;
+    }
     case '/requests': body = { requests }; break;
-    case '/status': body = { connections: pairs.size, blocked, refusing, accepted, cuts, issued }; break;
+    case '/status': body = { connections: pairs.size, blocked, refusing, accepted, cuts, issued, upstream: `${targetHost}:${targetPort}` }; break;
     case '/token':
       if (!jwtSecret) {
         res.writeHead(501, headers).end(JSON.stringify({ error: 'started without --jwt-secret' }));

@@ -2,6 +2,8 @@
 //! a protocol-speaking WebSocket client over a real socket.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod redis;
+
 use std::{net::SocketAddr, time::Duration};
 
 use crosswire_server::{Hooks, PubSub, RunningServer, Server, ServerConfig};
@@ -110,6 +112,25 @@ impl Client {
                 .expect("no error");
             match msg {
                 Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next protocol frame (skipping pings), waiting at most `within`:
+    /// for what follows a slow event (a reconnect to Redis with backoff).
+    pub async fn recv_within(&mut self, within: Duration) -> ServerFrame {
+        loop {
+            let msg = tokio::time::timeout(within, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("a frame within {within:?}"))
+                .expect("stream open")
+                .expect("no error");
+            match msg {
+                Message::Text(t) => {
+                    return ServerFrame::decode(&t).unwrap_or_else(|e| panic!("undecodable frame {t}: {e}"))
+                }
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected text, got {other:?}"),
             }
