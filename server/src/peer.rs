@@ -107,7 +107,8 @@ impl<C> Peer<C> {
         ack: Option<u64>,
     ) -> Result<u64, EngineError> {
         let core = &self.inner.core;
-        let ack = ack.map(|ack| AckTo { outbox: core.outbox.clone(), ack });
+        let in_order = ack.is_some() && self.is_subscribed(topic);
+        let ack = ack.map(|ack| AckTo { outbox: core.outbox.clone(), ack, in_order });
         let state = &self.inner.state;
         let seq = state.topics.publish(topic, Publication { from: &core.id, data, ack }).await?;
         state.metrics.published();

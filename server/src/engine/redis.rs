@@ -353,13 +353,23 @@ impl Shared {
                     .await
             })
             .await;
-        // Whoever takes the ack first queues it: the delivery on this node
-        // (in seq order with the topic's other messages, which matters when
-        // the publisher is subscribed) or, when this node's stream has not
-        // brought the message yet, this answer: then no later message of the
-        // topic has reached the publisher either. When the publish failed (or
-        // we cannot know), the error frame answers instead.
-        let pending = lock(&self.acks).remove(&id);
+        // An ack in order (its publisher is subscribed here) is queued by the
+        // delivery of the message on this node, from the stream or from a
+        // catch-up, in seq order with the topic's other messages. Any other
+        // is queued by whoever has it first: the delivery, or this answer.
+        // When the publish failed (or we cannot know), the error frame
+        // answers instead and no ack follows.
+        let pending = match &result {
+            Ok(_) => {
+                let mut acks = lock(&self.acks);
+                if acks.get(&id).is_some_and(|(ack, _)| !ack.in_order) {
+                    acks.remove(&id)
+                } else {
+                    None
+                }
+            }
+            Err(_) => lock(&self.acks).remove(&id),
+        };
         if let (Ok(seq), Some((ack, _))) = (&result, pending) {
             ack.send(*seq);
         }
