@@ -284,6 +284,8 @@ pub struct Session {
     suspect: Option<(u64, Millis)>,
     /// When the last 4001 reconnect started: a second one soon after backs off.
     expired_at: Option<Millis>,
+    /// When the last 1012 reconnect started: a second one soon after backs off.
+    restarted_at: Option<Millis>,
     out: Vec<Command>,
 }
 
@@ -297,6 +299,11 @@ impl std::fmt::Debug for Session {
             .finish_non_exhaustive()
     }
 }
+
+/// The window a reconnect after 1012 (service restart) is spread over, in
+/// milliseconds: long enough to spread a node's clients over the remaining
+/// nodes, short enough that a rolling deploy goes unnoticed.
+const RESTART_JITTER_MS: Millis = 1_000;
 
 /// The close code the client sends when it closes a socket itself (normal closure).
 const CLIENT_CLOSE: u16 = 1000;
@@ -324,6 +331,7 @@ impl Session {
             in_place: InPlace::Idle,
             suspect: None,
             expired_at: None,
+            restarted_at: None,
             out: Vec::new(),
         };
         if let Some(token) = session.config.token.clone() {
@@ -649,6 +657,24 @@ impl Session {
                     _ => Status::Closed { code: Some(c), reason },
                 };
                 self.end(status, Some(c), why);
+            }
+            Some(close_code::SERVICE_RESTART) => {
+                // The node is being replaced in a rolling deploy and the
+                // others are up: reconnect at once, jittered so that its
+                // whole crowd does not land on them in the same instant. Not
+                // an escalating failure, unless restarts keep coming (a node
+                // restarting in a loop is backed off from like any failure).
+                let min_uptime = self.backoff.config().min_uptime_ms;
+                let again = self.restarted_at.is_some_and(|at| now.saturating_sub(at) < min_uptime);
+                self.restarted_at = Some(now);
+                let delay = if !again {
+                    (RESTART_JITTER_MS as f64 * (self.random)().clamp(0.0, 1.0)) as Millis
+                } else {
+                    self.backoff.next_delay((self.random)()).1
+                };
+                let retry_at = now + delay;
+                self.conn = Conn::Waiting { retry_at, auth: false };
+                self.set_status(Status::Reconnecting { attempt: self.backoff.attempt(), retry_at, code });
             }
             _ if before_open => {
                 self.conn = Conn::Probing { deadline: now + self.config.connect_timeout_ms };

@@ -231,6 +231,84 @@ fn other_server_close_codes_reconnect() {
     }
 }
 
+/// A session whose random source answers `values` in turn, then 0.5.
+fn with_random(values: Vec<f64>) -> Harness {
+    let mut values = values.into_iter();
+    Harness { s: Session::new(ClientConfig::default(), Box::new(move || values.next().unwrap_or(0.5))), now: 1_000_000 }
+}
+
+#[test]
+fn a_restart_reconnects_at_once_jittered_within_a_second() {
+    for (r, want) in [(0.0, 0), (0.25, 250), (0.5, 500), (0.999, 999), (1.0, 1000)] {
+        let mut h = with_random(vec![r]);
+        h.open("p1");
+        // Well past the minimum uptime, so no earlier failure counts.
+        h.now += 60_000;
+        let cmds = h.input(Input::Closed { code: close_code::SERVICE_RESTART, reason: "server restarting".into() });
+        let retry_at = h.now + want;
+        let code = Some(close_code::SERVICE_RESTART);
+        assert_eq!(statuses(&cmds), vec![Status::Reconnecting { attempt: 0, retry_at, code }], "r = {r}");
+        assert!(want <= 1_000 && h.s.next_deadline() == Some(retry_at));
+        if want > 0 {
+            assert!(h.at(retry_at - 1, Input::Tick).is_empty(), "nothing before the jittered time");
+        }
+        let cmds = h.at(retry_at, Input::Tick);
+        assert_eq!(cmds[0], Command::Connect { token: None });
+        assert_eq!(statuses(&cmds), vec![Status::Connecting { attempt: 0 }]);
+    }
+}
+
+#[test]
+fn a_restart_does_not_escalate_the_backoff_and_resubscribes_with_since() {
+    let mut h = Harness::default();
+    h.open("p1");
+    h.input(Input::Subscribe { topic: t("a"), presence: false });
+    subscribed(&mut h, "a", "E1", 10, false);
+    message(&mut h, "a", 11, "1");
+    // A failure first: the next ordinary retry would be attempt 2.
+    h.input(Input::Closed { code: 1006, reason: String::new() });
+    h.tick_to_deadline();
+    h.open("p2");
+    h.now += 60_000;
+    let cmds = h.input(Input::Closed { code: close_code::SERVICE_RESTART, reason: String::new() });
+    let Status::Reconnecting { attempt, retry_at, .. } = statuses(&cmds)[0] else { panic!("{cmds:?}") };
+    assert_eq!((attempt, retry_at - h.now), (0, 500), "up long enough: the counter reset, and the 1012 did not count");
+    h.at(retry_at, Input::Tick);
+    // Recovers on the node it lands on, from where it was.
+    let cmds = h.open("p3");
+    assert_eq!(sent(&cmds), vec![r#"{"type":"subscribe","topic":"a","since":{"epoch":"E1","seq":11}}"#]);
+    // The next failure starts the backoff from its first step.
+    h.now += 60_000;
+    h.input(Input::Closed { code: 1006, reason: String::new() });
+    let want = h.now + BackoffConfig::default().delay(1, 0.5);
+    assert!(
+        matches!(h.s.status(), Status::Reconnecting { attempt: 1, retry_at, .. } if *retry_at == want),
+        "{:?}",
+        h.s.status()
+    );
+}
+
+#[test]
+fn a_node_restarting_over_and_over_is_backed_off_from() {
+    let mut h = Harness::default();
+    h.open("p1");
+    h.now += 60_000;
+    h.input(Input::Closed { code: close_code::SERVICE_RESTART, reason: String::new() });
+    h.tick_to_deadline();
+    h.open("p2");
+    // Restarting again at once: the ordinary backoff, escalating.
+    h.now += 100;
+    let cmds = h.input(Input::Closed { code: close_code::SERVICE_RESTART, reason: String::new() });
+    let retry_at = h.now + BackoffConfig::default().delay(1, 0.5);
+    let code = Some(close_code::SERVICE_RESTART);
+    assert_eq!(statuses(&cmds), vec![Status::Reconnecting { attempt: 1, retry_at, code }]);
+    h.at(retry_at, Input::Tick);
+    h.open("p3");
+    h.now += 100;
+    h.input(Input::Closed { code: close_code::SERVICE_RESTART, reason: String::new() });
+    assert!(matches!(h.s.status(), Status::Reconnecting { attempt: 2, .. }), "{:?}", h.s.status());
+}
+
 #[test]
 fn a_refused_handshake_is_probed_and_401_retries_slowly_with_jitter() {
     let mut h = Harness::default();

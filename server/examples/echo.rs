@@ -32,7 +32,7 @@ impl Hooks for Echo {
 async fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let mut config = Cli::parse().args.into_config()?;
+    let mut config = crosswire_server::parse_cli::<Cli>()?.args.into_config()?;
     config.max_message_size = 16 * 1024 * 1024;
     config.max_queue_bytes = 64 * 1024 * 1024;
     // Room for the suite's bursts of many small messages.

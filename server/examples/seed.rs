@@ -65,7 +65,7 @@ impl Hooks for Seed {
 async fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let config = Cli::parse().args.into_config()?;
+    let config = crosswire_server::parse_cli::<Cli>()?.args.into_config()?;
     let server = Server::new(config, Seed { test: Topic::new("test")? }).bind().await?;
     // Before the address goes out: whoever reads it may signal at once.
     let signal = shutdown_signal();

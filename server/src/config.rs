@@ -240,11 +240,16 @@ impl ServerConfig {
 }
 
 /// Command-line flags, each with an environment fallback, for the binary and
-/// the examples (`#[command(flatten)]` them into a clap parser). Their
-/// defaults are [`ServerConfig::default`]'s. Behind the `cli` feature.
+/// the examples (`#[command(flatten)]` them into a clap parser, and parse it
+/// with [`crate::parse_cli`] so that `--config` applies). Their defaults are
+/// [`ServerConfig::default`]'s. Behind the `cli` feature.
 #[cfg(feature = "cli")]
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
+    /// A TOML file setting any of these flags by its long name (`max-connections = 500`);
+    /// command-line flags and environment variables override it.
+    #[arg(long, env = "CROSSWIRE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "CROSSWIRE_HOST", default_value_t = d().addr.ip())]
     pub host: IpAddr,

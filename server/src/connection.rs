@@ -136,7 +136,8 @@ pub(crate) async fn serve<H: Hooks>(
             exit = &mut writer, if run.writer_exit.is_none() => run.on_writer_exit(exit).await,
             _ = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
-                peer.outbox().close_now(close_code::GOING_AWAY, "server shutting down");
+                let (code, reason) = shutdown.kind().close_frame();
+                peer.outbox().close_now(code, reason);
                 Flow::Continue
             }
             _ = until_deadline => Flow::End,
@@ -226,6 +227,9 @@ impl<'a, H: Hooks> Run<'a, H> {
         self.sink = returned;
         let flow = match &exit {
             WriterExit::Closed(frame) => {
+                if u16::from(frame.code) == close_code::SLOW_CONSUMER {
+                    self.state.metrics.slow_consumer_closed();
+                }
                 if let Some(error) = close_error(frame, self.state) {
                     self.hooks.error(self.peer, &error).await;
                 }
@@ -237,6 +241,7 @@ impl<'a, H: Hooks> Run<'a, H> {
                 }
             }
             WriterExit::Stalled(after) => {
+                self.state.metrics.write_timed_out();
                 tracing::debug!(peer = %self.peer, ?after, "socket took no bytes; dropping the peer");
                 self.hooks.error(self.peer, &PeerError::WriteTimeout(*after)).await;
                 self.sink = None;

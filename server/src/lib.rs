@@ -11,8 +11,8 @@
 //! 1. **listener** (standalone [`Server`] only, with `routes` and `statics`):
 //!    accepts TCP connections, bounds them (`max_connections`, per-address
 //!    rate and count, answering 503/429 without hyper), wraps each in the
-//!    write timeout, serves them with hyper and routes `/healthz`, static
-//!    files and the WebSocket path to
+//!    write timeout, serves them with hyper and routes `/healthz`,
+//!    `/readyz`, `/metrics`, static files and the WebSocket path to
 //! 2. **service** ([`WebSocketService`]): the WebSocket endpoint as a
 //!    `tower::Service`, what an axum or hyper app mounts: the Origin (and,
 //!    mounted, `Host`) checks, the limits not applied at accept time, the
@@ -36,14 +36,14 @@
 //!    frame per message shared by every subscriber, presence events, and the
 //!    merge of a history read with live deliveries that makes recovery exact.
 //! 10. **engine** ([`Engine`]): the broker: each topic's seq, epoch and
-//!    bounded history, delivery to every node, cluster presence. The
-//!    embedded [`MemoryEngine`] is the default; [`RedisEngine`] (`redis` in
-//!    the configuration, `--redis`) shares topics between nodes; another
-//!    broker plugs in with [`Server::with_engine`].
+//!     bounded history, delivery to every node, cluster presence. The
+//!     embedded [`MemoryEngine`] is the default; [`RedisEngine`] (`redis` in
+//!     the configuration, `--redis`) shares topics between nodes; another
+//!     broker plugs in with [`Server::with_engine`].
 //!
 //! Below them, leaves and support modules: `limits`, `config`, `origin`,
-//! the per-peer queue (`outbox`), `shutdown`, [`Message`], the HTTP
-//! responses, and the write timeout.
+//! the per-peer queue (`outbox`), `shutdown`, `metrics`, [`Message`], the
+//! HTTP responses, and the write timeout.
 //!
 //! # Use
 //!
@@ -80,10 +80,13 @@
 //!
 //! # Features
 //!
-//! - `cli` (default): `Args`, the clap flags of the binary and examples.
+//! - `cli` (default): `Args`, the clap flags of the binary and examples, and
+//!   [`parse_cli`], which applies their `--config` file.
 //! - `fuzzing`: makes the `handshake` module public, for the fuzz targets only.
 
 mod config;
+#[cfg(feature = "cli")]
+mod config_file;
 mod connection;
 mod engine;
 #[cfg(feature = "fuzzing")]
@@ -96,6 +99,7 @@ mod hooks;
 mod limits;
 mod listener;
 mod message;
+mod metrics;
 mod origin;
 mod outbox;
 mod peer;
@@ -117,6 +121,8 @@ use tokio::net::TcpListener;
 #[cfg(feature = "cli")]
 pub use config::Args;
 pub use config::{ConfigError, ServerConfig};
+#[cfg(feature = "cli")]
+pub use config_file::{parse_cli, try_parse_cli_from, ConfigFileError};
 pub use crosswire_shared as protocol;
 pub use engine::{
     AckTo, Delivered, Delivery, Engine, EngineError, History, MemoryEngine, MemoryLimits, MessageText, Node, Pending,
@@ -129,7 +135,7 @@ pub use peer::Peer;
 pub use pubsub::{PubSub, PubSubContext};
 pub use response::{text_response, HttpResponse};
 pub use service::{RemoteAddr, WebSocketService};
-pub use shutdown::shutdown_signal;
+pub use shutdown::{shutdown_signal, stop_signal, ShutdownKind};
 
 use shutdown::ShutdownController;
 use state::ServerState;
@@ -193,11 +199,12 @@ impl<H: Hooks> Server<H> {
     pub fn endpoint(self) -> Result<Endpoint<H>, ConfigError> {
         self.config.validate()?;
         let shutdown = ShutdownController::new();
+        let metrics = metrics::Metrics::new();
         let engine = match self.engine {
             Some(engine) => engine,
-            None => state::engine(&self.config)?,
+            None => state::engine(&self.config, &metrics)?,
         };
-        let state = Arc::new(ServerState::new(self.config, shutdown.handles(), engine));
+        let state = Arc::new(ServerState::new(self.config, shutdown.handles(), engine, metrics));
         topics::Topics::start(&state.topics, state.shutdown.token());
         state.shutdown.spawn(state::sweep(Arc::clone(&state)));
         let service = WebSocketService { state, hooks: Arc::new(self.hooks) };
@@ -205,8 +212,8 @@ impl<H: Hooks> Server<H> {
     }
 
     /// Binds the listening socket (`config.addr`) and starts accepting
-    /// connections: the endpoint at `config.path`, `/healthz`, and the static
-    /// files of `config.static_dir`.
+    /// connections: the endpoint at `config.path`, `/healthz`, `/readyz`,
+    /// `/metrics`, and the static files of `config.static_dir`.
     pub async fn bind(self) -> Result<RunningServer, ServerError> {
         self.config.validate()?;
         limits::raise_open_file_limit(self.config.max_connections);
@@ -247,9 +254,18 @@ impl<H: Hooks> Endpoint<H> {
 
     /// Closes every peer with 1001 and waits for them to finish, at most
     /// `shutdown_grace`; then ends whatever still runs. Call it when the app
-    /// stops (its own listener is the app's to stop).
+    /// stops (its own listener is the app's to stop). From the call on, the
+    /// endpoint is not ready ([`ServerHandle::is_ready`]) and refuses new
+    /// WebSockets with 503.
     pub async fn shutdown(self) {
-        drain(&self.service.state, self.shutdown).await;
+        self.stop(ShutdownKind::GoingAway).await;
+    }
+
+    /// [`shutdown`](Self::shutdown), telling the peers why: with
+    /// [`ShutdownKind::Restart`] they get 1012 and reconnect at once, to
+    /// another node (a rolling deploy).
+    pub async fn stop(self, kind: ShutdownKind) {
+        drain(&self.service.state, self.shutdown, kind).await;
     }
 }
 
@@ -272,25 +288,39 @@ impl RunningServer {
         self.handle.clone()
     }
 
-    /// Serves until `signal` resolves, then shuts down gracefully.
+    /// Serves until `signal` resolves, then shuts down gracefully (1001).
     pub async fn run_until(self, signal: impl Future<Output = ()>) {
         signal.await;
         self.shutdown().await;
+    }
+
+    /// Serves until `signal` resolves, then stops the way it says: what the
+    /// binary does with [`stop_signal`] (SIGTERM: a restart, 1012).
+    pub async fn run_until_stop(self, signal: impl Future<Output = ShutdownKind>) {
+        let kind = signal.await;
+        self.stop(kind).await;
     }
 
     /// Stops accepting, closes every peer with 1001 and waits for them to
     /// finish, at most `shutdown_grace`; then ends whatever still runs. When
     /// it returns, no task of this server's is left running.
     pub async fn shutdown(self) {
-        drain(&self.handle.state, self.shutdown).await;
+        self.stop(ShutdownKind::GoingAway).await;
+    }
+
+    /// [`shutdown`](Self::shutdown), telling the peers why: with
+    /// [`ShutdownKind::Restart`] they get 1012 and reconnect at once, to
+    /// another node (a rolling deploy).
+    pub async fn stop(self, kind: ShutdownKind) {
+        drain(&self.handle.state, self.shutdown, kind).await;
     }
 }
 
-async fn drain(state: &ServerState, shutdown: ShutdownController) {
+async fn drain(state: &ServerState, shutdown: ShutdownController, kind: ShutdownKind) {
     let grace = state.config.shutdown_grace;
     let peers = state.peer_count();
-    tracing::info!(peers, "shutting down");
-    let drained = shutdown.drain(grace).await;
+    tracing::info!(peers, ?kind, "shutting down");
+    let drained = shutdown.drain(grace, kind).await;
     match (drained.aborted, state.peer_count()) {
         (0, _) => tracing::info!(peers, "shutdown complete: every connection closed"),
         (aborted, left) => tracing::warn!(
@@ -332,6 +362,7 @@ impl ServerHandle {
     /// framing, as [`Peer::publish`] and crossws's `publish`); returns how
     /// many it was queued for.
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
+        self.state.metrics.published();
         self.state.topics.publish_raw(topic, None, message.into())
     }
 
@@ -345,7 +376,9 @@ impl ServerHandle {
 
     /// Like [`publish_data`](Self::publish_data), for data that is already JSON text.
     pub async fn publish_json(&self, topic: &Topic, data: &RawValue) -> Result<u64, EngineError> {
-        self.state.topics.publish(topic, Publication { from: "server", data, ack: None }).await
+        let seq = self.state.topics.publish(topic, Publication { from: "server", data, ack: None }).await?;
+        self.state.metrics.published();
+        Ok(seq)
     }
 
     /// Every connected peer, in id order.
@@ -414,6 +447,25 @@ impl ServerHandle {
 }
 
 impl ServerHandle {
+    /// Whether this node should be sent new connections: false once it is
+    /// draining (a shutdown or restart began) or while its pub/sub engine is
+    /// unreachable. The standalone server answers `/readyz` with it; an app
+    /// that mounts the endpoint serves it on a route of its own.
+    pub fn is_ready(&self) -> bool {
+        self.state.is_ready()
+    }
+
+    /// Every metric of this server in the Prometheus text format (0.0.4), as
+    /// the standalone server answers `/metrics`: for an app that mounts the
+    /// endpoint to serve on a route of its own, with
+    /// [`METRICS_CONTENT_TYPE`](Self::METRICS_CONTENT_TYPE).
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics_text()
+    }
+
+    /// The `Content-Type` of [`metrics_text`](Self::metrics_text).
+    pub const METRICS_CONTENT_TYPE: &'static str = metrics::CONTENT_TYPE;
+
     /// How many connections refused at accept time (503, 429) are still being
     /// answered: at most 256, each for at most a second. Always 0 for an
     /// [`Endpoint`], whose app does its own accepting.

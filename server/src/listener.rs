@@ -16,8 +16,9 @@ use tokio::{
 use crate::{
     hooks::Hooks,
     limits::IpRejection,
+    metrics::Rejection,
     routes::{self, ConnCtx},
-    service::{ConnSlot, WebSocketService},
+    service::{self, ConnSlot, WebSocketService},
     state::ServerState,
     write_timeout::WriteTimeout,
 };
@@ -118,6 +119,10 @@ impl<H: Hooks> Acceptor<H> {
     fn refuse(&self, stream: TcpStream, refusal: Refusal) {
         // Debug, not warn: a flood would otherwise turn into a log flood.
         tracing::debug!(remote = ?stream.peer_addr().ok(), %refusal, "connection refused");
+        self.state.metrics.rejected(match &refusal {
+            Refusal::Full => Rejection::TooManyConnections,
+            Refusal::Address(rejection) => service::ip_rejection(rejection),
+        });
         match Arc::clone(&self.state.refusals).try_acquire_owned() {
             Ok(permit) => {
                 self.state.shutdown.spawn(refuse(stream, refusal, permit));

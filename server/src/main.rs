@@ -1,12 +1,11 @@
 //! The `crosswire-server` binary: protocol v1 pub/sub over WebSocket, plus
 //! the demo app's static files when given `--static dist`.
 
-use clap::Parser;
-use crosswire_server::{shutdown_signal, Args, PubSub, Server};
+use crosswire_server::{parse_cli, stop_signal, Args, PubSub, Server};
 use tracing_subscriber::EnvFilter;
 
 /// crosswire: WebSocket pub/sub server.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(version, about)]
 struct Cli {
     #[command(flatten)]
@@ -19,12 +18,13 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    let config = Cli::parse().args.into_config()?;
+    let config = parse_cli::<Cli>()?.args.into_config()?;
     let server = Server::new(config.clone(), PubSub::new(&config)).bind().await?;
     // Before the address goes out: whoever reads it may signal at once.
-    let signal = shutdown_signal();
+    // SIGTERM is a restart (peers get 1012 and move to another node), Ctrl-C a stop (1001).
+    let signal = stop_signal();
     // One line on stdout, so scripts (and tests using port 0) learn the address.
     println!("crosswire listening on http://{}", server.local_addr());
-    server.run_until(signal).await;
+    server.run_until_stop(signal).await;
     Ok(())
 }

@@ -89,7 +89,9 @@ impl<C> Peer<C> {
     /// semantics: the sender is excluded, and need not be subscribed), on
     /// every node. Returns how many peers of this node it was queued for.
     pub fn publish(&self, topic: &Topic, message: impl Into<Message>) -> usize {
-        self.inner.state.topics.publish_raw(topic, Some(&self.inner.core.id), message.into())
+        let state = &self.inner.state;
+        state.metrics.published();
+        state.topics.publish_raw(topic, Some(&self.inner.core.id), message.into())
     }
 
     /// Publishes `data` as a protocol `message` frame from this peer to every
@@ -105,8 +107,12 @@ impl<C> Peer<C> {
         ack: Option<u64>,
     ) -> Result<u64, EngineError> {
         let core = &self.inner.core;
-        let ack = ack.map(|ack| AckTo { outbox: core.outbox.clone(), ack });
-        self.inner.state.topics.publish(topic, Publication { from: &core.id, data, ack }).await
+        let in_order = ack.is_some() && self.is_subscribed(topic);
+        let ack = ack.map(|ack| AckTo { outbox: core.outbox.clone(), ack, in_order });
+        let state = &self.inner.state;
+        let seq = state.topics.publish(topic, Publication { from: &core.id, data, ack }).await?;
+        state.metrics.published();
+        Ok(seq)
     }
 
     fn subscriber(&self, presence: bool) -> Subscriber {

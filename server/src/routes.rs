@@ -1,15 +1,18 @@
 //! The standalone server's routes on one HTTP connection: the `Host` check,
-//! then the WebSocket path (handed to the [`WebSocketService`]),
-//! `/healthz`, and the static files.
+//! then the WebSocket path (handed to the [`WebSocketService`]), the
+//! operations endpoints (`/healthz`, `/readyz`, `/metrics`), and the static
+//! files. The operations paths are taken before the static files, so a file
+//! of the same name cannot hide them from a probe.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::{
     hooks::Hooks,
+    metrics::{self, Rejection},
     response::text_response,
     service::{Conn, ConnSlot, WebSocketService},
     statics::{self, RouteBody},
@@ -36,6 +39,9 @@ pub(crate) async fn route<H: Hooks>(
     let state = &ctx.service.state;
     if let Err(rejection) = state.origins.check_host(req.uri(), req.headers()) {
         tracing::debug!(remote = %ctx.remote, host = ?req.headers().get(header::HOST), "host refused");
+        if req.uri().path() == state.config.path {
+            state.metrics.rejected(Rejection::Host);
+        }
         return Ok(rejection.response().map(Either::Left));
     }
     let path = req.uri().path();
@@ -46,7 +52,17 @@ pub(crate) async fn route<H: Hooks>(
         ctx.upgrading.store(false, std::sync::atomic::Ordering::SeqCst);
         res
     } else if path == "/healthz" {
+        // Alive: this answer itself is the proof.
         text_response(StatusCode::OK, "ok\n")
+    } else if path == "/readyz" {
+        match state.is_ready() {
+            true => text_response(StatusCode::OK, "ready\n"),
+            false => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        }
+    } else if path == "/metrics" {
+        let mut res = text_response(StatusCode::OK, state.metrics_text());
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
+        res
     } else if let (Some(dir), true) = (&state.config.static_dir, matches!(*req.method(), Method::GET | Method::HEAD)) {
         return Ok(statics::serve(dir, req).await);
     } else {

@@ -29,7 +29,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::{
     connection, handshake,
     hooks::{Hooks, UpgradeRequest},
-    limits::IpSlot,
+    limits::{IpRejection, IpSlot},
+    metrics::Rejection,
     outbox::Outbox,
     peer::Peer,
     response::{text_response, HttpResponse},
@@ -94,8 +95,8 @@ struct Held {
 }
 
 impl<H: Hooks> WebSocketService<H> {
-    /// Serves one request to the WebSocket path, checked in this order: the
-    /// Origin (403), the limits not applied at accept time (503, 429), the
+    /// Serves one request to the WebSocket path, checked in this order:
+    /// draining (503), the Origin (403), the limits not applied at accept time (503, 429), the
     /// `upgrade` hook (auth: 401 or whatever it answers), the handshake rules,
     /// then the 101. Auth comes before the handshake rules so that a plain GET
     /// carrying a token learns whether it is accepted: browsers hide the status
@@ -103,8 +104,21 @@ impl<H: Hooks> WebSocketService<H> {
     pub(crate) async fn serve<B>(&self, req: Request<B>, conn: Conn) -> HttpResponse {
         let state = &self.state;
         let remote = conn.remote.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+        // A request read before the shutdown but reaching here after it: its
+        // peer would be closed at once, so it is sent to another node instead.
+        if state.shutdown.is_draining() {
+            state.metrics.rejected(Rejection::Draining);
+            let mut res = text_response(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down; retry\n");
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            // The standalone listener leaves a connection whose upgrade was
+            // being decided to finish by itself (see `ConnCtx::upgrading`):
+            // without an upgrade, only this ends it before the grace period.
+            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return res;
+        }
         if let Err(rejection) = state.origins.check_origin(req.uri(), req.headers()) {
             tracing::debug!(%remote, origin = ?req.headers().get(header::ORIGIN), "origin refused");
+            state.metrics.rejected(Rejection::Origin);
             return rejection.response();
         }
         let (client, held) = match self.admit(&req, &conn, remote) {
@@ -131,6 +145,7 @@ impl<H: Hooks> WebSocketService<H> {
             None => match Arc::clone(&state.limit).try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
+                    state.metrics.rejected(Rejection::TooManyConnections);
                     let mut res = text_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "server is at its connection limit; retry later\n",
@@ -153,6 +168,7 @@ impl<H: Hooks> WebSocketService<H> {
                     Ok(slot) => (if trusted { SocketAddr::new(ip, 0) } else { remote }, Some(slot)),
                     Err(rejection) => {
                         tracing::debug!(%remote, client = %ip, %rejection, "address refused");
+                        state.metrics.rejected(ip_rejection(&rejection));
                         return Err(rejection.response());
                     }
                 }
@@ -173,12 +189,16 @@ impl<H: Hooks> WebSocketService<H> {
         };
         let context = match self.hooks.upgrade(&upgrade_req).await {
             Ok(context) => context,
-            Err(response) => return response,
+            Err(response) => {
+                self.state.metrics.rejected(Rejection::Auth);
+                return response;
+            }
         };
         let accept = match handshake::validate_upgrade(&req) {
             Ok(accept) => accept,
             Err(rejection) => {
                 tracing::debug!(remote = %client, %rejection, "upgrade rejected");
+                self.state.metrics.rejected(Rejection::BadHandshake);
                 return rejection.response();
             }
         };
@@ -209,6 +229,14 @@ impl<H: Hooks> WebSocketService<H> {
     }
 }
 
+/// The metrics' name for an address refused its connection.
+pub(crate) fn ip_rejection(rejection: &IpRejection) -> Rejection {
+    match rejection {
+        IpRejection::Rate { .. } => Rejection::RateLimited,
+        IpRejection::Count => Rejection::TooManyConnectionsPerIp,
+    }
+}
+
 impl<H: Hooks, B: Send + 'static> tower::Service<Request<B>> for WebSocketService<H> {
     type Response = HttpResponse;
     type Error = Infallible;
@@ -226,6 +254,7 @@ impl<H: Hooks, B: Send + 'static> tower::Service<Request<B>> for WebSocketServic
             // this endpoint's requests reach us.
             if let Err(rejection) = this.state.origins.check_host(req.uri(), req.headers()) {
                 tracing::debug!(?remote, host = ?req.headers().get(header::HOST), "host refused");
+                this.state.metrics.rejected(Rejection::Host);
                 return Ok(rejection.response());
             }
             Ok(this.serve(req, Conn { remote, accepted: None }).await)

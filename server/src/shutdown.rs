@@ -3,16 +3,50 @@
 //! Two tokens and a tracker (tokio-util's `CancellationToken` and
 //! `TaskTracker`): every task is spawned through [`ShutdownHandles::spawn`],
 //! so the tracker knows it; `graceful` asks each to finish (peers get their
-//! 1001); when the grace period is over, `abort` ends whatever still runs at
+//! 1001, or 1012 for a restart: see [`ShutdownKind`]); when the grace period is over, `abort` ends whatever still runs at
 //! its next poll. A token, unlike a broadcast channel, also answers a task
 //! that starts listening after it fired: a connection whose upgrade was in
 //! flight when the signal came still gets its 1001, instead of never hearing
 //! of the shutdown and holding the drain for the whole grace period.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
+use crosswire_shared::close_code;
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Why a server stops, which tells its peers where to reconnect.
+///
+/// A library-initiated shutdown ([`crate::RunningServer::shutdown`],
+/// [`crate::Endpoint::shutdown`]) is [`GoingAway`](Self::GoingAway): the
+/// service itself may be gone, so clients back off. The binary treats SIGTERM
+/// as [`Restart`](Self::Restart) (what an orchestrator sends in a rolling
+/// deploy: other nodes are up) and SIGINT (Ctrl-C) as `GoingAway`; see
+/// [`stop_signal`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShutdownKind {
+    /// Peers get 1001 (going away) and reconnect with their usual backoff.
+    #[default]
+    GoingAway,
+    /// Peers get 1012 (service restart) and reconnect at once (jittered),
+    /// to another node, recovering what they missed.
+    Restart,
+}
+
+impl ShutdownKind {
+    /// The close code and reason each peer gets.
+    pub(crate) fn close_frame(self) -> (u16, &'static str) {
+        match self {
+            Self::GoingAway => (close_code::GOING_AWAY, "server shutting down"),
+            Self::Restart => (close_code::SERVICE_RESTART, "server restarting"),
+        }
+    }
+}
 
 /// What every task needs to take part in shutdown. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -20,9 +54,22 @@ pub(crate) struct ShutdownHandles {
     graceful: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
+    /// Set once, before `graceful` fires, so every task that hears the
+    /// shutdown reads why.
+    kind: Arc<OnceLock<ShutdownKind>>,
 }
 
 impl ShutdownHandles {
+    /// Whether shutdown was asked for: the server is draining.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.graceful.is_cancelled()
+    }
+
+    /// Why the server stops; `GoingAway` until it was told.
+    pub(crate) fn kind(&self) -> ShutdownKind {
+        self.kind.get().copied().unwrap_or_default()
+    }
+
     /// Resolves once shutdown was asked for; at once if it already was.
     pub(crate) async fn cancelled(&self) {
         self.graceful.cancelled().await;
@@ -72,6 +119,7 @@ impl ShutdownController {
                 graceful: CancellationToken::new(),
                 abort: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                kind: Arc::new(OnceLock::new()),
             },
         }
     }
@@ -80,10 +128,12 @@ impl ShutdownController {
         self.handles.clone()
     }
 
-    /// Tells every task to stop and waits for them, at most `grace`; then ends
-    /// the rest. When this returns, no task spawned through the handles runs.
-    pub(crate) async fn drain(self, grace: Duration) -> Drained {
-        let ShutdownHandles { graceful, abort, tracker } = self.handles;
+    /// Tells every task to stop (for `kind`) and waits for them, at most
+    /// `grace`; then ends the rest. When this returns, no task spawned through
+    /// the handles runs.
+    pub(crate) async fn drain(self, grace: Duration, kind: ShutdownKind) -> Drained {
+        let ShutdownHandles { graceful, abort, tracker, kind: told } = self.handles;
+        let _ = told.set(kind);
         graceful.cancel();
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_ok() {
@@ -99,38 +149,58 @@ impl ShutdownController {
 }
 
 /// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM: what a server binary
-/// passes to [`crate::RunningServer::run_until`].
+/// passes to [`crate::RunningServer::run_until`]. Use [`stop_signal`] to tell
+/// the two apart (a rolling restart from a stop).
 ///
 /// The handlers are installed when this is called, not when the future is
 /// first polled: a binary calls it before announcing its address, so a
 /// SIGTERM sent right after never meets the default action (an abrupt exit
-/// with no 1001 for anyone). Call it inside the tokio runtime.
+/// with no close frame for anyone). Call it inside the tokio runtime.
 pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    let signal = stop_signal();
+    async move {
+        signal.await;
+    }
+}
+
+/// Resolves on SIGTERM with [`ShutdownKind::Restart`] (an orchestrator
+/// replacing this node: peers get 1012 and move to another node at once) and
+/// on SIGINT (Ctrl-C) with [`ShutdownKind::GoingAway`] (peers get 1001): what
+/// a server binary passes to [`crate::RunningServer::run_until_stop`]. Off
+/// Unix only Ctrl-C is heard.
+///
+/// As with [`shutdown_signal`], the handlers are installed when this is
+/// called. Call it inside the tokio runtime.
+pub fn stop_signal() -> impl Future<Output = ShutdownKind> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut streams: Vec<_> = [SignalKind::interrupt(), SignalKind::terminate()]
-            .into_iter()
-            .filter_map(|kind| match signal(kind) {
-                Ok(stream) => Some(stream),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for a shutdown signal");
-                    None
-                }
-            })
-            .collect();
+        let mut streams: Vec<_> =
+            [(SignalKind::interrupt(), ShutdownKind::GoingAway), (SignalKind::terminate(), ShutdownKind::Restart)]
+                .into_iter()
+                .filter_map(|(signal_kind, kind)| match signal(signal_kind) {
+                    Ok(stream) => Some((stream, kind)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for a shutdown signal");
+                        None
+                    }
+                })
+                .collect();
         async move {
             if streams.is_empty() {
                 return std::future::pending().await;
             }
-            let any = futures_util::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv())));
-            any.await;
+            let kinds: Vec<ShutdownKind> = streams.iter().map(|(_, kind)| *kind).collect();
+            let any = futures_util::future::select_all(streams.iter_mut().map(|(s, _)| Box::pin(s.recv())));
+            let (_, index, _) = any.await;
+            kinds[index]
         }
     }
     #[cfg(not(unix))]
     {
         async {
             let _ = tokio::signal::ctrl_c().await;
+            ShutdownKind::GoingAway
         }
     }
 }

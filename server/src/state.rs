@@ -15,7 +15,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::{
     config::ServerConfig,
     engine::{Engine, MemoryEngine, MemoryLimits, RedisEngine},
-    limits, origin,
+    limits,
+    metrics::{Levels, Metrics},
+    origin,
     outbox::{Bounds, Outbox, QueueBudget},
     shutdown::ShutdownHandles,
     topics::{Memberships, Topics},
@@ -40,6 +42,7 @@ pub(crate) struct ServerState {
     pub(crate) shutdown: ShutdownHandles,
     /// Live bytes queued across every peer.
     pub(crate) queue_budget: Arc<QueueBudget>,
+    pub(crate) metrics: Metrics,
 }
 
 /// What the server knows of a peer whatever its hooks' context type: the
@@ -64,7 +67,12 @@ impl std::fmt::Debug for ServerState {
 
 impl ServerState {
     /// The state of a server whose topics `engine` carries.
-    pub(crate) fn new(config: ServerConfig, shutdown: ShutdownHandles, engine: Arc<dyn Engine>) -> Self {
+    pub(crate) fn new(
+        config: ServerConfig,
+        shutdown: ShutdownHandles,
+        engine: Arc<dyn Engine>,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             topics: Arc::new(Topics::new(engine, config.history_size, config.max_presence_list)),
             peers: Mutex::new(HashMap::new()),
@@ -79,8 +87,26 @@ impl ServerState {
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             shutdown,
             queue_budget: QueueBudget::new(config.max_total_queue_bytes),
+            metrics,
             config,
         }
+    }
+
+    /// Whether this node should be sent new connections: not while it
+    /// drains for a shutdown or restart, nor while its engine is down.
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.shutdown.is_draining() && self.topics.engine().is_ready()
+    }
+
+    /// Every metric, in the Prometheus text format, levels read now.
+    pub(crate) fn metrics_text(&self) -> String {
+        self.metrics.encode(Levels {
+            connections: self.peer_count(),
+            topics: self.topics.len(),
+            queue_bytes: self.queue_budget.reserved(),
+            history_bytes: self.topics.retained_bytes(),
+            deliveries: self.topics.deliveries(),
+        })
     }
 
     pub(crate) fn ws_config(&self) -> WebSocketConfig {
@@ -133,10 +159,12 @@ impl ServerState {
 }
 
 /// The engine `config` asks for: Redis when it names one, else this process.
-pub(crate) fn engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, crate::ConfigError> {
+/// Its round trips are timed into `metrics`.
+pub(crate) fn engine(config: &ServerConfig, metrics: &Metrics) -> Result<Arc<dyn Engine>, crate::ConfigError> {
     if let Some(url) = &config.redis {
-        let engine =
-            RedisEngine::new(url, config).map_err(|e| crate::ConfigError::BadRedisUrl(format!("{url}: {e}")))?;
+        let engine = RedisEngine::new(url, config)
+            .map_err(|e| crate::ConfigError::BadRedisUrl(format!("{url}: {e}")))?
+            .timed(metrics.engine_round_trip());
         return Ok(Arc::new(engine));
     }
     Ok(Arc::new(MemoryEngine::new(MemoryLimits {

@@ -69,4 +69,11 @@ async fn one_port_serves_the_apps_route_the_dist_and_the_websocket() {
     assert_eq!(message_data(&a.recv().await), (1, b.peer.clone(), json!({"text": "hi"})));
     // The WebSocket path answers a plain GET with the handshake's verdict, as standalone.
     assert_eq!(get(app.addr, "/_ws").await.0, 426);
+    // The operations endpoints, served by the app from the endpoint's handle.
+    assert_eq!(get(app.addr, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(get(app.addr, "/readyz").await, (200, "ready\n".to_owned()));
+    let (status, metrics) = get(app.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.lines().any(|l| l == "crosswire_publishes_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "crosswire_upgrades_rejected_total{reason=\"bad_handshake\"} 1"), "{metrics}");
 }

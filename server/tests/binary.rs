@@ -1,5 +1,6 @@
 //! The `crosswire-server` binary itself: flags, the address line on stdout,
-//! and a graceful shutdown on SIGTERM that closes peers with 1001.
+//! and a graceful stop: SIGTERM (a rolling restart) closes peers with 1012,
+//! SIGINT (Ctrl-C) with 1001.
 
 use std::{
     io::{BufRead, BufReader},
@@ -7,11 +8,13 @@ use std::{
     time::Duration,
 };
 
+use crosswire_shared::close_code;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-#[tokio::test]
-async fn sigterm_closes_peers_with_1001_and_exits_cleanly() {
+/// Runs the binary, connects one peer, sends `signal`, and returns the close
+/// code the peer got; asserts the process then exits cleanly.
+async fn close_code_on(signal: &str) -> u16 {
     let mut child = Command::new(env!("CARGO_BIN_EXE_crosswire-server"))
         .args(["--port", "0", "--heartbeat-ms", "60000"])
         .env("RUST_LOG", "warn")
@@ -27,7 +30,7 @@ async fn sigterm_closes_peers_with_1001_and_exits_cleanly() {
     let welcome = ws.next().await.unwrap().unwrap();
     assert!(welcome.to_text().unwrap().contains(r#""heartbeat_ms":60000"#), "{welcome}");
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let close = loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed in time") {
@@ -36,10 +39,20 @@ async fn sigterm_closes_peers_with_1001_and_exits_cleanly() {
             other => panic!("expected a close frame, got {other:?}"),
         }
     };
-    assert_eq!(u16::from(close.unwrap().code), 1001);
     drop(ws);
     let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(exit.success(), "exit status {exit}");
+    u16::from(close.expect("a close code").code)
+}
+
+#[tokio::test]
+async fn sigterm_closes_peers_with_1012_and_exits_cleanly() {
+    assert_eq!(close_code_on("-TERM").await, close_code::SERVICE_RESTART);
+}
+
+#[tokio::test]
+async fn sigint_closes_peers_with_1001_and_exits_cleanly() {
+    assert_eq!(close_code_on("-INT").await, close_code::GOING_AWAY);
 }
 
 #[test]
@@ -51,4 +64,20 @@ fn bad_flags_are_refused_with_a_clear_message() {
         Command::new(env!("CARGO_BIN_EXE_crosswire-server")).env("CROSSWIRE_JWT_SECRET", "short").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16 bytes"));
+}
+
+#[test]
+fn the_config_file_is_read_and_its_errors_name_the_key() {
+    let dir = std::env::temp_dir().join(format!("crosswire-binary-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("crosswire.toml");
+    std::fs::write(&path, "path = \"no-slash\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server")).arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must start with '/'"), "the file's value is used");
+    std::fs::write(&path, "no-such-flag = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crosswire-server")).env("CROSSWIRE_CONFIG", &path).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown key `no-such-flag`") && stderr.contains(path.to_str().unwrap()), "{stderr}");
 }

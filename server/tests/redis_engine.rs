@@ -5,91 +5,13 @@
 
 mod common;
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
-
-use common::*;
-use crosswire_server::{RunningServer, ServerConfig};
+use common::{redis::RedisServer, *};
+use crosswire_server::RunningServer;
 use crosswire_shared::{ErrorCode, ServerFrame, Since};
 use serde_json::json;
 
-/// A private redis-server on a free loopback port, without persistence, in
-/// its own directory; killed and removed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Redis {
-    async fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = std::env::temp_dir().join(format!("crosswire-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Self::spawn(port, &dir);
-        let redis = Redis { child, port, dir };
-        redis.wait_ready().await;
-        redis
-    }
-
-    fn spawn(port: u16, dir: &PathBuf) -> Child {
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/setup.sh installs it)")
-    }
-
-    async fn wait_ready(&self) {
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn restart(&mut self) {
-        self.kill();
-        self.child = Self::spawn(self.port, &self.dir);
-        self.wait_ready().await;
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn node_config(redis: &Redis) -> ServerConfig {
-    ServerConfig { redis: Some(redis.url()), ..config() }
-}
-
-async fn node(redis: &Redis) -> RunningServer {
-    let server = start_pubsub(node_config(redis)).await;
+async fn node(redis: &RedisServer) -> RunningServer {
+    let server = start_pubsub(redis.config()).await;
     let handle = server.handle();
     wait_until("the node subscribed to Redis", || handle.engine_ready()).await;
     server
@@ -111,7 +33,7 @@ fn seq_of(frame: &ServerFrame) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_cross_nodes_in_order_and_recover_on_another_node() {
-    let redis = Redis::start().await;
+    let redis = RedisServer::start().await;
     let (a, b) = (node(&redis).await, node(&redis).await);
     let mut sub = Client::connect(a.local_addr()).await;
     let (epoch, seq, _) = subscribed(sub.subscribe("room").await);
@@ -142,7 +64,7 @@ async fn publishes_cross_nodes_in_order_and_recover_on_another_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_publishes_keeps_subscribers_and_resets_lost_history() {
-    let mut redis = Redis::start().await;
+    let mut redis = RedisServer::start().await;
     let (a, b) = (node(&redis).await, node(&redis).await);
     let mut sub = Client::connect(a.local_addr()).await;
     let (epoch, ..) = subscribed(sub.subscribe("news").await);
@@ -172,7 +94,7 @@ async fn redis_down_fails_publishes_keeps_subscribers_and_resets_lost_history() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_subscription_catches_up_from_history() {
-    let redis = Redis::start().await;
+    let redis = RedisServer::start().await;
     let (a, b) = (node(&redis).await, node(&redis).await);
     let mut sub = Client::connect(a.local_addr()).await;
     sub.subscribe("feed").await;
@@ -181,7 +103,7 @@ async fn a_node_that_lost_its_subscription_catches_up_from_history() {
     assert_eq!(seq_of(&sub.recv().await), 1);
     // Cut every pub/sub connection; publish while they are down.
     let ha = a.handle();
-    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    redis.kill_pubsub_clients();
     for i in 2..=40 {
         assert_eq!(publisher.publish("feed", json!(i), i).await, i);
     }
@@ -197,7 +119,7 @@ async fn a_node_that_lost_its_subscription_catches_up_from_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscribe_with_since_racing_publishes_on_another_node_neither_loses_nor_duplicates() {
-    let redis = Redis::start().await;
+    let redis = RedisServer::start().await;
     let (a, b) = (node(&redis).await, node(&redis).await);
     let mut probe = Client::connect(a.local_addr()).await;
     let (epoch, ..) = subscribed(probe.subscribe("race").await);

@@ -41,6 +41,10 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The server hit an unexpected condition.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// This server node is restarting (RFC 6455 "service restart", a rolling
+    /// deploy): other nodes are up, so reconnect at once, jittered within
+    /// about a second, and recover the missed messages there.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// The peer did not read fast enough and its outbound queue overflowed
     /// (RFC 6455 "try again later"): reconnect and recover the missed messages.
     pub const SLOW_CONSUMER: u16 = 1013;

@@ -167,6 +167,10 @@ impl fmt::Debug for MessageText {
 pub struct AckTo {
     pub(crate) outbox: Outbox,
     pub(crate) ack: u64,
+    /// The publisher is subscribed to the topic on this node: its ack must
+    /// take the message's place among the topic's deliveries. When it is
+    /// not, order does not matter and the broker's answer may carry it.
+    pub(crate) in_order: bool,
 }
 
 impl AckTo {

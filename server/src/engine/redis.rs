@@ -43,6 +43,7 @@ use std::{
 use bytes::Bytes;
 use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
 use futures_util::StreamExt;
+use prometheus_client::metrics::histogram::Histogram;
 use redis::{aio::ConnectionManager, AsyncCommands, Client, Script};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -193,6 +194,8 @@ struct Shared {
     held: Mutex<HashMap<Topic, usize>>,
     /// This node's presence entries, renewed before they expire.
     present: Mutex<HashMap<(Topic, String), Option<String>>>,
+    /// Where round trips are timed (`/metrics`), when the server has metrics.
+    round_trips: OnceLock<Histogram>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -274,8 +277,17 @@ impl RedisEngine {
                 acks: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
                 present: Mutex::new(HashMap::new()),
+                round_trips: OnceLock::new(),
             }),
         })
+    }
+}
+
+impl RedisEngine {
+    /// Times every round trip to Redis into `histogram` (seconds).
+    pub(crate) fn timed(self, histogram: Histogram) -> Self {
+        let _ = self.shared.round_trips.set(histogram);
+        self
     }
 }
 
@@ -292,10 +304,15 @@ impl Shared {
 
     async fn run<T>(&self, f: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>) -> Result<T, EngineError> {
         let conn = self.connection().await?;
-        match tokio::time::timeout(COMMAND_TIMEOUT, f(conn)).await {
+        let started = tokio::time::Instant::now();
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, f(conn)).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(EngineError::Unavailable("Redis did not answer in time".into())),
+        };
+        if let Some(histogram) = self.round_trips.get() {
+            histogram.observe(started.elapsed().as_secs_f64());
         }
+        result
     }
 
     async fn publish(
@@ -336,13 +353,23 @@ impl Shared {
                     .await
             })
             .await;
-        // Whoever takes the ack first queues it: the delivery on this node
-        // (in seq order with the topic's other messages, which matters when
-        // the publisher is subscribed) or, when this node's stream has not
-        // brought the message yet, this answer: then no later message of the
-        // topic has reached the publisher either. When the publish failed (or
-        // we cannot know), the error frame answers instead.
-        let pending = lock(&self.acks).remove(&id);
+        // An ack in order (its publisher is subscribed here) is queued by the
+        // delivery of the message on this node, from the stream or from a
+        // catch-up, in seq order with the topic's other messages. Any other
+        // is queued by whoever has it first: the delivery, or this answer.
+        // When the publish failed (or we cannot know), the error frame
+        // answers instead and no ack follows.
+        let pending = match &result {
+            Ok(_) => {
+                let mut acks = lock(&self.acks);
+                if acks.get(&id).is_some_and(|(ack, _)| !ack.in_order) {
+                    acks.remove(&id)
+                } else {
+                    None
+                }
+            }
+            Err(_) => lock(&self.acks).remove(&id),
+        };
         if let (Ok(seq), Some((ack, _))) = (&result, pending) {
             ack.send(*seq);
         }
