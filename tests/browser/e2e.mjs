@@ -4,7 +4,7 @@
 //   node tests/browser/e2e.mjs --server target/debug/crosswire-server --static dist --out test-output
 //
 // 1. Two pages open the demo; a message published in one appears in the other.
-// 2. The server is stopped (SIGTERM) and restarted on the same port: both pages
+// 2. The server is stopped (SIGINT: 1001) and restarted on the same port: both pages
 //    show "reconnecting", then open again, resubscribed, and a new message flows.
 // 3. Recovery: a third page reaches the server through tests/browser/proxy.mjs;
 //    its connection is cut and refused while another page publishes; after it
@@ -95,9 +95,10 @@ async function startServer(port, extra = []) {
   return { child, port: Number(match[1]) };
 }
 
-async function stop(child, ms = 10_000) {
+/** Stops a process: SIGTERM by default (for the server: a restart, peers get 1012), or `signal`. */
+async function stop(child, ms = 10_000, signal = 'SIGTERM') {
   if (child.exitCode !== null || child.signalCode !== null) return;
-  child.kill('SIGTERM');
+  child.kill(signal);
   const timer = setTimeout(() => child.kill('SIGKILL'), ms);
   await once(child, 'exit');
   clearTimeout(timer);
@@ -273,7 +274,9 @@ async function main() {
   });
 
   await test('server stopped: both pages show reconnecting', async () => {
-    await stop(server.child);
+    // SIGINT is the server's stop (1001); SIGTERM, a restart, closes with
+    // 1012, which the client answers by reconnecting at once instead.
+    await stop(server.child, 10_000, 'SIGINT');
     for (const p of pages) await waitState(p, ['reconnecting', 'connecting'], 10_000);
     for (const p of pages) await waitState(p, ['reconnecting'], 10_000);
     const label = await a.textContent('#status-label');
