@@ -356,23 +356,23 @@ impl Shared {
         // An ack in order (its publisher is subscribed here) is queued by the
         // delivery of the message on this node, from the stream or from a
         // catch-up, in seq order with the topic's other messages. Any other
-        // is queued by whoever has it first: the delivery, or this answer.
-        // When the publish failed (or we cannot know), the error frame
-        // answers instead and no ack follows.
-        let pending = match &result {
-            Ok(_) => {
-                let mut acks = lock(&self.acks);
+        // is queued by whoever has it first, the delivery or this answer,
+        // under the lock of the pending acks: so the acks of one publisher go
+        // out in the order of its publishes. When the publish failed (or we
+        // cannot know), the error frame answers instead and no ack follows.
+        let mut acks = lock(&self.acks);
+        match &result {
+            Ok(seq) => {
                 if acks.get(&id).is_some_and(|(ack, _)| !ack.in_order) {
-                    acks.remove(&id)
-                } else {
-                    None
+                    let (ack, _) = acks.remove(&id).expect("just seen");
+                    ack.send(*seq);
                 }
             }
-            Err(_) => lock(&self.acks).remove(&id),
-        };
-        if let (Ok(seq), Some((ack, _))) = (&result, pending) {
-            ack.send(*seq);
+            Err(_) => {
+                acks.remove(&id);
+            }
         }
+        drop(acks);
         result
     }
 
@@ -427,8 +427,17 @@ impl Shared {
     fn delivery<'e>(&self, epoch: Arc<str>, seq: u64, entry: &'e Bytes) -> Option<Delivery<'e>> {
         let entry = parse_entry(entry)?;
         let frame = MessageText::from_utf8(entry.frame.clone()).ok()?;
-        let ack = (entry.node == self.node_id).then(|| lock(&self.acks).remove(&entry.publish_id)).flatten();
-        Some(Delivery { epoch, seq, from: entry.from, frame, ack: ack.map(|(ack, _)| ack) })
+        let mut ack = None;
+        if entry.node == self.node_id {
+            let mut acks = lock(&self.acks);
+            match acks.remove(&entry.publish_id) {
+                // Out of order is fine for this one: sent now, under the lock
+                // the answer path takes too (see `publish`).
+                Some((taken, _)) if !taken.in_order => taken.send(seq),
+                taken => ack = taken.map(|(taken, _)| taken),
+            }
+        }
+        Some(Delivery { epoch, seq, from: entry.from, frame, ack })
     }
 
     /// Fills what this node missed of `topic` after `after` (in `epoch`).
