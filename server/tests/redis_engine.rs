@@ -159,3 +159,26 @@ async fn a_subscribe_with_since_racing_publishes_on_another_node_neither_loses_n
         p.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_acknowledged_messages_gives_the_topic_a_new_epoch() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut sub = Client::connect(a.local_addr()).await;
+    let (epoch, ..) = subscribed(sub.subscribe("ledger").await);
+    let mut publisher = Client::connect(b.local_addr()).await;
+    for i in 1..=10 {
+        assert_eq!(publisher.publish("ledger", json!(i), i).await, i);
+        assert_eq!(seq_of(&sub.recv().await), i);
+    }
+    // What a crash with `appendfsync everysec` can leave: the seq went back,
+    // in the same epoch. Handing out seqs 6..10 again would be a silent loss.
+    redis.command(&["HSET", "cw:{ledger}:m", "seq", "5"]);
+    redis.kill_pubsub_clients();
+    let (renewed, seq, recovered) = subscribed(sub.recv().await);
+    assert_ne!(renewed, epoch, "a new epoch");
+    assert_eq!((seq, recovered), (5, false));
+    assert_eq!(publisher.publish("ledger", json!(11), 11).await, 6);
+    assert_eq!(seq_of(&sub.recv().await), 6);
+    sub.assert_quiet().await;
+}

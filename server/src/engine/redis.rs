@@ -160,6 +160,18 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 "#;
 
+/// A new epoch for a topic whose seq went back (Redis lost acknowledged
+/// writes: a crash with `appendfsync everysec`), unless another node gave it
+/// one already. Its history goes with the old epoch. KEYS: meta, history.
+/// ARGV: the epoch seen, a new epoch. Returns the epoch now.
+const NEW_EPOCH: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'bytes', 0)
+  redis.call('DEL', KEYS[2])
+end
+return redis.call('HGET', KEYS[1], 'epoch')
+"#;
+
 /// Topics shared over Redis.
 pub struct RedisEngine {
     shared: Arc<Shared>,
@@ -187,6 +199,7 @@ struct Shared {
     publish: Script,
     read: Script,
     presence: Script,
+    new_epoch: Script,
     next_publish: AtomicU64,
     /// Acks of this node's publishes, until their message comes back.
     acks: Mutex<HashMap<u64, (AckTo, tokio::time::Instant)>>,
@@ -273,6 +286,7 @@ impl RedisEngine {
                 publish: Script::new(PUBLISH),
                 read: Script::new(READ),
                 presence: Script::new(PRESENCE),
+                new_epoch: Script::new(NEW_EPOCH),
                 next_publish: AtomicU64::new(1),
                 acks: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
@@ -356,23 +370,23 @@ impl Shared {
         // An ack in order (its publisher is subscribed here) is queued by the
         // delivery of the message on this node, from the stream or from a
         // catch-up, in seq order with the topic's other messages. Any other
-        // is queued by whoever has it first: the delivery, or this answer.
-        // When the publish failed (or we cannot know), the error frame
-        // answers instead and no ack follows.
-        let pending = match &result {
-            Ok(_) => {
-                let mut acks = lock(&self.acks);
+        // is queued by whoever has it first, the delivery or this answer,
+        // under the lock of the pending acks: so the acks of one publisher go
+        // out in the order of its publishes. When the publish failed (or we
+        // cannot know), the error frame answers instead and no ack follows.
+        let mut acks = lock(&self.acks);
+        match &result {
+            Ok(seq) => {
                 if acks.get(&id).is_some_and(|(ack, _)| !ack.in_order) {
-                    acks.remove(&id)
-                } else {
-                    None
+                    let (ack, _) = acks.remove(&id).expect("just seen");
+                    ack.send(*seq);
                 }
             }
-            Err(_) => lock(&self.acks).remove(&id),
-        };
-        if let (Ok(seq), Some((ack, _))) = (&result, pending) {
-            ack.send(*seq);
+            Err(_) => {
+                acks.remove(&id);
+            }
         }
+        drop(acks);
         result
     }
 
@@ -427,8 +441,17 @@ impl Shared {
     fn delivery<'e>(&self, epoch: Arc<str>, seq: u64, entry: &'e Bytes) -> Option<Delivery<'e>> {
         let entry = parse_entry(entry)?;
         let frame = MessageText::from_utf8(entry.frame.clone()).ok()?;
-        let ack = (entry.node == self.node_id).then(|| lock(&self.acks).remove(&entry.publish_id)).flatten();
-        Some(Delivery { epoch, seq, from: entry.from, frame, ack: ack.map(|(ack, _)| ack) })
+        let mut ack = None;
+        if entry.node == self.node_id {
+            let mut acks = lock(&self.acks);
+            match acks.remove(&entry.publish_id) {
+                // Out of order is fine for this one: sent now, under the lock
+                // the answer path takes too (see `publish`).
+                Some((taken, _)) if !taken.in_order => taken.send(seq),
+                taken => ack = taken.map(|(taken, _)| taken),
+            }
+        }
+        Some(Delivery { epoch, seq, from: entry.from, frame, ack })
     }
 
     /// Fills what this node missed of `topic` after `after` (in `epoch`).
@@ -446,6 +469,27 @@ impl Shared {
             }
         };
         let (mut epoch_now, mut first, mut entries) = (read.0.clone(), read.3, read.4);
+        if *read.0 == **epoch && read.1 < after {
+            // Redis is behind what this node delivered in the same epoch: it
+            // lost writes, and would hand the same seqs out again. Past that
+            // point the epoch means nothing: a new one, and a reset.
+            tracing::warn!(%topic, "Redis lost acknowledged messages: the topic gets a new epoch");
+            let renewed: Result<String, _> = self
+                .run(async |mut conn| {
+                    self.new_epoch
+                        .key(meta_key(topic))
+                        .key(history_key(topic))
+                        .arg(&**epoch)
+                        .arg(fresh_epoch())
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await;
+            if let Ok(renewed) = renewed {
+                node.reset(topic, renewed.into(), read.1);
+            }
+            return;
+        }
         if !read.2 || *read.0 != **epoch {
             tracing::info!(%topic, "history lost in Redis: resetting the topic's subscribers (recovered: false)");
             let start = Since { epoch: read.0.to_string(), seq: 0 };
