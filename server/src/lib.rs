@@ -409,8 +409,9 @@ impl ServerHandle {
         self.state.topics.presence(topic).await
     }
 
-    /// How many topics exist (with subscribers, retained history, or an
-    /// epoch someone may come back to).
+    /// How many topics the engine holds: in this process, those with
+    /// subscribers, retained history, or an epoch someone may come back to;
+    /// with Redis, those this node's subscribers hold.
     pub fn topic_count(&self) -> usize {
         self.state.topics.len()
     }
