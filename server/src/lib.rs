@@ -79,6 +79,7 @@
 
 mod config;
 mod connection;
+mod frame;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod handshake;

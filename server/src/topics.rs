@@ -34,9 +34,8 @@ use std::{
 use crosswire_shared::{PresenceEntry, RawValue, ServerFrame, Since, Topic};
 use serde::Serialize;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::{limits::TokenBucket, outbox::Outbox};
+use crate::{frame::Frame, limits::TokenBucket, outbox::Outbox};
 
 const SHARDS: usize = 32;
 
@@ -134,7 +133,7 @@ impl Subscriber {
 struct Retained {
     seq: u64,
     at: Instant,
-    frame: WsMessage,
+    frame: Frame,
 }
 
 /// What a protocol-level subscribe did.
@@ -159,7 +158,7 @@ pub(crate) struct Publisher<'a> {
 /// What is being published.
 pub(crate) enum Payload<'a> {
     /// A raw WebSocket message (crossws `peer.publish`): sent verbatim, no seq, no history.
-    Raw(WsMessage),
+    Raw(Frame),
     /// Protocol data: wrapped in a `message` frame with the next seq and retained.
     Data { from: &'a str, data: &'a RawValue },
 }
@@ -252,7 +251,7 @@ impl TopicState {
         } else {
             ServerFrame::Leave { topic: topic.clone(), who: entry }
         };
-        let frame = WsMessage::Text(frame.encode().into());
+        let frame = Frame::text(frame.encode());
         for sub in self.watchers(who) {
             let _ = sub.outbox.push(frame.clone());
         }
@@ -269,7 +268,7 @@ impl TopicState {
     fn send_snapshot(&mut self, topic: &Topic, limits: &Limits) {
         self.presence_owed = false;
         let frame = ServerFrame::Presence { topic: topic.clone(), id: None, peers: self.presence_list(limits) };
-        let frame = WsMessage::Text(frame.encode().into());
+        let frame = Frame::text(frame.encode());
         for sub in self.watchers("") {
             let _ = sub.outbox.push(frame.clone());
         }
@@ -384,9 +383,8 @@ impl Topics {
                 state.touched = now;
                 state.seq += 1;
                 let seq = state.seq;
-                let text = serde_json::to_string(&MessageFrame { topic, seq, from, data })
-                    .expect("a message frame always serializes");
-                let frame = WsMessage::Text(text.into());
+                let frame =
+                    Frame::json(&MessageFrame { topic, seq, from, data }).expect("a message frame always serializes");
                 let mut retained = 0;
                 if self.limits.history_size > 0 && state.handed_out {
                     state.expire(now, self.limits.history_ttl, &self.retained);
@@ -401,7 +399,7 @@ impl Topics {
                 // gets its ack before any message with a later seq, so a seq it
                 // never sees live is always explained by an ack it already has.
                 if let Some(Publisher { outbox, ack: Some(ack), .. }) = &publisher {
-                    let _ = outbox.push_reserved(WsMessage::Text(ServerFrame::Ack { ack: *ack, seq }.encode().into()));
+                    let _ = outbox.push_reserved(Frame::text(ServerFrame::Ack { ack: *ack, seq }.encode()));
                 }
                 (frame, seq, state, retained)
             }
@@ -470,7 +468,7 @@ impl Topics {
         let recovered = since.is_some_and(|s| state.can_recover(s));
         let result = SubscribeOutcome { epoch: state.epoch.clone(), seq: state.seq, recovered };
         if let Some(frame) = reply(&result) {
-            let _ = sub.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
+            let _ = sub.outbox.push_reserved(Frame::text(frame.encode()));
         }
         if let (true, Some(since)) = (recovered, since) {
             for r in state.history.iter().filter(|r| r.seq > since.seq) {
@@ -558,7 +556,7 @@ impl Topics {
         topic: &Topic,
         since: Option<&Since>,
         limit: usize,
-    ) -> Option<(Arc<str>, u64, Vec<WsMessage>)> {
+    ) -> Option<(Arc<str>, u64, Vec<Frame>)> {
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else {
             return match since {
@@ -732,7 +730,7 @@ mod tests {
         assert_eq!(topics.sweep(), 0);
         assert_eq!(topics.retained_bytes(), 0, "expired history is no longer counted");
         // Raw publishes to a topic nobody is in create nothing.
-        topics.publish(&t, None, Payload::Raw(WsMessage::text("x"))).unwrap();
+        topics.publish(&t, None, Payload::Raw(Frame::text("x"))).unwrap();
         assert_eq!(topics.len(), 0);
     }
 
