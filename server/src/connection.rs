@@ -205,7 +205,11 @@ pub(crate) async fn serve<H: Hooks>(
     };
     let mut writer = shutdown.spawn(writer.run(sink, outbox_rx));
     tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
-    hooks.open(&peer).await;
+    // Everything that runs for a while but not while the peer is idle is
+    // boxed (the hooks, handling a frame, the close): an idle peer holds this
+    // future for as long as it is connected, and its size is that of its
+    // largest step, not of the step it is waiting in.
+    Box::pin(hooks.open(&peer)).await;
 
     let mut run = Run::new(&state, &*hooks, &peer);
     let mut shutting_down = false;
@@ -227,9 +231,9 @@ pub(crate) async fn serve<H: Hooks>(
                     let _ = stream.flush().await;
                     stream.get_ref().replies.lock().peer_closed = true;
                 }
-                run.on_read(next).await
+                Box::pin(run.on_read(next)).await
             }
-            exit = &mut writer, if run.writer_exit.is_none() => run.on_writer_exit(exit).await,
+            exit = &mut writer, if run.writer_exit.is_none() => Box::pin(run.on_writer_exit(exit)).await,
             _ = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 peer.outbox().close_now(close_code::GOING_AWAY, "server shutting down");
@@ -242,13 +246,13 @@ pub(crate) async fn serve<H: Hooks>(
         }
     }
 
-    let (details, sink) = run.finish(&mut writer).await;
+    let (details, sink) = Box::pin(run.finish(&mut writer)).await;
     peer.leave_all();
     state.unregister_peer(peer.id());
     tracing::debug!(peer = %peer, code = details.code, reason = %details.reason, "close");
-    hooks.close(&peer, details).await;
+    Box::pin(hooks.close(&peer, details)).await;
     if let Some(sink) = sink {
-        linger(&mut stream.get_mut().io, sink).await;
+        Box::pin(linger(&mut stream.get_mut().io, sink)).await;
     }
 }
 
