@@ -28,7 +28,7 @@ SERVER_PID=""
 trap '[[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null; true' EXIT
 
 total_ir() { # total_ir <callgrind file>: the Ir of every thread, summed
-  awk '/^summary:|^totals:/ { s += $2 } END { print s }' "$@"
+  awk '/^summary:/ { s += $2 } END { print s }' "$@"
 }
 
 declare -A IR
