@@ -36,7 +36,8 @@
 //!    shared by every subscriber, each topic's seq and bounded history.
 //!
 //! Below them, leaves and support modules: `limits`, `config`, `origin`,
-//! the per-peer queue (`outbox`), `shutdown`, [`Message`], the HTTP
+//! the per-peer queue (`outbox`), `shutdown`, [`Message`], the encoded
+//! WebSocket frame every queue and history shares (`frame`), the HTTP
 //! responses, and the write timeout.
 //!
 //! # Use

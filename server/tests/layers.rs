@@ -24,6 +24,7 @@ const ORDER: &[&str] = &[
     "outbox",
     "shutdown",
     "message",
+    "frame",
     "response",
     "write_timeout",
 ];
