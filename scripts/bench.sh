@@ -16,11 +16,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${BENCH_RUNS:-3}
+# BENCH_REPORT=test-output/bench/<time>: only redo the tables and the plot of an earlier run.
+REPORT_ONLY=${BENCH_REPORT:-}
 SERVERS=${BENCH_SERVERS:-"crosswire bun"}
 PIN=${BENCH_PIN:-0}
 BUN_VERSION=1.4.5
 BUN=bench/bun/node_modules/@oven/bun-linux-x64/bin/bun
-OUT=test-output/bench/$(date -u +%Y%m%dT%H%M%SZ)
+OUT=${REPORT_ONLY:-test-output/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
 # The scenarios: name and load generator flags. Every run is bounded by
@@ -106,6 +108,7 @@ if [[ $PIN == 1 ]] && ! command -v taskset >/dev/null; then
   exit 2
 fi
 
+if [[ -z $REPORT_ONLY ]]; then
 echo "== building (release)"
 cargo build --release --quiet -p crosswire-server -p crosswire-bench --bins
 cargo build --release --quiet -p crosswire-server --example seed
@@ -185,6 +188,7 @@ for scenario in $SCENARIOS; do
     done
   done
 done
+fi
 
 # One line per scenario and server: the median of the runs of each column.
 jq -s -r '
@@ -192,6 +196,7 @@ jq -s -r '
   def r(n): if . == null then "-" else (. * pow(10; n) | round / pow(10; n) | tostring) end;
   def k: if . == null then "-" else (. / 1000 | round | tostring) + "k" end;
   def m: if . == null then "-" else (. / 1e6 | r(2)) + "M" end;
+  def ms: if . == null then null else . / 1000 end;
   map(select(.deliveries_per_s != null))
   | group_by(.label)
   | map({
@@ -213,8 +218,9 @@ jq -s -r '
   | (["scenario/server", "runs", "deliveries/s", "publishes/s", "p50 ms", "p99 ms", "max ms",
       "server CPU %", "loadgen CPU %", "deliveries per server CPU-s", "errors", "load (1 min)", "max busy before %"] | join(" | ")),
     ([range(13) | "---"] | join(" | ")),
-    (.[] | [.label, (.runs | tostring), (.dps | m), (.pps | round | tostring), (.p50 / 1000 | r(2)), (.p99 / 1000 | r(2)),
-            (.max / 1000 | r(2)), (.scpu | r(0)), (.lcpu | r(0)), (.per_cpu | m), (.errors | tostring), (.load | r(2)), (.busy | tostring)]
+    (.[] | [.label, (.runs | tostring), (.dps | m), (.pps | if . == null then "-" else round | tostring end),
+            (.p50 | ms | r(2)), (.p99 | ms | r(2)), (.max | ms | r(2)), (.scpu | r(0)), (.lcpu | r(0)), (.per_cpu | m),
+            (.errors | tostring), (.load | r(2)), (.busy | tostring)]
           | join(" | "))
 ' "$OUT"/*.json | sed 's/^/| /; s/$/ |/' | tee "$OUT/table.md"
 
