@@ -60,7 +60,7 @@ use crate::{
     frame::Frame,
     hooks::{CloseDetails, Hooks, PeerError},
     message::Message,
-    outbox::{Outbox, OutboxReceiver},
+    outbox::{Outbox, OutboxReceiver, Queued},
     peer::Peer,
     shutdown::ShutdownHandles,
     state::ServerState,
@@ -77,6 +77,9 @@ const WRITE_BATCH: usize = 64;
 
 /// The most slices one `writev` is given (well under every `IOV_MAX`).
 const MAX_IOV: usize = 64;
+
+/// Batches up to this many frames use a small slice array.
+const FEW_IOV: usize = 4;
 
 /// tungstenite's side of the socket: it reads from the read half, and what
 /// it writes (only its automatic replies: pongs and the close echo, since
@@ -99,8 +102,10 @@ struct Replies {
 struct RepliesState {
     /// Complete frames, as tungstenite encoded them; empty (unallocated) while idle.
     bytes: Vec<u8>,
-    /// The peer's close arrived and tungstenite's echo of it is in `bytes`:
-    /// the echo is the server's close frame, no other may follow it.
+    /// tungstenite has written its echo of the peer's close (into `bytes`,
+    /// or already taken): the echo is the server's close frame, and nothing
+    /// may follow it. Set under the same lock as the echo's bytes arrive, so
+    /// the write loop never takes the echo without seeing it is one.
     peer_closed: bool,
 }
 
@@ -109,15 +114,48 @@ impl Replies {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The replies written so far, as one frame sequence for the batch.
-    fn take(&self) -> Option<Frame> {
-        let bytes = std::mem::take(&mut self.lock().bytes);
-        (!bytes.is_empty()).then(|| Frame::from_wire(Bytes::from(bytes)))
+    /// The replies written so far, as one frame sequence for the batch, while
+    /// the connection is open; `Err` once the peer's close is in, leaving the
+    /// echo for the write loop's close.
+    fn take_unless_closed(&self) -> Result<Option<Frame>, ()> {
+        let mut st = self.lock();
+        if st.peer_closed {
+            return Err(());
+        }
+        let bytes = std::mem::take(&mut st.bytes);
+        Ok((!bytes.is_empty()).then(|| Frame::from_wire(Bytes::from(bytes))))
     }
 
     fn peer_closed(&self) -> bool {
         self.lock().peer_closed
     }
+
+    /// The last replies, and whether the peer's close (and so the echo,
+    /// now or earlier) is among them, read together.
+    fn take_last(&self) -> (Option<Frame>, bool) {
+        let mut st = self.lock();
+        let bytes = std::mem::take(&mut st.bytes);
+        ((!bytes.is_empty()).then(|| Frame::from_wire(Bytes::from(bytes))), st.peer_closed)
+    }
+}
+
+/// Whether `frames` (complete, unmasked frames back to back) hold a close frame.
+fn holds_close(mut frames: &[u8]) -> bool {
+    while frames.len() >= 2 {
+        let (opcode, len7) = (frames[0] & 0x0f, frames[1] & 0x7f);
+        if opcode == 0x8 {
+            return true;
+        }
+        let (head, len) = match len7 {
+            126 if frames.len() >= 4 => (4, u64::from(u16::from_be_bytes([frames[2], frames[3]]))),
+            127 if frames.len() >= 10 => (10, u64::from_be_bytes(frames[2..10].try_into().expect("8 bytes"))),
+            126 | 127 => return false,
+            short => (2, u64::from(short)),
+        };
+        let Some(next) = usize::try_from(len).ok().and_then(|l| l.checked_add(head)) else { return false };
+        frames = frames.get(next..).unwrap_or_default();
+    }
+    false
 }
 
 impl AsyncRead for ReadSide {
@@ -128,7 +166,11 @@ impl AsyncRead for ReadSide {
 
 impl AsyncWrite for ReadSide {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.replies.lock().bytes.extend_from_slice(buf);
+        let mut st = self.replies.lock();
+        st.bytes.extend_from_slice(buf);
+        // tungstenite, as a server, writes a close frame only to answer the peer's.
+        st.peer_closed |= holds_close(&st.bytes);
+        drop(st);
         self.replies.notify.notify_one();
         Poll::Ready(Ok(buf.len()))
     }
@@ -229,7 +271,6 @@ pub(crate) async fn serve<H: Hooks>(
                     // sends it as the server's close. (The flush then reports
                     // the connection closed, which it now is.)
                     let _ = stream.flush().await;
-                    stream.get_ref().replies.lock().peer_closed = true;
                 }
                 Box::pin(run.on_read(next)).await
             }
@@ -483,12 +524,14 @@ impl Writer {
                 }
             }
             if std::mem::take(&mut ping_due) {
-                batch.frames.push_back(Frame::ping());
+                batch.frames.push_back(Frame::ping().into());
             }
             // Replies first: a pong answers a ping already read, and must not
             // wait behind a backlog the peer may be slow to take.
-            if let Some(replies) = self.replies.take() {
-                batch.frames.push_back(replies);
+            match self.replies.take_unless_closed() {
+                Ok(Some(replies)) => batch.frames.push_back(replies.into()),
+                Ok(None) => {}
+                Err(()) => break 'run,
             }
             rx.frames.take(&mut batch.frames, WRITE_BATCH);
             let outcome = {
@@ -528,7 +571,10 @@ impl Writer {
             None => (CloseFrame { code: CloseCode::Normal, reason: "".into() }, true),
         };
         // A frame partly written must be finished, or the stream is corrupt;
-        // the rest of the batch goes only with a graceful close.
+        // the rest of the batch goes only with a graceful close, and never
+        // after the peer's close (the echo must be the last frame).
+        let peer_closed = replies.peer_closed();
+        let flush = flush && !peer_closed;
         if !flush {
             batch.keep_started();
         }
@@ -540,13 +586,14 @@ impl Writer {
                     batch.write_all(&mut sink, max_batch_bytes).await?;
                 }
             }
-            if let Some(pending) = replies.take() {
-                batch.frames.push_back(pending);
+            let (pending, echoed) = replies.take_last();
+            if let Some(pending) = pending {
+                batch.frames.push_back(pending.into());
             }
-            // After the peer's close, tungstenite's echo (just taken) is the
-            // server's close frame: a second one would break the handshake.
-            if !replies.peer_closed() {
-                batch.frames.push_back(Frame::close(u16::from(frame.code), &frame.reason));
+            // After the peer's close, tungstenite's echo (just taken, or sent
+            // before) is the server's close frame: a second would break the handshake.
+            if !echoed {
+                batch.frames.push_back(Frame::close(u16::from(frame.code), &frame.reason).into());
             }
             batch.write_all(&mut sink, max_batch_bytes).await
         }
@@ -578,7 +625,7 @@ fn is_stall(error: &io::Error) -> bool {
 /// request resumes exactly where the socket stopped taking bytes.
 #[derive(Default)]
 struct Pending {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<Queued>,
     /// Bytes of the front frame already written.
     offset: usize,
 }
@@ -593,33 +640,48 @@ impl Pending {
     fn poll_write_all(&mut self, cx: &mut Context<'_>, sink: &mut Sink, max_bytes: usize) -> Poll<io::Result<()>> {
         while !self.frames.is_empty() {
             // The slices live only for this call, so the write loop's future
-            // carries no slice array while it waits.
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            let mut bytes = 0;
-            for (i, frame) in self.frames.iter().enumerate().take(MAX_IOV) {
-                let wire = &frame.as_wire()[if i == 0 { self.offset } else { 0 }..];
-                if count > 0 && bytes + wire.len() > max_bytes {
-                    break;
-                }
-                slices[count] = IoSlice::new(wire);
-                count += 1;
-                bytes += wire.len();
-            }
-            let written = match Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..count]) {
+            // carries no slice array while it waits; and a batch of a frame
+            // or two (the usual fan-out wake-up) does not fill in 64 of them.
+            let written = if self.frames.len() <= FEW_IOV {
+                self.poll_writev(cx, sink, max_bytes, &mut [IoSlice::new(&[]); FEW_IOV])
+            } else {
+                self.poll_writev(cx, sink, max_bytes, &mut [IoSlice::new(&[]); MAX_IOV])
+            };
+            match written {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Ok(n)) => self.advance(n),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
-            };
-            self.advance(written);
+            }
         }
         Poll::Ready(Ok(()))
     }
 
+    /// One `writev` of the frames at the front, as many as fit `slices` and `max_bytes`.
+    fn poll_writev<'a>(
+        &'a self,
+        cx: &mut Context<'_>,
+        sink: &mut Sink,
+        max_bytes: usize,
+        slices: &mut [IoSlice<'a>],
+    ) -> Poll<io::Result<usize>> {
+        let mut count = 0;
+        let mut bytes = 0;
+        for (i, q) in self.frames.iter().enumerate().take(slices.len()) {
+            let wire = &q.frame.as_wire()[if i == 0 { self.offset } else { 0 }..];
+            if count > 0 && bytes + wire.len() > max_bytes {
+                break;
+            }
+            slices[count] = IoSlice::new(wire);
+            count += 1;
+            bytes += wire.len();
+        }
+        Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..count])
+    }
+
     fn advance(&mut self, mut written: usize) {
         while let Some(front) = self.frames.front() {
-            let left = front.as_wire().len() - self.offset;
+            let left = front.frame.as_wire().len() - self.offset;
             if written < left {
                 self.offset += written;
                 return;
@@ -641,5 +703,31 @@ impl Pending {
         if self.frames.capacity() > 4 {
             self.frames = VecDeque::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_close_is_found_among_tungstenites_replies() {
+        let pong = |len: usize| {
+            let mut f = vec![0x8a];
+            match len {
+                0..=125 => f.push(len as u8),
+                _ => f.extend([126, (len >> 8) as u8, len as u8]),
+            }
+            f.extend(std::iter::repeat_n(7u8, len));
+            f
+        };
+        let close = Frame::close(1000, "").as_wire().to_vec();
+        assert!(!holds_close(&pong(125)));
+        assert!(!holds_close(&[pong(0), pong(300)].concat()));
+        assert!(holds_close(&close));
+        assert!(holds_close(&[pong(125), pong(300), close.clone()].concat()));
+        // A payload byte that looks like a close opcode is not one.
+        assert!(!holds_close(&[0x8a, 0x02, 0x88, 0x00]));
+        assert!(!holds_close(&[0x8a]));
     }
 }

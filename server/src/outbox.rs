@@ -132,10 +132,20 @@ struct State {
 }
 
 /// A frame in a peer's queue, marked with whether it counts as live traffic.
+/// The write loop's batch holds the same type, so a whole queue can change
+/// hands by swapping the two deques.
 #[derive(Debug)]
-struct Queued {
-    frame: Frame,
+pub(crate) struct Queued {
+    pub(crate) frame: Frame,
     live: bool,
+}
+
+/// The write loop's own frames (a ping, tungstenite's replies, the close):
+/// never live traffic.
+impl From<Frame> for Queued {
+    fn from(frame: Frame) -> Self {
+        Self { frame, live: false }
+    }
 }
 
 impl Clone for Outbox {
@@ -324,19 +334,27 @@ impl FrameReceiver {
     /// Moves up to `max` queued frames, oldest first, to the end of `into`
     /// under one lock: the write loop takes a batch at a time, not a frame.
     /// Returns how many it moved.
-    pub(crate) fn take(&mut self, into: &mut VecDeque<Frame>, max: usize) -> usize {
+    pub(crate) fn take(&mut self, into: &mut VecDeque<Queued>, max: usize) -> usize {
         let mut st = self.shared.lock();
         let n = st.frames.len().min(max);
-        let (mut live_frames, mut live_bytes) = (0, 0);
-        into.extend(st.frames.drain(..n).map(|q| {
-            if q.live {
-                live_frames += 1;
-                live_bytes += q.frame.len();
+        if n == st.frames.len() && into.is_empty() {
+            // The usual case: all of it. The two deques trade places, so no
+            // frame is moved one by one and neither side allocates.
+            std::mem::swap(into, &mut st.frames);
+            st.live_frames = 0;
+            st.live_bytes = 0;
+        } else {
+            let (mut live_frames, mut live_bytes) = (0, 0);
+            for q in st.frames.drain(..n) {
+                if q.live {
+                    live_frames += 1;
+                    live_bytes += q.frame.len();
+                }
+                into.push_back(q);
             }
-            q.frame
-        }));
-        st.live_frames -= live_frames;
-        st.live_bytes -= live_bytes;
+            st.live_frames -= live_frames;
+            st.live_bytes -= live_bytes;
+        }
         // Credit goes back once two chunks are idle (not at every batch),
         // and all of it once the queue is empty: idle peers hold none.
         let keep = st.live_bytes.div_ceil(CHUNK) * CHUNK;
@@ -358,7 +376,7 @@ impl FrameReceiver {
     pub(crate) fn try_recv(&mut self) -> Option<Frame> {
         let mut one = VecDeque::new();
         self.take(&mut one, 1);
-        one.pop_front()
+        one.pop_front().map(|q| q.frame)
     }
 }
 
@@ -384,7 +402,7 @@ mod tests {
     fn drain(rx: &mut OutboxReceiver) -> Vec<String> {
         let mut taken = VecDeque::new();
         rx.frames.take(&mut taken, usize::MAX);
-        taken.iter().map(|m| m.to_text().unwrap().to_owned()).collect()
+        taken.iter().map(|q| q.frame.to_text().unwrap().to_owned()).collect()
     }
 
     fn close_code_of(rx: &OutboxReceiver) -> Option<u16> {
@@ -425,7 +443,7 @@ mod tests {
         assert!(outbox.push(text(1001)).is_ok());
         let mut first = VecDeque::new();
         assert_eq!(rx.frames.take(&mut first, 1), 1);
-        assert_eq!(first[0].to_text(), Ok("0"), "in order, replay first");
+        assert_eq!(first[0].frame.to_text(), Ok("0"), "in order, replay first");
         assert_eq!(outbox.backlog().frames, 2);
         assert_eq!(drain(&mut rx).len(), 1001);
         assert_eq!(outbox.backlog().frames, 0);
