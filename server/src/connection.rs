@@ -60,7 +60,7 @@ use crate::{
     frame::Frame,
     hooks::{CloseDetails, Hooks, PeerError},
     message::Message,
-    outbox::{Outbox, OutboxReceiver, Queued},
+    outbox::{Outbox, OutboxReceiver, Queued, IDLE_CAPACITY},
     peer::Peer,
     shutdown::ShutdownHandles,
     state::ServerState,
@@ -698,9 +698,11 @@ impl Pending {
         self.frames.truncate(keep);
     }
 
-    /// An idle peer keeps no batch capacity from its last burst.
+    /// An idle peer keeps no more batch capacity than its queue may keep: the
+    /// two deques trade places at every batch, and one that had to start
+    /// from nothing would allocate again for every batch.
     fn release_idle(&mut self) {
-        if self.frames.capacity() > 4 {
+        if self.frames.capacity() > IDLE_CAPACITY {
             self.frames = VecDeque::new();
         }
     }

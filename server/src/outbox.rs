@@ -381,7 +381,7 @@ impl FrameReceiver {
 }
 
 /// The queue capacity an idle peer keeps after a burst.
-const IDLE_CAPACITY: usize = 16;
+pub(crate) const IDLE_CAPACITY: usize = 16;
 
 #[cfg(test)]
 mod tests {
