@@ -17,11 +17,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${BENCH_RUNS:-3}
+# BENCH_REPORT=test-output/bench/<time>: only redo the tables and the plot of an earlier run.
+REPORT_ONLY=${BENCH_REPORT:-}
 SERVERS=${BENCH_SERVERS:-"crosswire bun"}
 PIN=${BENCH_PIN:-0}
 BUN_VERSION=1.4.5
 BUN=bench/bun/node_modules/@oven/bun-linux-x64/bin/bun
-OUT=test-output/bench/$(date -u +%Y%m%dT%H%M%SZ)
+OUT=${REPORT_ONLY:-test-output/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
 # The scenarios: name and load generator flags. Every run is bounded by
@@ -33,8 +35,16 @@ declare -A SCENARIO=(
   [topics]="--publishers 10 --subscribers 1000 --topics 100 --messages 20000 --payload-bytes 64"
   [large]="--publishers 1 --subscribers 100 --topics 1 --messages 20000 --payload-bytes 4096"
   [latency]="--publishers 10 --subscribers 100 --topics 1 --messages 300 --rate 1000 --payload-bytes 64"
+  # Issue 12's fixed-rate fan-out: 1 -> 1,000 subscribers at 500 publishes/s; p99 is the figure.
+  [fanout_rate]="--publishers 1 --subscribers 1000 --topics 1 --messages 5000 --rate 500 --payload-bytes 64"
+  # Idle connections (crosswire-bench's bin `idle`, not the load generator):
+  # server RSS per connection and connects/s.
+  [idle]="--connections ${BENCH_IDLE:-10000} --connect-batch 64 --settle 3"
+  # Issue 12's chat room: the `seed` example against bench/bun/seed.ts (the same
+  # handler), 32 members, 50 messages each per round (crosswire-bench's bin `chat`).
+  [chat]="--clients 32 --per-round 50 --rounds ${BENCH_CHAT_ROUNDS:-200} --timeout 120"
 )
-ORDER=(fanout fanin topics large latency)
+ORDER=(fanout fanin topics large latency fanout_rate idle chat)
 SCENARIOS=${BENCH_SCENARIOS:-${ORDER[*]}}
 COMMON="--duration 20 --drain-timeout 5 --connect-timeout 30 --warmup 20 --connect-batch 50"
 
@@ -99,8 +109,10 @@ if [[ $PIN == 1 ]] && ! command -v taskset >/dev/null; then
   exit 2
 fi
 
+if [[ -z $REPORT_ONLY ]]; then
 echo "== building (release)"
-cargo build --release --quiet -p crosswire-server -p crosswire-bench
+cargo build --release --quiet -p crosswire-server -p crosswire-bench --bins
+cargo build --release --quiet -p crosswire-server --example seed
 if [[ ! -x $BUN ]] || [[ $("$BUN" --version) != "$BUN_VERSION" ]]; then
   echo "== installing Bun $BUN_VERSION (npm ci in bench/bun)"
   (cd bench/bun && npm ci --no-audit --no-fund --loglevel=error)
@@ -119,9 +131,12 @@ fi
   echo "uptime: $(uptime)"
 } | tee "$OUT/machine.txt"
 
-start_server() { # start_server <name> <log prefix>; sets SERVER_PID and PORT
+start_server() { # start_server <name> <log prefix> [seed]; sets SERVER_PID and PORT
   local name=$1 log=$2
+  [[ ${3:-} == seed ]] && name=$name-seed
   case $name in
+    crosswire-seed) RUST_LOG=warn "${SERVER_CPU[@]}" "$TARGET"/release/examples/seed --port 0 $CROSSWIRE_FLAGS >"$log.out" 2>"$log.err" & ;;
+    bun-seed) "${SERVER_CPU[@]}" "$BUN" bench/bun/seed.ts --port 0 >"$log.out" 2>"$log.err" & ;;
     crosswire) "${SERVER_CPU[@]}" "$TARGET"/release/crosswire-server --port 0 $CROSSWIRE_FLAGS >"$log.out" 2>"$log.err" & ;;
     bun) "${SERVER_CPU[@]}" "$BUN" bench/bun/server.ts --port 0 >"$log.out" 2>"$log.err" & ;;
     *)
@@ -132,7 +147,7 @@ start_server() { # start_server <name> <log prefix>; sets SERVER_PID and PORT
   SERVER_PID=$!
   PORT=""
   for _ in $(seq 100); do
-    PORT=$(sed -n 's|.*listening on http://[^ ]*:\([0-9][0-9]*\).*|\1|p' "$log.out" | head -n1)
+    PORT=$(sed -n 's|.*listening on [a-z]*://[^ /]*:\([0-9][0-9]*\).*|\1|p' "$log.out" | head -n1)
     [[ -n $PORT ]] && return 0
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.1
@@ -150,8 +165,22 @@ for scenario in $SCENARIOS; do
     for server in $SERVERS; do
       base="$OUT/$scenario.$server.$run"
       wait_quiet
-      start_server "$server" "$base.server"
+      start_server "$server" "$base.server" "$([[ $scenario == chat ]] && echo seed)"
       echo "== $scenario run $run: $server (port $PORT; CPUs ${BUSY}% busy before; $(uptime | sed 's/.*load/load/'))"
+      if [[ $scenario == chat ]]; then
+        # shellcheck disable=SC2086
+        "${LOADGEN_CPU[@]}" "$TARGET"/release/chat --addr "127.0.0.1:$PORT" --pid "$SERVER_PID" --label "$scenario/$server" \
+          --json "$base.json" ${SCENARIO[$scenario]} || echo "   (run failed; recorded as missing)"
+        stop_server
+        continue
+      fi
+      if [[ $scenario == idle ]]; then
+        # shellcheck disable=SC2086
+        "${LOADGEN_CPU[@]}" "$TARGET"/release/idle --addr "127.0.0.1:$PORT" --pid "$SERVER_PID" --label "$scenario/$server" \
+          --json "$base.json" ${SCENARIO[$scenario]} || echo "   (run failed; recorded as missing)"
+        stop_server
+        continue
+      fi
       # shellcheck disable=SC2086
       if ! "${LOADGEN_CPU[@]}" "$TARGET"/release/crosswire-bench --url "ws://127.0.0.1:$PORT/_ws" --label "$scenario/$server" \
         --server-pid "$SERVER_PID" --json "$base.json" --meta "cpu_busy_before=$BUSY" $COMMON ${SCENARIO[$scenario]}; then
@@ -161,6 +190,7 @@ for scenario in $SCENARIOS; do
     done
   done
 done
+fi
 
 # The two-node runs over Redis (issue 11): a private redis-server and two
 # crosswire nodes on it, publishers on node A and subscribers on node B, so
@@ -255,7 +285,9 @@ jq -s -r '
   def r(n): if . == null then "-" else (. * pow(10; n) | round / pow(10; n) | tostring) end;
   def k: if . == null then "-" else (. / 1000 | round | tostring) + "k" end;
   def m: if . == null then "-" else (. / 1e6 | r(2)) + "M" end;
-  group_by(.label)
+  def ms: if . == null then null else . / 1000 end;
+  map(select(.deliveries_per_s != null))
+  | group_by(.label)
   | map({
       label: .[0].label,
       runs: length,
@@ -267,16 +299,53 @@ jq -s -r '
       scpu: (map(.cpu_percent.server) | median),
       lcpu: (map(.cpu_percent.loadgen) | median),
       per_cpu: (map(if (.cpu_percent.server // 0) > 0 then .deliveries_per_s / (.cpu_percent.server / 100) else null end) | median),
-      errors: (map(.errors.lost + .errors.seq_out_of_order + .errors.unparsed
-                   + ([.errors.subscriber_error_frames[], .errors.publisher_error_frames[], .errors.closed_connections[]] | add // 0)) | add),
+      errors: (map(if .errors == null then 0 else .errors.lost + .errors.seq_out_of_order + .errors.unparsed
+                   + ([.errors.subscriber_error_frames[], .errors.publisher_error_frames[], .errors.closed_connections[]] | add // 0) end) | add),
       load: (map(.loadavg_at_start[0]) | median),
-      busy: (map(.meta.cpu_busy_before | tonumber) | max)
+      busy: (map(.meta.cpu_busy_before // "0" | tonumber) | max)
     })
   | (["scenario/server", "runs", "deliveries/s", "publishes/s", "p50 ms", "p99 ms", "max ms",
       "server CPU %", "loadgen CPU %", "deliveries per server CPU-s", "errors", "load (1 min)", "max busy before %"] | join(" | ")),
     ([range(13) | "---"] | join(" | ")),
-    (.[] | [.label, (.runs | tostring), (.dps | m), (.pps | round | tostring), (.p50 / 1000 | r(2)), (.p99 / 1000 | r(2)),
-            (.max / 1000 | r(2)), (.scpu | r(0)), (.lcpu | r(0)), (.per_cpu | m), (.errors | tostring), (.load | r(2)), (.busy | tostring)]
+    (.[] | [.label, (.runs | tostring), (.dps | m), (.pps | if . == null then "-" else round | tostring end),
+            (.p50 | ms | r(2)), (.p99 | ms | r(2)), (.max | ms | r(2)), (.scpu | r(0)), (.lcpu | r(0)), (.per_cpu | m),
+            (.errors | tostring), (.load | r(2)), (.busy | tostring)]
           | join(" | "))
 ' "$OUT"/*.json | sed 's/^/| /; s/$/ |/' | tee "$OUT/table.md"
-echo "raw results: $OUT"
+
+# Per scenario and server, the medians the ratio table and the plot use.
+jq -s '
+  def median: map(select(. != null)) | sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
+  group_by(.label)
+  | map({
+      scenario: (.[0].label | split("/")[0]),
+      server: (.[0].label | split("/")[1]),
+      dps: (map(.deliveries_per_s) | median),
+      per_cpu: (map(if .deliveries_per_s != null and (.cpu_percent.server // 0) > 0
+                    then .deliveries_per_s / (.cpu_percent.server / 100) else null end) | median),
+      p99_ms: (map(.latency_us.p99) | median | if . == null then null else . / 1000 end),
+      bytes_per_conn: (map(.rss_bytes_per_connection) | median),
+      connects_per_s: (map(.connects_per_s) | median)
+    })
+' "$OUT"/*.json >"$OUT/summary.json"
+
+# crosswire over Bun, per scenario: above 1 is crosswire ahead for the
+# rates, below 1 for p99 and bytes per connection.
+jq -r '
+  def r: if . == null then "-" else (. * 100 | round / 100 | tostring) end;
+  def ratio(a; b): if a == null or b == null or b == 0 then null else a / b end;
+  (["scenario", "deliveries/s (x Bun)", "deliveries per server CPU-s (x Bun)", "p99 ms crosswire / Bun",
+    "bytes per idle connection crosswire / Bun", "connects/s (x Bun)"] | join(" | ")),
+  ([range(6) | "---"] | join(" | ")),
+  (group_by(.scenario)[]
+   | (map(select(.server == "crosswire"))[0] // {}) as $c
+   | (map(select(.server == "bun"))[0] // {}) as $b
+   | [$c.scenario // $b.scenario, (ratio($c.dps; $b.dps) | r), (ratio($c.per_cpu; $b.per_cpu) | r),
+      "\($c.p99_ms | r) / \($b.p99_ms | r)", "\($c.bytes_per_conn | if . == null then null else round end | r) / \($b.bytes_per_conn | if . == null then null else round end | r)",
+      (ratio($c.connects_per_s; $b.connects_per_s) | r)]
+   | join(" | "))
+' "$OUT/summary.json" | sed 's/^/| /; s/$/ |/' | tee "$OUT/ratios.md"
+
+"$TARGET"/release/plot --summary "$OUT/summary.json" --out "$OUT/bench.svg" \
+  --caption "$(nproc) CPUs, $(git rev-parse --short HEAD), $(date -u +%F)"
+echo "raw results: $OUT (plot: $OUT/bench.svg; copy it to docs/bench.svg with the tables)"

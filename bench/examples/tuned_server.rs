@@ -9,6 +9,7 @@
 
 use clap::Parser;
 use crosswire_server::{shutdown_signal, Args, PubSub, Server, ServerConfig};
+use tracing_subscriber::EnvFilter;
 
 /// crosswire-server with tunable socket buffers.
 #[derive(Debug, Parser)]
@@ -22,6 +23,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let mut config = cli.args.into_config()?;
     config.read_buffer_size = cli.read_buffer_size;

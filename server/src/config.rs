@@ -85,12 +85,15 @@ pub struct ServerConfig {
     pub publish_rate: u32,
     /// Publishes one peer may make in a burst. Default 200.
     pub publish_burst: u32,
-    /// tungstenite's read buffer per connection. Default 16 KiB: its own
-    /// default of 128 KiB is eagerly allocated and costly across many idle peers.
+    /// tungstenite's read buffer per connection, also the most one read
+    /// takes. Default 4 KiB: tungstenite allocates it eagerly and keeps it
+    /// while the peer is idle, so across ten thousand idle peers 16 KiB
+    /// was 160 MB; small messages still arrive many to a read.
     pub read_buffer_size: usize,
-    /// How many bytes tungstenite gathers before writing to the socket. Default
-    /// 64 KiB: with 4 KiB messages, 16 KiB meant a send call every four frames,
-    /// and 64 KiB nearly doubled fan-out throughput (docs/BENCHMARKS.md).
+    /// The most bytes one `writev` of queued frames hands the socket (at
+    /// least one frame always goes). Default 64 KiB: with 4 KiB messages,
+    /// 16 KiB meant a send call every four frames (docs/BENCHMARKS.md).
+    /// Nothing is copied to gather them: this bounds a batch, not a buffer.
     pub write_buffer_size: usize,
     /// The `aud` a token must carry; `None` (the default) accepts tokens with
     /// no `aud` claim only.
@@ -151,7 +154,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             publish_rate: 100,
             publish_burst: 200,
-            read_buffer_size: 16 * 1024,
+            read_buffer_size: 4 * 1024,
             write_buffer_size: 64 * 1024,
             jwt_audience: None,
             allow_loopback_origins: false,
@@ -326,7 +329,7 @@ pub struct Args {
     /// Burst of publishes per peer.
     #[arg(long, env = "CROSSWIRE_PUBLISH_BURST", default_value_t = d().publish_burst)]
     pub publish_burst: u32,
-    /// Bytes gathered per peer before a write to its socket.
+    /// The most bytes one vectored write to a peer's socket carries.
     #[arg(long, env = "CROSSWIRE_WRITE_BUFFER_BYTES", default_value_t = d().write_buffer_size)]
     pub write_buffer_bytes: usize,
     /// The `aud` claim tokens must carry.

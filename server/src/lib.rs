@@ -43,6 +43,7 @@
 //!
 //! Below them, leaves and support modules: `limits`, `config`, `origin`,
 //! the per-peer queue (`outbox`), `shutdown`, `metrics`, [`Message`], the
+//! encoded WebSocket frame every queue and history shares (`frame`), the
 //! HTTP responses, and the write timeout.
 //!
 //! # Use
@@ -89,6 +90,7 @@ mod config;
 mod config_file;
 mod connection;
 mod engine;
+mod frame;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod handshake;

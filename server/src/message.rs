@@ -143,10 +143,11 @@ impl Message {
         }
     }
 
-    pub(crate) fn into_frame(self) -> tungstenite::Message {
+    /// The message framed once, for as many peers as it goes to.
+    pub(crate) fn into_frame(self) -> crate::frame::Frame {
         match self {
-            Self::Text(text) => tungstenite::Message::Text(text.0),
-            Self::Binary(data) => tungstenite::Message::Binary(data),
+            Self::Text(text) => crate::frame::Frame::text(text.as_str()),
+            Self::Binary(data) => crate::frame::Frame::binary(&data),
         }
     }
 
@@ -198,6 +199,6 @@ mod tests {
         let binary = Message::binary(vec![0xff]);
         assert!(binary.to_text().is_err());
         assert_eq!(Message::binary(&b"ok"[..]).into_text().unwrap().as_str(), "ok");
-        assert!(matches!(text.into_frame(), tungstenite::Message::Text(t) if t == "héllo"));
+        assert_eq!(text.into_frame().to_text(), Ok("héllo"));
     }
 }

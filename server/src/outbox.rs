@@ -27,10 +27,9 @@ use std::{
 
 use crosswire_shared::close_code;
 use tokio::sync::{watch, Notify};
-use tokio_tungstenite::tungstenite::{
-    protocol::{frame::coding::CloseCode, CloseFrame},
-    Message as WsMessage,
-};
+use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+
+use crate::frame::Frame;
 
 /// Why a frame could not be queued for a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -133,10 +132,20 @@ struct State {
 }
 
 /// A frame in a peer's queue, marked with whether it counts as live traffic.
+/// The write loop's batch holds the same type, so a whole queue can change
+/// hands by swapping the two deques.
 #[derive(Debug)]
-struct Queued {
-    frame: WsMessage,
+pub(crate) struct Queued {
+    pub(crate) frame: Frame,
     live: bool,
+}
+
+/// The write loop's own frames (a ping, tungstenite's replies, the close):
+/// never live traffic.
+impl From<Frame> for Queued {
+    fn from(frame: Frame) -> Self {
+        Self { frame, live: false }
+    }
 }
 
 impl Clone for Outbox {
@@ -173,7 +182,7 @@ impl Outbox {
 
     /// Queues live traffic (a publish, a hook's `send`) within the bounds; a
     /// push over them closes the peer as a slow consumer.
-    pub(crate) fn push(&self, frame: WsMessage) -> Result<(), SendError> {
+    pub(crate) fn push(&self, frame: Frame) -> Result<(), SendError> {
         self.enqueue(Queued { frame, live: true })
     }
 
@@ -182,7 +191,7 @@ impl Outbox {
     /// asked for, as long as the history it comes from, and its frames are the
     /// history's own (shared, not copied). They are bounded by what causes
     /// them: the history's size times the topics a peer may hold.
-    pub(crate) fn push_reserved(&self, frame: WsMessage) -> Result<(), SendError> {
+    pub(crate) fn push_reserved(&self, frame: Frame) -> Result<(), SendError> {
         self.enqueue(Queued { frame, live: false })
     }
 
@@ -306,46 +315,80 @@ impl Drop for FrameReceiver {
 }
 
 impl FrameReceiver {
-    /// The next frame, waiting for one; `None` once every sender is gone.
-    pub(crate) async fn recv(&mut self) -> Option<WsMessage> {
-        let shared = Arc::clone(&self.shared);
+    /// Waits until a frame is queued; false once every sender is gone and
+    /// nothing is left.
+    pub(crate) async fn ready(&mut self) -> bool {
+        let shared = &*self.shared;
         loop {
             let notified = shared.notify.notified();
-            if let Some(m) = self.try_recv() {
-                return Some(m);
+            if !shared.lock().frames.is_empty() {
+                return true;
             }
             if shared.senders.load(Ordering::Acquire) == 0 {
-                return None;
+                return false;
             }
             notified.await;
         }
     }
 
-    /// The next frame if one is queued now.
-    pub(crate) fn try_recv(&mut self) -> Option<WsMessage> {
+    /// Moves up to `max` queued frames, oldest first, to the end of `into`
+    /// under one lock: the write loop takes a batch at a time, not a frame.
+    /// Returns how many it moved.
+    pub(crate) fn take(&mut self, into: &mut VecDeque<Queued>, max: usize) -> usize {
         let mut st = self.shared.lock();
-        let q = st.frames.pop_front()?;
-        if q.live {
-            st.live_frames -= 1;
-            st.live_bytes -= q.frame.len();
-            // Credit goes back once two chunks are idle (not at every frame),
-            // and all of it once the queue is empty: idle peers hold none.
-            let keep = st.live_bytes.div_ceil(CHUNK) * CHUNK;
-            if st.reserved >= keep + 2 * CHUNK || (keep == 0 && st.reserved > 0) {
-                self.shared.budget.release(st.reserved - keep);
-                st.reserved = keep;
+        let n = st.frames.len().min(max);
+        if n == st.frames.len() && into.is_empty() {
+            // The usual case: all of it. The two deques trade places, so no
+            // frame is moved one by one and neither side allocates.
+            std::mem::swap(into, &mut st.frames);
+            st.live_frames = 0;
+            st.live_bytes = 0;
+        } else {
+            let (mut live_frames, mut live_bytes) = (0, 0);
+            for q in st.frames.drain(..n) {
+                if q.live {
+                    live_frames += 1;
+                    live_bytes += q.frame.len();
+                }
+                into.push_back(q);
             }
+            st.live_frames -= live_frames;
+            st.live_bytes -= live_bytes;
         }
-        Some(q.frame)
+        // Credit goes back once two chunks are idle (not at every batch),
+        // and all of it once the queue is empty: idle peers hold none.
+        let keep = st.live_bytes.div_ceil(CHUNK) * CHUNK;
+        if st.reserved >= keep + 2 * CHUNK || (keep == 0 && st.reserved > 0) {
+            self.shared.budget.release(st.reserved - keep);
+            st.reserved = keep;
+        }
+        // A burst leaves its capacity behind; an idle peer should not keep it.
+        if st.frames.is_empty() && st.frames.capacity() > IDLE_CAPACITY {
+            st.frames = VecDeque::new();
+        }
+        n
     }
 }
+
+#[cfg(test)]
+impl FrameReceiver {
+    /// The next frame if one is queued now.
+    pub(crate) fn try_recv(&mut self) -> Option<Frame> {
+        let mut one = VecDeque::new();
+        self.take(&mut one, 1);
+        one.pop_front().map(|q| q.frame)
+    }
+}
+
+/// The queue capacity an idle peer keeps after a burst.
+pub(crate) const IDLE_CAPACITY: usize = 16;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn text(n: usize) -> WsMessage {
-        WsMessage::text(n.to_string())
+    fn text(n: usize) -> Frame {
+        Frame::text(n.to_string())
     }
 
     fn bounds(frames: usize) -> Bounds {
@@ -357,7 +400,9 @@ mod tests {
     }
 
     fn drain(rx: &mut OutboxReceiver) -> Vec<String> {
-        std::iter::from_fn(|| rx.frames.try_recv()).map(|m| m.into_text().unwrap().to_string()).collect()
+        let mut taken = VecDeque::new();
+        rx.frames.take(&mut taken, usize::MAX);
+        taken.iter().map(|q| q.frame.to_text().unwrap().to_owned()).collect()
     }
 
     fn close_code_of(rx: &OutboxReceiver) -> Option<u16> {
@@ -382,10 +427,10 @@ mod tests {
     #[test]
     fn the_byte_bound_counts_payloads() {
         let (outbox, _rx) = Outbox::new(Bounds { frames: 100, bytes: 10 }, unlimited());
-        assert!(outbox.push(WsMessage::text("12345")).is_ok());
-        assert!(outbox.push(WsMessage::text("12345")).is_ok());
+        assert!(outbox.push(Frame::text("12345")).is_ok());
+        assert!(outbox.push(Frame::text("12345")).is_ok());
         assert_eq!(outbox.backlog(), Bounds { frames: 2, bytes: 10 });
-        assert_eq!(outbox.push(WsMessage::text("1")), Err(SendError::QueueFull));
+        assert_eq!(outbox.push(Frame::text("1")), Err(SendError::QueueFull));
     }
 
     #[test]
@@ -396,7 +441,9 @@ mod tests {
         }
         assert!(outbox.push(text(1000)).is_ok());
         assert!(outbox.push(text(1001)).is_ok());
-        assert_eq!(rx.frames.try_recv().unwrap().into_text().unwrap(), "0", "in order, replay first");
+        let mut first = VecDeque::new();
+        assert_eq!(rx.frames.take(&mut first, 1), 1);
+        assert_eq!(first[0].frame.to_text(), Ok("0"), "in order, replay first");
         assert_eq!(outbox.backlog().frames, 2);
         assert_eq!(drain(&mut rx).len(), 1001);
         assert_eq!(outbox.backlog().frames, 0);
@@ -424,7 +471,7 @@ mod tests {
     #[test]
     fn queues_share_the_server_wide_budget_and_give_it_back() {
         let budget = QueueBudget::new(4 * CHUNK);
-        let big = || WsMessage::text("x".repeat(CHUNK));
+        let big = || Frame::text("x".repeat(CHUNK));
         let (a, mut arx) = Outbox::new(bounds(100), Arc::clone(&budget));
         let (b, brx) = Outbox::new(bounds(100), Arc::clone(&budget));
         for _ in 0..3 {
@@ -450,8 +497,8 @@ mod tests {
         let second = outbox.clone();
         let reader = tokio::spawn(async move {
             let mut got = vec![];
-            while let Some(m) = rx.frames.recv().await {
-                got.push(m.into_text().unwrap().to_string());
+            while rx.frames.ready().await {
+                got.extend(drain(&mut rx));
             }
             got
         });
@@ -472,8 +519,9 @@ mod tests {
         clone.push(text(7)).unwrap();
         drop(outbox);
         drop(clone);
-        assert_eq!(rx.frames.recv().await.unwrap().into_text().unwrap(), "7");
-        assert!(rx.frames.recv().await.is_none());
+        assert!(rx.frames.ready().await);
+        assert_eq!(drain(&mut rx), ["7"]);
+        assert!(!rx.frames.ready().await);
     }
 
     #[tokio::test]

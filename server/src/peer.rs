@@ -6,10 +6,10 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use crosswire_shared::{PresenceEntry, RawValue, ServerFrame, Since, Topic};
-use tokio_tungstenite::tungstenite;
 
 use crate::{
     engine::{AckTo, EngineError, History, Publication},
+    frame::Frame,
     message::Message,
     outbox::{Outbox, SendError},
     state::{PeerCore, ServerState},
@@ -82,7 +82,7 @@ impl<C> Peer<C> {
     /// Queues a protocol frame answering the peer (it may use the room
     /// reserved above the live-traffic limit).
     pub(crate) fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
-        self.inner.core.outbox.push_reserved(tungstenite::Message::Text(frame.encode().into()))
+        self.inner.core.outbox.push_reserved(Frame::text(frame.encode()))
     }
 
     /// Sends `message` verbatim to every other subscriber of `topic` (crossws

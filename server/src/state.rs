@@ -113,7 +113,9 @@ impl ServerState {
         let limit = self.config.max_message_size;
         WebSocketConfig::default()
             .read_buffer_size(self.config.read_buffer_size)
-            .write_buffer_size(self.config.write_buffer_size)
+            // tungstenite writes only its automatic replies, into memory
+            // (connection::ReadSide): nothing to gather.
+            .write_buffer_size(0)
             .max_message_size(Some(limit))
             .max_frame_size(Some(limit))
     }

@@ -30,10 +30,10 @@ use std::{
 };
 
 use crosswire_shared::{PresenceEntry, ServerFrame, Since, Topic};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::{
     engine::{AckTo, Delivered, Delivery, Engine, EngineError, History, Hub, Node, Pending, Publication},
+    frame::Frame,
     limits::TokenBucket,
     outbox::Outbox,
 };
@@ -95,7 +95,7 @@ pub(crate) struct Subscriber {
     pub(crate) memberships: Memberships,
     /// While its history is being read: the live deliveries held back, to
     /// follow the replay.
-    pending: Option<Vec<(u64, WsMessage)>>,
+    pending: Option<Vec<(u64, Frame)>>,
 }
 
 impl Subscriber {
@@ -110,7 +110,7 @@ impl Subscriber {
     /// Queues a live frame, or holds it while the history is read. Inlined
     /// into the fan-out loop: it runs once per delivery.
     #[inline]
-    fn push(&mut self, seq: u64, frame: &WsMessage) -> bool {
+    fn push(&mut self, seq: u64, frame: &Frame) -> bool {
         match &mut self.pending {
             Some(held) if held.len() < PENDING_LIMIT => {
                 held.push((seq, frame.clone()));
@@ -171,7 +171,7 @@ impl TopicState {
         } else {
             ServerFrame::Leave { topic: topic.clone(), who }
         };
-        let frame = WsMessage::Text(frame.encode().into());
+        let frame = Frame::text(frame.encode());
         for sub in self.watchers(&except) {
             let _ = sub.outbox.push(frame.clone());
         }
@@ -224,7 +224,7 @@ impl Topics {
         self.deliver_raw(topic, from, message.into_frame())
     }
 
-    pub(crate) fn deliver_raw(&self, topic: &Topic, from: Option<&str>, frame: WsMessage) -> usize {
+    pub(crate) fn deliver_raw(&self, topic: &Topic, from: Option<&str>, frame: Frame) -> usize {
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else { return 0 };
         let mut delivered = 0;
@@ -331,11 +331,11 @@ impl Topics {
         let recovered = since.is_some_and(|s| complete && *s.epoch == *epoch);
         let outcome = SubscribeOutcome { epoch: epoch.clone(), seq, recovered };
         if let Some(frame) = reply(&outcome) {
-            let _ = sub.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
+            let _ = sub.outbox.push_reserved(Frame::text(frame.encode()));
         }
         if let (true, Some(since)) = (recovered, since) {
             for (_, frame) in messages.iter().filter(|(s, _)| *s > since.seq && *s <= seq) {
-                let _ = sub.outbox.push_reserved(frame.to_ws());
+                let _ = sub.outbox.push_reserved(frame.frame().clone());
             }
         }
         // Raw messages (seq 0) held meanwhile go out too, in their place.
@@ -442,7 +442,7 @@ impl Topics {
         let Some(state) = shard.get_mut(topic) else { return };
         state.presence_owed = false;
         let frame = ServerFrame::Presence { topic: topic.clone(), id: None, peers: list };
-        let frame = WsMessage::Text(frame.encode().into());
+        let frame = Frame::text(frame.encode());
         for sub in state.watchers("") {
             let _ = sub.outbox.push(frame.clone());
         }
@@ -520,10 +520,10 @@ impl Topics {
         // publisher gets its ack before any message with a later seq, so a
         // seq it never sees live is always explained by an ack it already has.
         ack_now(ack, seq);
-        let frame = frame.to_ws();
+        let frame = frame.frame();
         let mut delivered = 0;
         for (id, sub) in &mut state.subscribers {
-            if **id != *from && sub.push(seq, &frame) {
+            if **id != *from && sub.push(seq, frame) {
                 delivered += 1;
             }
         }
@@ -536,7 +536,7 @@ impl Topics {
         let Some(state) = shard.get_mut(topic) else { return };
         state.position = Some((epoch.clone(), seq));
         let frame = ServerFrame::Subscribed { topic: topic.clone(), epoch: epoch.to_string(), seq, recovered: false };
-        let frame = WsMessage::Text(frame.encode().into());
+        let frame = Frame::text(frame.encode());
         for sub in state.subscribers.values_mut() {
             match &mut sub.pending {
                 // Its read will tell it where things stand; what it holds is of the old epoch.
@@ -583,7 +583,7 @@ impl Hub for WeakHub {
         self.0.upgrade().map_or(Delivered::Nobody, |t| t.deliver(topic, delivery))
     }
 
-    fn deliver_raw(&self, topic: &Topic, from: &str, message: WsMessage) -> usize {
+    fn deliver_raw(&self, topic: &Topic, from: &str, message: Frame) -> usize {
         self.0.upgrade().map_or(0, |t| t.deliver_raw(topic, Some(from), message))
     }
 
@@ -753,7 +753,7 @@ mod tests {
         let mut shard = topics.shard(&t);
         let sub = shard.get_mut(&t).unwrap().subscribers.get_mut("late").unwrap();
         for (_, frame) in read.messages.iter().filter(|(s, _)| *s <= read.seq) {
-            sub.outbox.push_reserved(frame.to_ws()).unwrap();
+            sub.outbox.push_reserved(frame.frame().clone()).unwrap();
         }
         for (_, frame) in sub.pending.take().unwrap().into_iter().filter(|(s, _)| *s > read.seq) {
             sub.outbox.push(frame).unwrap();

@@ -29,6 +29,7 @@ const ORDER: &[&str] = &[
     "shutdown",
     "metrics",
     "message",
+    "frame",
     "response",
     "write_timeout",
 ];

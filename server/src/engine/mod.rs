@@ -35,9 +35,8 @@ use std::{
 
 use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
 use serde::Serialize;
-use tokio_tungstenite::tungstenite::{protocol::frame::Utf8Bytes, Message as WsMessage};
 
-use crate::outbox::Outbox;
+use crate::{frame::Frame, outbox::Outbox};
 
 mod memory;
 mod redis;
@@ -107,49 +106,59 @@ impl<T> fmt::Debug for Pending<'_, T> {
 }
 
 /// A `message` frame of protocol v1, encoded once for every subscriber on
-/// every node (and kept as such in history): JSON text.
-#[derive(Clone, PartialEq, Eq)]
-pub struct MessageText(Utf8Bytes);
+/// every node, as the complete WebSocket frame they are all sent (and kept as
+/// such in history): JSON text.
+#[derive(Clone)]
+pub struct MessageText(Frame);
+
+impl PartialEq for MessageText {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_wire() == other.0.as_wire()
+    }
+}
+
+impl Eq for MessageText {}
 
 impl MessageText {
     /// The frame publishing `data` from `from` as `topic`'s message `seq`.
     pub fn encode(topic: &Topic, seq: u64, from: &str, data: &RawValue) -> Self {
         /// Borrowed twin of `ServerFrame::Message`: the data is serialized
-        /// straight from the received frame, never copied into an owned one.
+        /// straight from the received frame into the WebSocket frame, never
+        /// copied into an owned one.
         #[derive(Serialize)]
         #[serde(tag = "type", rename = "message")]
-        struct Frame<'a> {
+        struct Message<'a> {
             topic: &'a Topic,
             seq: u64,
             from: &'a str,
             data: &'a RawValue,
         }
-        let text = serde_json::to_string(&Frame { topic, seq, from, data }).expect("a message frame always serializes");
-        Self(text.into())
+        Self(Frame::json(&Message { topic, seq, from, data }).expect("a message frame always serializes"))
     }
 
     /// Text a broker carried; it must be UTF-8.
-    pub fn from_utf8(bytes: bytes::Bytes) -> Result<Self, std::str::Utf8Error> {
-        Utf8Bytes::try_from(bytes).map(Self)
+    pub fn from_utf8(bytes: &[u8]) -> Result<Self, std::str::Utf8Error> {
+        std::str::from_utf8(bytes).map(|text| Self(Frame::text(text)))
     }
 
     /// The JSON text.
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.0.to_text().expect("built from text")
     }
 
-    /// Its length in bytes.
+    /// Its length in bytes (the payload's, without the frame header).
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
     /// Whether it is empty (never, for a real frame).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.len() == 0
     }
 
-    pub(crate) fn to_ws(&self) -> WsMessage {
-        WsMessage::Text(self.0.clone())
+    /// The WebSocket frame, shared.
+    pub(crate) fn frame(&self) -> &Frame {
+        &self.0
     }
 }
 
@@ -177,7 +186,7 @@ impl AckTo {
     /// Queues the `ack` frame: the message got `seq`.
     pub(crate) fn send(self, seq: u64) {
         let frame = crosswire_shared::ServerFrame::Ack { ack: self.ack, seq };
-        let _ = self.outbox.push_reserved(WsMessage::Text(frame.encode().into()));
+        let _ = self.outbox.push_reserved(Frame::text(frame.encode()));
     }
 }
 
@@ -251,7 +260,7 @@ pub struct History {
 /// topic registry, so that the engine needs nothing above it.
 pub(crate) trait Hub: Send + Sync + 'static {
     fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered;
-    fn deliver_raw(&self, topic: &Topic, from: &str, message: WsMessage) -> usize;
+    fn deliver_raw(&self, topic: &Topic, from: &str, message: Frame) -> usize;
     fn reset(&self, topic: &Topic, epoch: Arc<str>, seq: u64);
     fn positions(&self) -> Vec<(Topic, Arc<str>, u64)>;
     fn announce_remote(&self, topic: &Topic, who: PresenceEntry, joined: bool);

@@ -430,7 +430,7 @@ impl Shared {
         let mut messages = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter().enumerate() {
             let parsed = parse_entry(entry).ok_or_else(|| unavailable("a malformed history entry"))?;
-            let frame = MessageText::from_utf8(parsed.frame).map_err(unavailable)?;
+            let frame = MessageText::from_utf8(&parsed.frame).map_err(unavailable)?;
             messages.push((first + i as u64, frame));
         }
         Ok(History { epoch, seq, complete, messages })
@@ -440,7 +440,7 @@ impl Shared {
     /// owes when this node published it and has not acked it yet.
     fn delivery<'e>(&self, epoch: Arc<str>, seq: u64, entry: &'e Bytes) -> Option<Delivery<'e>> {
         let entry = parse_entry(entry)?;
-        let frame = MessageText::from_utf8(entry.frame.clone()).ok()?;
+        let frame = MessageText::from_utf8(&entry.frame).ok()?;
         let mut ack = None;
         if entry.node == self.node_id {
             let mut acks = lock(&self.acks);
