@@ -131,6 +131,19 @@ fi
   echo "uptime: $(uptime)"
 } | tee "$OUT/machine.txt"
 
+# The port a server printed in <log>.out ("listening on http://HOST:PORT"),
+# waiting at most 10 s; fails when the server <pid> exits first.
+wait_port() { # <log prefix> <pid>
+  local port
+  for _ in $(seq 100); do
+    port=$(sed -n 's|.*listening on [a-z]*://[^ /]*:\([0-9][0-9]*\).*|\1|p' "$1.out" | head -n1)
+    [[ -n $port ]] && { echo "$port"; return 0; }
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
 start_server() { # start_server <name> <log prefix> [seed]; sets SERVER_PID and PORT
   local name=$1 log=$2
   [[ ${3:-} == seed ]] && name=$name-seed
@@ -145,13 +158,7 @@ start_server() { # start_server <name> <log prefix> [seed]; sets SERVER_PID and 
       ;;
   esac
   SERVER_PID=$!
-  PORT=""
-  for _ in $(seq 100); do
-    PORT=$(sed -n 's|.*listening on [a-z]*://[^ /]*:\([0-9][0-9]*\).*|\1|p' "$log.out" | head -n1)
-    [[ -n $PORT ]] && return 0
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.1
-  done
+  PORT=$(wait_port "$log" "$SERVER_PID") && return 0
   echo "$name did not start; see $log.err" >&2
   cat "$log.err" >&2
   exit 1
@@ -237,13 +244,7 @@ start_node() { # <log prefix> <redis url>
   "${SERVER_CPU[@]}" "$TARGET"/release/crosswire-server --port 0 --redis "$2" $CROSSWIRE_FLAGS >"$log.out" 2>"$log.err" &
   NODE_PID=$!
   CLUSTER_PIDS+=("$NODE_PID")
-  NODE_PORT=""
-  for _ in $(seq 100); do
-    NODE_PORT=$(sed -n 's|.*listening on http://[^ ]*:\([0-9][0-9]*\).*|\1|p' "$log.out" | head -n1)
-    [[ -n $NODE_PORT ]] && return 0
-    kill -0 "$NODE_PID" 2>/dev/null || break
-    sleep 0.1
-  done
+  NODE_PORT=$(wait_port "$log" "$NODE_PID") && return 0
   echo "node did not start; see $log.err" >&2
   cat "$log.err" >&2
   exit 1
