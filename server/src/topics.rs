@@ -22,13 +22,13 @@
 
 use std::{
     collections::{hash_map::Entry, BTreeSet, HashMap},
-    hash::{BuildHasher, RandomState},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, OnceLock, Weak,
     },
 };
 
+use ahash::RandomState;
 use crosswire_shared::{PresenceEntry, ServerFrame, Since, Topic};
 
 use crate::{
@@ -50,7 +50,7 @@ const PRESENCE_BURST: u32 = 40;
 /// past them it is cut as a slow consumer (the read is that slow).
 const PENDING_LIMIT: usize = 16_384;
 
-type Shard = HashMap<Topic, TopicState>;
+type Shard = HashMap<Topic, TopicState, RandomState>;
 
 /// This node's topics.
 pub(crate) struct Topics {
@@ -186,7 +186,7 @@ impl TopicState {
 impl Topics {
     pub(crate) fn new(engine: Arc<dyn Engine>, replay_limit: usize, presence_list: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
             hasher: RandomState::new(),
             engine,
             replay_limit,

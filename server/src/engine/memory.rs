@@ -21,7 +21,6 @@
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap, VecDeque},
-    hash::{BuildHasher, RandomState},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, OnceLock,
@@ -29,6 +28,7 @@ use std::{
     time::Duration,
 };
 
+use ahash::RandomState;
 use crosswire_shared::{PresenceEntry, Since, Topic};
 use tokio::time::Instant;
 
@@ -49,7 +49,7 @@ pub struct MemoryLimits {
     pub history_bytes: usize,
 }
 
-type Shard = HashMap<Topic, TopicState>;
+type Shard = HashMap<Topic, TopicState, RandomState>;
 
 /// Topics, their seqs and their history, in this process.
 pub struct MemoryEngine {
@@ -141,7 +141,7 @@ impl MemoryEngine {
     /// An empty engine within `limits`.
     pub fn new(limits: MemoryLimits) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
             hasher: RandomState::new(),
             limits,
             node: OnceLock::new(),
