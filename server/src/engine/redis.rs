@@ -618,6 +618,18 @@ impl Shared {
             match pubsub {
                 Ok(Ok(pubsub)) => {
                     backoff = BACKOFF_MIN;
+                    // The command connection too, before the catch-up reads
+                    // and before saying ready: after an outage it reconnects
+                    // on its first use, which should not be a client's publish.
+                    while let Err(e) =
+                        self.run(async |mut conn| redis::cmd("PING").query_async::<()>(&mut conn).await).await
+                    {
+                        tracing::debug!(error = %e, "Redis commands not answered yet");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(BACKOFF_MIN) => {}
+                        }
+                    }
                     // Subscribed first, then caught up: whatever was published
                     // while we were away is in the history, whatever comes
                     // next is in the stream, and the node drops the overlap.
