@@ -125,7 +125,10 @@ async fn slow_consumer_and_write_timeout_closes_are_counted() {
     let mut slow = connect_small_buffer(addr).await;
     slow.subscribe("t").await;
     let mut publisher = Client::connect(addr).await;
-    flood(&mut publisher, "t", 300, 4000).await;
+    // 1000 x 16 KiB: far beyond what the kernel buffers for a peer that
+    // reads nothing (loopback send buffers grow to megabytes), so its queue
+    // must overflow, however fast the server writes.
+    flood(&mut publisher, "t", 1000, 16 * 1024).await;
     wait_until("the slow peer is cut", || cut(&handle, &slow.peer)).await;
     let (_, close) = seqs_until_close(&mut slow, "t").await;
     assert_eq!(close.map(|c| u16::from(c.code)), Some(close_code::SLOW_CONSUMER));
