@@ -512,7 +512,7 @@ impl Topics {
                 return Delivered::Duplicate;
             }
             if !same_epoch || seq != *last + 1 {
-                return Delivered::Gap { after: *last };
+                return Delivered::Gap { epoch: at.clone(), after: *last };
             }
         }
         state.position = Some((epoch, seq));

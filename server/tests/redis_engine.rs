@@ -182,3 +182,45 @@ async fn a_redis_that_lost_acknowledged_messages_gives_the_topic_a_new_epoch() {
     assert_eq!(seq_of(&sub.recv().await), 6);
     sub.assert_quiet().await;
 }
+
+/// crossws-style hooks: every peer subscribes to `raw` on open.
+struct RawRoom;
+
+impl crosswire_server::Hooks for RawRoom {
+    type Context = ();
+
+    async fn upgrade(&self, _: &crosswire_server::UpgradeRequest) -> Result<(), crosswire_server::HttpResponse> {
+        Ok(())
+    }
+
+    async fn open(&self, peer: &crosswire_server::Peer<()>) {
+        peer.subscribe(&"raw".parse().unwrap()).unwrap();
+        peer.send("subscribed").unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_text_and_binary_messages_reach_the_other_nodes() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let redis = RedisServer::start().await;
+    let a = start_with(redis.config(), RawRoom).await;
+    let b = start_with(redis.config(), RawRoom).await;
+    let (ha, hb) = (a.handle(), b.handle());
+    wait_until("both nodes subscribed to Redis", || ha.engine_ready() && hb.engine_ready()).await;
+    let mut on_b = connect_raw(b.local_addr()).await;
+    let next = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("a frame within the wait").unwrap().unwrap() {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(next(&mut on_b).await, Message::text("subscribed"));
+    let topic = "raw".parse().unwrap();
+    // Delivered on A (nobody there), carried to B by Redis.
+    assert_eq!(ha.publish(&topic, "hello"), 0);
+    assert_eq!(ha.publish(&topic, crosswire_server::Message::binary(vec![0xff, 0x00, b'\n', 0x80])), 0);
+    assert_eq!(next(&mut on_b).await, Message::text("hello"));
+    assert_eq!(next(&mut on_b).await, Message::binary(vec![0xff, 0x00, b'\n', 0x80]));
+}

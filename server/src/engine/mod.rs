@@ -224,7 +224,7 @@ pub struct Delivery<'a> {
 }
 
 /// What [`Node::deliver`] did with a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivered {
     /// Queued for this node's subscribers (how many).
     Queued(usize),
@@ -234,6 +234,8 @@ pub enum Delivered {
     /// delivered, in `epoch`): the engine must deliver what lies between
     /// first, from [`Engine::read`], or [`Node::reset`] the topic.
     Gap {
+        /// The epoch the node holds the topic in.
+        epoch: Arc<str>,
         /// The last seq delivered.
         after: u64,
     },

@@ -255,16 +255,22 @@ struct Entry<'a> {
     frame: Bytes,
 }
 
+/// The first `N` newline-ended fields of what the scripts and nodes write
+/// (UTF-8 text), and the rest as it came: a frame, or a raw binary message.
+fn fields<const N: usize>(payload: &Bytes) -> Option<([&str; N], Bytes)> {
+    let mut fields = [""; N];
+    let mut at = 0;
+    for field in &mut fields {
+        let len = payload[at..].iter().position(|b| *b == b'\n')?;
+        *field = std::str::from_utf8(&payload[at..at + len]).ok()?;
+        at += len + 1;
+    }
+    Some((fields, payload.slice(at..)))
+}
+
 fn parse_entry(bytes: &Bytes) -> Option<Entry<'_>> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let mut parts = text.splitn(5, '\n');
-    let _at = parts.next()?;
-    let node = parts.next()?;
-    let publish_id = parts.next()?.parse().ok()?;
-    let from = parts.next()?;
-    let frame = parts.next()?;
-    let offset = frame.as_ptr() as usize - text.as_ptr() as usize;
-    Some(Entry { node, publish_id, from, frame: bytes.slice(offset..) })
+    let ([_at, node, publish_id, from], frame) = fields(bytes)?;
+    Some(Entry { node, publish_id: publish_id.parse().ok()?, from, frame })
 }
 
 impl RedisEngine {
@@ -510,62 +516,42 @@ impl Shared {
 
     /// Hands one pub/sub message to the node.
     async fn on_message(&self, node: &Node, payload: Bytes) {
-        let Ok(text) = std::str::from_utf8(&payload) else { return };
-        let mut head = text.splitn(2, '\n');
-        match head.next() {
-            Some("m") => {
-                let mut parts = text.splitn(5, '\n');
-                let (Some(_), Some(topic), Some(epoch), Some(seq)) =
-                    (parts.next(), parts.next(), parts.next(), parts.next())
-                else {
-                    return;
-                };
+        match payload.first() {
+            Some(b'm') => {
+                // m \n topic \n epoch \n seq \n entry
+                let Some(([_, topic, epoch, seq], entry)) = fields(&payload) else { return };
                 let (Ok(topic), Ok(seq)) = (Topic::new(topic), seq.parse::<u64>()) else { return };
-                let Some(rest) = parts.next() else { return };
-                let offset = rest.as_ptr() as usize - text.as_ptr() as usize;
-                let entry = payload.slice(offset..);
                 let Some(delivery) = self.delivery(epoch.into(), seq, &entry) else { return };
-                if let Delivered::Gap { after } = node.deliver(&topic, delivery.clone()) {
-                    let known = node.positions().into_iter().find(|(t, ..)| *t == topic).map(|(_, e, _)| e);
-                    let epoch = known.unwrap_or_else(|| delivery.epoch.clone());
+                if let Delivered::Gap { epoch, after } = node.deliver(&topic, delivery.clone()) {
                     self.catch_up(node, &topic, &epoch, after).await;
                     node.deliver(&topic, delivery);
                 }
             }
-            Some("r") => {
-                // r \n topic \n node \n from \n kind \n data
-                let mut parts = text.splitn(6, '\n');
-                let (Some(_), Some(topic), Some(origin), Some(from), Some(kind), Some(data)) =
-                    (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-                else {
-                    return;
-                };
+            Some(b'r') => {
+                // r \n topic \n node \n from \n kind \n data (binary data as it is)
+                let Some(([_, topic, origin, from, kind], data)) = fields(&payload) else { return };
                 if origin == self.node_id {
                     return;
                 }
                 let Ok(topic) = Topic::new(topic) else { return };
-                let message = if kind == "b" {
-                    let offset = data.as_ptr() as usize - text.as_ptr() as usize;
-                    Message::Binary(payload.slice(offset..))
-                } else {
-                    Message::Text(data.to_owned().into())
+                let message = match kind {
+                    "b" => Message::Binary(data),
+                    _ => match String::from_utf8(data.to_vec()) {
+                        Ok(text) => Message::Text(text.into()),
+                        Err(_) => return,
+                    },
                 };
                 node.deliver_raw(&topic, from, message);
             }
-            Some(kind @ ("j" | "l")) => {
+            Some(kind @ (b'j' | b'l')) => {
                 // j|l \n topic \n node \n peer \n user
-                let mut parts = text.splitn(5, '\n');
-                let (Some(_), Some(topic), Some(origin), Some(peer), Some(user)) =
-                    (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-                else {
-                    return;
-                };
+                let Some(([_, topic, origin, peer], user)) = fields(&payload) else { return };
+                let (Ok(topic), Ok(user)) = (Topic::new(topic), std::str::from_utf8(&user)) else { return };
                 if origin == self.node_id {
                     return;
                 }
-                let Ok(topic) = Topic::new(topic) else { return };
                 let who = PresenceEntry { peer: peer.to_owned(), user: (!user.is_empty()).then(|| user.to_owned()) };
-                node.presence(&topic, who, kind == "j");
+                node.presence(&topic, who, *kind == b'j');
             }
             _ => {}
         }
