@@ -268,6 +268,19 @@ fn fields<const N: usize>(payload: &Bytes) -> Option<([&str; N], Bytes)> {
     Some((fields, payload.slice(at..)))
 }
 
+/// What the READ script answers.
+struct Entries {
+    epoch: Arc<str>,
+    /// The topic's last seq.
+    seq: u64,
+    /// Whether everything after the `since` asked for is retained.
+    complete: bool,
+    /// The seq of the first entry.
+    first: u64,
+    /// The entries as the PUBLISH script wrote them.
+    entries: Vec<Bytes>,
+}
+
 fn parse_entry(bytes: &Bytes) -> Option<Entry<'_>> {
     let ([_at, node, publish_id, from], frame) = fields(bytes)?;
     Some(Entry { node, publish_id: publish_id.parse().ok()?, from, frame })
@@ -396,15 +409,14 @@ impl Shared {
         result
     }
 
-    /// The READ script's answer: epoch, last seq, whether complete, the seq
-    /// of the first entry, and the entries as written.
+    /// The READ script's answer.
     async fn read_entries(
         &self,
         topic: &Topic,
         since: Option<&Since>,
         limit: usize,
         create: bool,
-    ) -> Result<(Arc<str>, u64, bool, u64, Vec<Bytes>), EngineError> {
+    ) -> Result<Entries, EngineError> {
         let (epoch, seq, complete, first, entries): (String, u64, u8, u64, Vec<Bytes>) = self
             .run(async |mut conn| {
                 self.read
@@ -422,7 +434,7 @@ impl Shared {
             })
             .await?;
         let entries = if limit == 0 { Vec::new() } else { entries };
-        Ok((epoch.into(), seq, complete == 1, first, entries))
+        Ok(Entries { epoch: epoch.into(), seq, complete: complete == 1, first, entries })
     }
 
     async fn read(
@@ -432,7 +444,7 @@ impl Shared {
         limit: usize,
         create: bool,
     ) -> Result<History, EngineError> {
-        let (epoch, seq, complete, first, entries) = self.read_entries(topic, since, limit, create).await?;
+        let Entries { epoch, seq, complete, first, entries } = self.read_entries(topic, since, limit, create).await?;
         let mut messages = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter().enumerate() {
             let parsed = parse_entry(entry).ok_or_else(|| unavailable("a malformed history entry"))?;
@@ -467,15 +479,14 @@ impl Shared {
     async fn catch_up(&self, node: &Node, topic: &Topic, epoch: &Arc<str>, after: u64) {
         let all = usize::MAX >> 1;
         let since = Since { epoch: epoch.to_string(), seq: after };
-        let read = match self.read_entries(topic, Some(&since), all, true).await {
+        let mut read = match self.read_entries(topic, Some(&since), all, true).await {
             Ok(read) => read,
             Err(e) => {
                 tracing::warn!(%topic, error = %e, "cannot catch up a topic from Redis; its subscribers get what follows");
                 return;
             }
         };
-        let (mut epoch_now, mut first, mut entries) = (read.0.clone(), read.3, read.4);
-        if *read.0 == **epoch && read.1 < after {
+        if *read.epoch == **epoch && read.seq < after {
             // Redis is behind what this node delivered in the same epoch: it
             // lost writes, and would hand the same seqs out again. Past that
             // point the epoch means nothing: a new one, and a reset.
@@ -492,23 +503,23 @@ impl Shared {
                 })
                 .await;
             if let Ok(renewed) = renewed {
-                node.reset(topic, renewed.into(), read.1);
+                node.reset(topic, renewed.into(), read.seq);
             }
             return;
         }
-        if !read.2 || *read.0 != **epoch {
+        if !read.complete || *read.epoch != **epoch {
             tracing::info!(%topic, "history lost in Redis: resetting the topic's subscribers (recovered: false)");
-            let start = Since { epoch: read.0.to_string(), seq: 0 };
+            let start = Since { epoch: read.epoch.to_string(), seq: 0 };
             match self.read_entries(topic, Some(&start), all, true).await {
-                Ok((e, _, true, f, list)) if e == read.0 => {
-                    node.reset(topic, e.clone(), 0);
-                    (epoch_now, first, entries) = (e, f, list);
+                Ok(whole) if whole.complete && whole.epoch == read.epoch => {
+                    node.reset(topic, whole.epoch.clone(), 0);
+                    read = whole;
                 }
-                _ => return node.reset(topic, read.0, read.1),
+                _ => return node.reset(topic, read.epoch, read.seq),
             }
         }
-        for (i, entry) in entries.iter().enumerate() {
-            if let Some(delivery) = self.delivery(epoch_now.clone(), first + i as u64, entry) {
+        for (i, entry) in read.entries.iter().enumerate() {
+            if let Some(delivery) = self.delivery(read.epoch.clone(), read.first + i as u64, entry) {
                 node.deliver(topic, delivery);
             }
         }
