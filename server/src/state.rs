@@ -169,12 +169,7 @@ pub(crate) fn engine(config: &ServerConfig, metrics: &Metrics) -> Result<Arc<dyn
             .timed(metrics.engine_round_trip());
         return Ok(Arc::new(engine));
     }
-    Ok(Arc::new(MemoryEngine::new(MemoryLimits {
-        history_size: config.history_size,
-        history_ttl: config.history_ttl,
-        max_topics: config.max_topics,
-        history_bytes: config.history_memory_bytes,
-    })))
+    Ok(Arc::new(MemoryEngine::new(MemoryLimits::from_config(config))))
 }
 
 /// How much live traffic one peer's queue may hold.

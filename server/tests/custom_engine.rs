@@ -80,12 +80,7 @@ impl Engine for Counting {
 #[tokio::test]
 async fn a_server_runs_on_an_engine_of_the_users_own() {
     let config = config();
-    let limits = MemoryLimits {
-        history_size: config.history_size,
-        history_ttl: config.history_ttl,
-        max_topics: config.max_topics,
-        history_bytes: config.history_memory_bytes,
-    };
+    let limits = MemoryLimits::from_config(&config);
     let (publishes, reads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let engine =
         Counting { inner: MemoryEngine::new(limits), publishes: Arc::clone(&publishes), reads: Arc::clone(&reads) };

@@ -32,6 +32,8 @@ use ahash::RandomState;
 use crosswire_shared::{PresenceEntry, Since, Topic};
 use tokio::time::Instant;
 
+use crate::config::ServerConfig;
+
 use super::{Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication};
 
 const SHARDS: usize = 32;
@@ -47,6 +49,19 @@ pub struct MemoryLimits {
     pub max_topics: usize,
     /// Bytes of history retained at once, over all topics.
     pub history_bytes: usize,
+}
+
+impl MemoryLimits {
+    /// The limits `config` sets (`history_size`, `history_ttl`, `max_topics`,
+    /// `history_memory_bytes`).
+    pub fn from_config(config: &ServerConfig) -> Self {
+        Self {
+            history_size: config.history_size,
+            history_ttl: config.history_ttl,
+            max_topics: config.max_topics,
+            history_bytes: config.history_memory_bytes,
+        }
+    }
 }
 
 type Shard = HashMap<Topic, TopicState, RandomState>;
