@@ -99,10 +99,7 @@ async fn a_disconnect_overtakes_the_queue() {
     let server = start_pubsub(config).await;
     let handle = server.handle();
     let addr = server.local_addr();
-    let mut slow = connect_small_buffer(addr).await;
-    slow.subscribe("t").await;
-    let mut publisher = Client::connect(addr).await;
-    flood(&mut publisher, "t", 500, 32 * 1024).await;
+    let (mut slow, _publisher) = stalled_and_flooded(addr, 500, 32 * 1024).await;
     wait_until("frames are queued behind the stalled socket", || backed_up(&handle, &slow.peer)).await;
     assert!(handle.disconnect(&slow.peer, 4000, "kicked"));
     let (seqs, close) = seqs_until_close(&mut slow, "t").await;

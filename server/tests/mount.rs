@@ -7,7 +7,7 @@ mod common;
 
 use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
-use common::{closed, config, connect_small_buffer, connect_with, flood, message_data, wait_until, Client};
+use common::{closed, config, connect_with, message_data, stalled_and_flooded, wait_until, Client};
 use crosswire_server::{text_response, Endpoint, PubSub, RemoteAddr, Server, ServerConfig};
 use crosswire_shared::{close_code, ServerFrame};
 use http::StatusCode;
@@ -104,12 +104,9 @@ async fn a_mounted_peer_that_takes_no_bytes_is_dropped_after_the_write_timeout()
         ServerConfig { write_timeout: Duration::from_millis(300), max_queue_bytes: 64 * 1024 * 1024, ..config() };
     let (addr, endpoint) = start_app(config).await;
     let handle = endpoint.handle();
-    let mut stalled = connect_small_buffer(addr).await;
-    stalled.subscribe("t").await;
-    let mut publisher = Client::connect(addr).await;
     // 200 x 60 KB: more than loopback's socket buffers hold, far less than the
     // queue's bounds.
-    flood(&mut publisher, "t", 200, 60 * 1024).await;
+    let (stalled, publisher) = stalled_and_flooded(addr, 200, 60 * 1024).await;
     wait_until("the stalled peer is dropped", || handle.peers().iter().all(|p| p.id != stalled.peer)).await;
     assert!(handle.peers().iter().any(|p| p.id == publisher.peer), "the publisher stays");
 }

@@ -122,13 +122,10 @@ async fn slow_consumer_and_write_timeout_closes_are_counted() {
     let config = ServerConfig { outbound_queue: 32, write_timeout: Duration::from_secs(120), ..config() };
     let server = start_pubsub(config).await;
     let (addr, handle) = (server.local_addr(), server.handle());
-    let mut slow = connect_small_buffer(addr).await;
-    slow.subscribe("t").await;
-    let mut publisher = Client::connect(addr).await;
     // 1000 x 16 KiB: far beyond what the kernel buffers for a peer that
     // reads nothing (loopback send buffers grow to megabytes), so its queue
     // must overflow, however fast the server writes.
-    flood(&mut publisher, "t", 1000, 16 * 1024).await;
+    let (mut slow, _publisher) = stalled_and_flooded(addr, 1000, 16 * 1024).await;
     wait_until("the slow peer is cut", || cut(&handle, &slow.peer)).await;
     let (_, close) = seqs_until_close(&mut slow, "t").await;
     assert_eq!(close.map(|c| u16::from(c.code)), Some(close_code::SLOW_CONSUMER));
@@ -143,10 +140,7 @@ async fn slow_consumer_and_write_timeout_closes_are_counted() {
     };
     let server = start_pubsub(config).await;
     let (addr, handle) = (server.local_addr(), server.handle());
-    let mut stalled = connect_small_buffer(addr).await;
-    stalled.subscribe("t").await;
-    let mut publisher = Client::connect(addr).await;
-    flood(&mut publisher, "t", 300, 32 * 1024).await;
+    let (stalled, _publisher) = stalled_and_flooded(addr, 300, 32 * 1024).await;
     wait_until("the stalled peer is dropped", || handle.peers().iter().all(|p| p.id != stalled.peer)).await;
     assert_eq!(value(&handle, "crosswire_write_timeout_closes_total"), 1.0);
 }

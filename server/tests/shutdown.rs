@@ -141,10 +141,7 @@ async fn shutdown_closes_a_backed_up_peer_with_1001() {
     let server = start_pubsub(config).await;
     let handle = server.handle();
     let addr = server.local_addr();
-    let mut slow = connect_small_buffer(addr).await;
-    slow.subscribe("t").await;
-    let mut publisher = Client::connect(addr).await;
-    flood(&mut publisher, "t", 300, 32 * 1024).await;
+    let (mut slow, _publisher) = stalled_and_flooded(addr, 300, 32 * 1024).await;
     wait_until("frames wait behind the stalled socket", || backed_up(&handle, &slow.peer)).await;
     let shutdown = tokio::spawn(server.shutdown());
     let (seqs, close) = seqs_until_close(&mut slow, "t").await;

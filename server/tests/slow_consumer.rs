@@ -172,12 +172,9 @@ async fn a_socket_that_takes_no_bytes_is_dropped_after_the_write_timeout() {
     let server = start_pubsub(config).await;
     let handle = server.handle();
     let addr = server.local_addr();
-    let mut stalled = connect_small_buffer(addr).await;
-    stalled.subscribe("t").await;
-    let mut publisher = Client::connect(addr).await;
     // 200 x 60 KB: more than loopback's socket buffers hold, far less than the
     // queue's bounds.
-    flood(&mut publisher, "t", 200, 60 * 1024).await;
+    let (stalled, publisher) = stalled_and_flooded(addr, 200, 60 * 1024).await;
     wait_until("the stalled peer is dropped", || handle.peers().iter().all(|p| p.id != stalled.peer)).await;
     assert!(handle.peers().iter().any(|p| p.id == publisher.peer), "the publisher stays");
     drop(stalled);

@@ -291,6 +291,18 @@ pub async fn connect_small_buffer(addr: SocketAddr) -> Client {
     client
 }
 
+/// A subscriber of `t` whose socket takes almost nothing (a small receive
+/// buffer it never reads), and a publisher that has flooded `t` with `count`
+/// messages of `bytes` (the publisher's ping round trip proves every one was
+/// handled).
+pub async fn stalled_and_flooded(addr: SocketAddr, count: u64, bytes: usize) -> (Client, Client) {
+    let mut stalled = connect_small_buffer(addr).await;
+    stalled.subscribe("t").await;
+    let mut publisher = Client::connect(addr).await;
+    flood(&mut publisher, "t", count, bytes).await;
+    (stalled, publisher)
+}
+
 /// Reads until the connection ends: the seqs of every `message` frame of
 /// `topic` in arrival order, and the close frame (`None` when the connection
 /// dropped without one).
