@@ -327,6 +327,11 @@ impl RedisEngine {
 impl Shared {
     /// The command connection, waiting (bounded) for the first one.
     async fn connection(&self) -> Result<ConnectionManager, EngineError> {
+        // Once made, it is there for good: every command but the first few
+        // takes it without a receiver of its own.
+        if let Some(conn) = self.connection.borrow().clone() {
+            return Ok(conn);
+        }
         let mut rx = self.connection.subscribe();
         let wait = async move { rx.wait_for(Option::is_some).await.ok().and_then(|conn| conn.clone()) };
         match tokio::time::timeout(COMMAND_TIMEOUT, wait).await {
@@ -660,7 +665,8 @@ impl Shared {
     }
 
     /// Renews this node's presence entries and the topics its subscribers
-    /// hold, so that neither expires while the node lives.
+    /// hold, so that neither expires while the node lives; on the same tick,
+    /// forgets acks whose message never came back.
     async fn renew(self: Arc<Self>, shutdown: CancellationToken) {
         // Often enough for both: presence entries and held topics' epochs.
         let every = (self.presence_ttl.min(self.history_ttl) / 3).max(Duration::from_millis(100));
