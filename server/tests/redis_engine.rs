@@ -219,8 +219,10 @@ async fn raw_text_and_binary_messages_reach_the_other_nodes() {
     assert_eq!(next(&mut on_b).await, Message::text("subscribed"));
     let topic = "raw".parse().unwrap();
     // Delivered on A (nobody there), carried to B by Redis.
+    // One at a time: raw messages carry no seq, and the engine does not yet
+    // keep their order across nodes (see the closing note of issue 11).
     assert_eq!(ha.publish(&topic, "hello"), 0);
-    assert_eq!(ha.publish(&topic, crosswire_server::Message::binary(vec![0xff, 0x00, b'\n', 0x80])), 0);
     assert_eq!(next(&mut on_b).await, Message::text("hello"));
+    assert_eq!(ha.publish(&topic, crosswire_server::Message::binary(vec![0xff, 0x00, b'\n', 0x80])), 0);
     assert_eq!(next(&mut on_b).await, Message::binary(vec![0xff, 0x00, b'\n', 0x80]));
 }
