@@ -511,6 +511,35 @@ async fn presence_is_cluster_wide_and_a_killed_nodes_peers_expire() {
     presence_becomes(&mut watcher, "room", &only, PRESENCE_TTL + Duration::from_secs(5), "after the kill").await;
 }
 
+/// One peer's joins and leaves reach another node in the order they
+/// happened, however fast they follow each other: the list there ends
+/// without it, and no late join brings it back.
+#[tokio::test]
+async fn a_peers_joins_and_leaves_reach_other_nodes_in_order() {
+    let redis = RedisServer::start().await;
+    let nodes = start_nodes(&redis, 2).await;
+    let mut watcher = Client::connect(nodes[0].addr()).await;
+    watcher.send(json!({"type": "subscribe", "topic": "room", "presence": true})).await;
+    assert!(matches!(watcher.recv().await, ServerFrame::Subscribed { .. }));
+    let mut flicker = Client::connect(nodes[1].addr()).await;
+    const TIMES: usize = 20;
+    // Back to back, without waiting for the answers: the node sees the
+    // frames one after the other, as fast as the socket brings them.
+    for _ in 0..TIMES {
+        flicker.send(json!({"type": "subscribe", "topic": "room"})).await;
+        flicker.send(json!({"type": "unsubscribe", "topic": "room"})).await;
+    }
+    for i in 0..2 * TIMES {
+        match watcher.recv().await {
+            ServerFrame::Join { who, .. } if i % 2 == 0 => assert_eq!(who.peer, flicker.peer, "join {i}"),
+            ServerFrame::Leave { who, .. } if i % 2 == 1 => assert_eq!(who.peer, flicker.peer, "leave {i}"),
+            other => panic!("event {i} of the alternating joins and leaves: got {other:?}"),
+        }
+    }
+    let only = [watcher.peer.clone()];
+    presence_becomes(&mut watcher, "room", &only, WAIT, "after the last leave").await;
+}
+
 /// A rolling restart: SIGTERM closes a node's peers with 1012 (service
 /// restart) and the node exits cleanly; the client reconnects to another
 /// node with its `since` and, with what it got before the close, has every

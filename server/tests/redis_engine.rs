@@ -218,11 +218,23 @@ async fn raw_text_and_binary_messages_reach_the_other_nodes() {
     };
     assert_eq!(next(&mut on_b).await, Message::text("subscribed"));
     let topic = "raw".parse().unwrap();
-    // Delivered on A (nobody there), carried to B by Redis.
-    // One at a time: raw messages carry no seq, and the engine does not yet
-    // keep their order across nodes (see the closing note of issue 11).
-    assert_eq!(ha.publish(&topic, "hello"), 0);
-    assert_eq!(next(&mut on_b).await, Message::text("hello"));
-    assert_eq!(ha.publish(&topic, crosswire_server::Message::binary(vec![0xff, 0x00, b'\n', 0x80])), 0);
-    assert_eq!(next(&mut on_b).await, Message::binary(vec![0xff, 0x00, b'\n', 0x80]));
+    // Delivered on A (nobody there), carried to B by Redis, back to back:
+    // raw messages carry no seq, so their order is the engine's to keep.
+    let sent: Vec<Message> = (0..300)
+        .map(|i| match i % 3 {
+            0 => Message::binary(vec![0xff, 0x00, b'\n', 0x80, (i % 256) as u8]),
+            _ => Message::text(format!("hello {i}")),
+        })
+        .collect();
+    for message in &sent {
+        let message = match message {
+            Message::Text(t) => crosswire_server::Message::from(t.as_str()),
+            Message::Binary(b) => crosswire_server::Message::binary(b.to_vec()),
+            other => unreachable!("only text and binary are sent: {other:?}"),
+        };
+        assert_eq!(ha.publish(&topic, message), 0);
+    }
+    for expected in sent {
+        assert_eq!(next(&mut on_b).await, expected);
+    }
 }

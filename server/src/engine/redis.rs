@@ -27,6 +27,11 @@
 //!   an expiry its node renews; a node that dies stops renewing, and its
 //!   peers drop out of every list within `presence_ttl`. Joins and leaves
 //!   travel on the shard channels.
+//! - **Raw messages** (a hook's `peer.publish`, no seq, no history) travel
+//!   on the shard channels too. They and the presence changes leave the node
+//!   through one queue, in the order they happened, so the other nodes see
+//!   one publisher's raw messages in its order; the channel keeps it. Being
+//!   unsequenced, a raw message that cannot reach Redis is not recovered.
 //! - **Redis unreachable:** every operation fails within [`COMMAND_TIMEOUT`]
 //!   with [`EngineError::Unavailable`] (publishers get `engine_unavailable`),
 //!   subscribers stay connected, and the node reconnects with backoff.
@@ -45,7 +50,7 @@ use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
 use futures_util::StreamExt;
 use prometheus_client::metrics::histogram::Histogram;
 use redis::{aio::ConnectionManager, AsyncCommands, Client, Script};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{AckTo, Delivered, Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication};
@@ -64,6 +69,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// An ack whose message never came back is dropped after this long (the
 /// client's own ack deadline has long fired).
 const ACK_FORGET: Duration = Duration::from_secs(60);
+
+/// What waits to go to the other nodes (raw messages, presence changes) while
+/// Redis is slow or away. Past it, a raw message reaches only this node's
+/// subscribers (it has no seq, so nothing could recover it anyway), and a
+/// presence change reaches the others with the next renewal or expiry.
+const OUTGOING_CAPACITY: usize = 4096;
+
+/// The most queued items one round trip carries.
+const OUTGOING_BATCH: usize = 256;
 
 /// Seq, history append and notification, atomically.
 /// KEYS: meta, history. ARGV: epoch if new, now (ms), ttl (ms), max
@@ -209,6 +223,20 @@ struct Shared {
     present: Mutex<HashMap<(Topic, String), Option<String>>>,
     /// Where round trips are timed (`/metrics`), when the server has metrics.
     round_trips: OnceLock<Histogram>,
+    /// Raw messages and presence changes, in the order they happened: one
+    /// task sends them, so two raw messages of a publisher (or a join and
+    /// the leave after it) reach the other nodes in that order.
+    outgoing: mpsc::Sender<Outgoing>,
+    /// The queue's other end, until the engine starts.
+    outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+}
+
+/// What this node tells the other nodes without waiting for an answer.
+enum Outgoing {
+    /// A raw (unsequenced) message, as it goes on the shard channel.
+    Raw { channel: String, payload: Vec<u8> },
+    /// A presence change: the hash entry to write (empty: remove) and the event.
+    Presence { topic: Topic, peer: String, value: String, event: String },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -291,6 +319,7 @@ impl RedisEngine {
     /// connects when the server starts.
     pub fn new(url: &str, config: &ServerConfig) -> Result<Self, EngineError> {
         let client = Client::open(url).map_err(unavailable)?;
+        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
         Ok(Self {
             shared: Arc::new(Shared {
                 client,
@@ -311,6 +340,8 @@ impl RedisEngine {
                 held: Mutex::new(HashMap::new()),
                 present: Mutex::new(HashMap::new()),
                 round_trips: OnceLock::new(),
+                outgoing,
+                outgoing_rx: Mutex::new(Some(outgoing_rx)),
             }),
         })
     }
@@ -664,6 +695,73 @@ impl Shared {
         }
     }
 
+    /// Queues what goes to the other nodes without an answer; past
+    /// [`OUTGOING_CAPACITY`] it is dropped (see there).
+    fn queue(&self, item: Outgoing) {
+        if let Err(e) = self.outgoing.try_send(item) {
+            let what = match e.into_inner() {
+                Outgoing::Raw { .. } => "a raw message reaches only this node's subscribers",
+                Outgoing::Presence { .. } => "a presence change waits for the next renewal",
+            };
+            tracing::debug!("the queue to Redis is full: {what}");
+        }
+    }
+
+    /// Sends the queued raw messages and presence changes in their order:
+    /// raw messages that follow each other go in one pipeline, a presence
+    /// change (a script) on its own, each batch after the one before.
+    async fn send_outgoing(self: Arc<Self>, mut queue: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
+        let mut batch = Vec::with_capacity(OUTGOING_BATCH);
+        loop {
+            let taken = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                taken = queue.recv_many(&mut batch, OUTGOING_BATCH) => taken,
+            };
+            if taken == 0 {
+                return;
+            }
+            let mut raw = redis::pipe();
+            let mut raws = 0;
+            for item in batch.drain(..) {
+                match item {
+                    Outgoing::Raw { channel, payload } => {
+                        raw.publish(channel, payload).ignore();
+                        raws += 1;
+                    }
+                    Outgoing::Presence { topic, peer, value, event } => {
+                        self.send_raw(std::mem::replace(&mut raw, redis::pipe()), std::mem::take(&mut raws)).await;
+                        let sent = self
+                            .run(async |mut conn| {
+                                self.presence
+                                    .key(presence_key(&topic))
+                                    .arg(&peer)
+                                    .arg(&value)
+                                    .arg(channel(&topic))
+                                    .arg(&event)
+                                    .invoke_async::<()>(&mut conn)
+                                    .await
+                            })
+                            .await;
+                        if let Err(e) = sent {
+                            tracing::debug!(error = %e, "a presence change did not reach Redis");
+                        }
+                    }
+                }
+            }
+            self.send_raw(raw, raws).await;
+        }
+    }
+
+    /// One pipeline of `count` raw messages' PUBLISHes, if any.
+    async fn send_raw(&self, pipe: redis::Pipeline, count: usize) {
+        if count == 0 {
+            return;
+        }
+        if let Err(e) = self.run(async |mut conn| pipe.query_async::<()>(&mut conn).await).await {
+            tracing::debug!(error = %e, count, "raw messages did not reach the other nodes");
+        }
+    }
+
     /// Renews this node's presence entries and the topics its subscribers
     /// hold, so that neither expires while the node lives; on the same tick,
     /// forgets acks whose message never came back.
@@ -711,7 +809,10 @@ impl Engine for RedisEngine {
         let _ = shared.node.set(node.clone());
         tokio::spawn(Arc::clone(shared).connect(shutdown.clone()));
         tokio::spawn(Arc::clone(shared).listen(node, shutdown.clone()));
-        tokio::spawn(Arc::clone(shared).renew(shutdown));
+        tokio::spawn(Arc::clone(shared).renew(shutdown.clone()));
+        if let Some(outgoing) = lock(&shared.outgoing_rx).take() {
+            tokio::spawn(Arc::clone(shared).send_outgoing(outgoing, shutdown));
+        }
     }
 
     fn publish<'a>(&'a self, topic: &'a Topic, publication: Publication<'a>) -> Pending<'a, u64> {
@@ -726,14 +827,7 @@ impl Engine for RedisEngine {
         };
         let mut payload = format!("r\n{topic}\n{}\n{from}\n{kind}\n", self.shared.node_id).into_bytes();
         payload.extend_from_slice(data);
-        let channel = channel(topic);
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            let sent = shared.run(async |mut conn| conn.publish::<_, _, ()>(channel, payload).await).await;
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "a raw message did not reach the other nodes");
-            }
-        });
+        self.shared.queue(Outgoing::Raw { channel: channel(topic), payload });
     }
 
     fn read<'a>(
@@ -762,42 +856,23 @@ impl Engine for RedisEngine {
     }
 
     fn presence_changed(&self, topic: &Topic, who: &PresenceEntry, joined: bool) {
-        let shared = Arc::clone(&self.shared);
+        let shared = &self.shared;
         let key = (topic.clone(), who.peer.clone());
         if joined {
             lock(&shared.present).insert(key, who.user.clone());
         } else {
             lock(&shared.present).remove(&key);
         }
-        let topic = topic.clone();
-        let who = who.clone();
-        tokio::spawn(async move {
-            let expires = now_ms() + shared.presence_ttl.as_millis() as u64;
-            let value = if joined { shared.presence_value(expires, who.user.as_deref()) } else { String::new() };
-            let event = format!(
-                "{}\n{topic}\n{}\n{}\n{}",
-                if joined { "j" } else { "l" },
-                shared.node_id,
-                who.peer,
-                who.user.as_deref().unwrap_or("")
-            );
-            let sent = shared
-                .run(async |mut conn| {
-                    shared
-                        .presence
-                        .key(presence_key(&topic))
-                        .arg(&who.peer)
-                        .arg(&value)
-                        .arg(channel(&topic))
-                        .arg(&event)
-                        .invoke_async::<()>(&mut conn)
-                        .await
-                })
-                .await;
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "a presence change did not reach Redis");
-            }
-        });
+        let expires = now_ms() + shared.presence_ttl.as_millis() as u64;
+        let value = if joined { shared.presence_value(expires, who.user.as_deref()) } else { String::new() };
+        let event = format!(
+            "{}\n{topic}\n{}\n{}\n{}",
+            if joined { "j" } else { "l" },
+            shared.node_id,
+            who.peer,
+            who.user.as_deref().unwrap_or("")
+        );
+        shared.queue(Outgoing::Presence { topic: topic.clone(), peer: who.peer.clone(), value, event });
     }
 
     fn remote_presence<'a>(&'a self, topic: &'a Topic) -> Pending<'a, Vec<PresenceEntry>> {
