@@ -10,6 +10,8 @@
 #   BENCH_SERVERS=crosswire scripts/bench.sh
 #   BENCH_PIN=1 scripts/bench.sh          # server on CPU 0, load generator on CPU 1
 #   BENCH_SCENARIOS=cluster scripts/bench.sh   # only the two-node runs over Redis
+#   BENCH_PERF=1 scripts/bench.sh         # also sample each server with `perf record`: where its
+#                                         # CPU goes, kernel vs user space (<run>.perf.txt)
 #
 # Raw results (one JSON file per run, the servers' logs, a table) go to
 # test-output/bench/<UTC time>/. Nothing system-wide is changed.
@@ -21,6 +23,7 @@ RUNS=${BENCH_RUNS:-3}
 REPORT_ONLY=${BENCH_REPORT:-}
 SERVERS=${BENCH_SERVERS:-"crosswire bun"}
 PIN=${BENCH_PIN:-0}
+PERF=${BENCH_PERF:-0}
 BUN_VERSION=1.4.5
 BUN=bench/bun/node_modules/@oven/bun-linux-x64/bin/bun
 OUT=${REPORT_ONLY:-test-output/bench/$(date -u +%Y%m%dT%H%M%SZ)}
@@ -101,9 +104,42 @@ SERVER_CPU=() LOADGEN_CPU=()
 if [[ $PIN == 1 ]]; then SERVER_CPU=(taskset -c 0) LOADGEN_CPU=(taskset -c 1); fi
 TARGET=${CARGO_TARGET_DIR:-target}
 
+# With BENCH_PERF=1, `perf record` samples the server (software clock: no
+# hardware counters needed) for the whole run; <run>.perf.txt gets the share of
+# its samples in the kernel and in each binary, and its hottest functions.
+PERF_PID=""
+perf_start() { # <run prefix>
+  [[ $PERF == 1 ]] || return 0
+  perf record -q -e cpu-clock -F 999 -p "$SERVER_PID" -o "$1.perf.data" 2>/dev/null &
+  PERF_PID=$!
+}
+perf_stop() { # <run prefix>
+  [[ -n $PERF_PID ]] || return 0
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+  PERF_PID=""
+  {
+    echo "# share of the server's CPU samples by binary ([kernel.kallsyms] is the kernel)"
+    perf report -i "$1.perf.data" --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 8
+    echo "# hottest functions"
+    perf report -i "$1.perf.data" --sort dso,sym --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+  } >"$1.perf.txt" || true # (head closes the pipe early)
+  rm -f "$1.perf.data"
+  # The kernel's share goes into the run's JSON, for the table.
+  local kernel
+  kernel=$(awk '!/^#/ && /\[kernel.kallsyms\]/ { sub("%", "", $1); print $1; exit }' "$1.perf.txt" || true)
+  if [[ -n $kernel && -f $1.json ]]; then
+    jq --argjson k "$kernel" '.perf_kernel_pct = $k' "$1.json" >"$1.json.tmp" && mv "$1.json.tmp" "$1.json"
+  fi
+}
+
 for tool in jq npm; do
   command -v "$tool" >/dev/null || { echo "scripts/bench.sh needs $tool" >&2; exit 2; }
 done
+if [[ $PERF == 1 ]] && ! command -v perf >/dev/null; then
+  echo "BENCH_PERF=1 needs perf (Debian: linux-perf)" >&2
+  exit 2
+fi
 if [[ $PIN == 1 ]] && ! command -v taskset >/dev/null; then
   echo "BENCH_PIN=1 needs taskset (util-linux)" >&2
   exit 2
@@ -174,10 +210,12 @@ for scenario in $SCENARIOS; do
       wait_quiet
       start_server "$server" "$base.server" "$([[ $scenario == chat ]] && echo seed)"
       echo "== $scenario run $run: $server (port $PORT; CPUs ${BUSY}% busy before; $(uptime | sed 's/.*load/load/'))"
+      perf_start "$base"
       if [[ $scenario == chat ]]; then
         # shellcheck disable=SC2086
         "${LOADGEN_CPU[@]}" "$TARGET"/release/chat --addr "127.0.0.1:$PORT" --pid "$SERVER_PID" --label "$scenario/$server" \
           --json "$base.json" ${SCENARIO[$scenario]} || echo "   (run failed; recorded as missing)"
+        perf_stop "$base"
         stop_server
         continue
       fi
@@ -185,6 +223,7 @@ for scenario in $SCENARIOS; do
         # shellcheck disable=SC2086
         "${LOADGEN_CPU[@]}" "$TARGET"/release/idle --addr "127.0.0.1:$PORT" --pid "$SERVER_PID" --label "$scenario/$server" \
           --json "$base.json" ${SCENARIO[$scenario]} || echo "   (run failed; recorded as missing)"
+        perf_stop "$base"
         stop_server
         continue
       fi
@@ -193,6 +232,7 @@ for scenario in $SCENARIOS; do
         --server-pid "$SERVER_PID" --json "$base.json" --meta "cpu_busy_before=$BUSY" $COMMON ${SCENARIO[$scenario]}; then
         echo "   (run failed; recorded as missing)"
       fi
+      perf_stop "$base"
       stop_server
     done
   done
@@ -303,14 +343,15 @@ jq -s -r '
       errors: (map(if .errors == null then 0 else .errors.lost + .errors.seq_out_of_order + .errors.unparsed
                    + ([.errors.subscriber_error_frames[], .errors.publisher_error_frames[], .errors.closed_connections[]] | add // 0) end) | add),
       load: (map(.loadavg_at_start[0]) | median),
+      kernel: (map(.perf_kernel_pct) | map(select(. != null)) | median),
       busy: (map(.meta.cpu_busy_before // "0" | tonumber) | max)
     })
   | (["scenario/server", "runs", "deliveries/s", "publishes/s", "p50 ms", "p99 ms", "max ms",
-      "server CPU %", "loadgen CPU %", "deliveries per server CPU-s", "errors", "load (1 min)", "max busy before %"] | join(" | ")),
-    ([range(13) | "---"] | join(" | ")),
+      "server CPU %", "loadgen CPU %", "deliveries per server CPU-s", "errors", "load (1 min)", "max busy before %", "server CPU in kernel %"] | join(" | ")),
+    ([range(14) | "---"] | join(" | ")),
     (.[] | [.label, (.runs | tostring), (.dps | m), (.pps | if . == null then "-" else round | tostring end),
             (.p50 | ms | r(2)), (.p99 | ms | r(2)), (.max | ms | r(2)), (.scpu | r(0)), (.lcpu | r(0)), (.per_cpu | m),
-            (.errors | tostring), (.load | r(2)), (.busy | tostring)]
+            (.errors | tostring), (.load | r(2)), (.busy | tostring), (.kernel | r(0))]
           | join(" | "))
 ' "$OUT"/*.json | sed 's/^/| /; s/$/ |/' | tee "$OUT/table.md"
 
