@@ -155,18 +155,18 @@ pub(crate) async fn serve<H: Hooks>(
                     break;
                 }
             }
-            match run.next_hook(&mut read, &mut write) {
+            let next = if read.is_drained() { Next::Wait } else { run.next_hook(&mut read, &mut write) };
+            match next {
                 Next::Hook(h) => hook = Some(h),
+                // Nothing more can come: the server's close is out and the
+                // peer's input is past reading.
+                Next::Wait if !run.reading && run.written.is_some() => break,
                 Next::Wait => {}
                 Next::End => break,
             }
-            if !run.reading && run.written.is_some() {
-                break;
-            }
         }
-        if write.is_open() {
-            write.refill(&mut rx.frames);
-        }
+        // The pongs for pings just read, or a ping that waited for the last batch.
+        write.refill_if_owed(&mut rx.frames);
         let hook_running = hook.is_some();
         let open = write.is_open();
         let batch_idle = write.batch.frames.is_empty();
@@ -185,7 +185,7 @@ pub(crate) async fn serve<H: Hooks>(
         match event {
             Event::HookDone => hook = None,
             Event::CloseAsked => write.begin_close(&mut rx, None),
-            Event::Queued(true) => {} // taken at the top of the loop
+            Event::Queued(true) => write.refill(&mut rx.frames),
             Event::Queued(false) => write.begin_close(&mut rx, None),
             Event::Tick => {
                 if read.last_heard.elapsed() >= heartbeat * 2 {
@@ -311,6 +311,10 @@ impl ReadSide {
     /// Reads until a message, a control frame or the end is complete, or
     /// the socket has nothing more now.
     fn poll_read(&mut self, cx: &mut Context<'_>, io: &mut Io) -> Poll<()> {
+        // A burst of small messages leaves its capacity behind; an idle peer should not keep it.
+        if self.inbox.is_empty() && self.inbox.capacity() > IDLE_CAPACITY {
+            self.inbox = VecDeque::new();
+        }
         while self.is_drained() {
             let max_read = self.max_read;
             let read = with_scratch(|scratch| {
@@ -393,10 +397,6 @@ impl<'a, H: Hooks> Run<'a, H> {
             if !peer.outbox().is_closing() {
                 return Next::Hook(Box::pin(hooks.message(peer, message)));
             }
-        }
-        // A burst of small messages leaves its capacity behind; an idle peer should not keep it.
-        if read.inbox.capacity() > IDLE_CAPACITY {
-            read.inbox = VecDeque::new();
         }
         match read.end.take() {
             None => Next::Wait,
@@ -584,11 +584,20 @@ impl WriteSide {
         self.pongs.push(Frame::pong(payload));
     }
 
+    /// Starts a batch if none is being written and the connection owes the
+    /// peer a frame of its own (a ping, pongs). Queued traffic alone waits
+    /// for the queue's wake-up: looking into the queue takes its lock.
+    fn refill_if_owed(&mut self, rx: &mut FrameReceiver) {
+        if self.ping_due || !self.pongs.is_empty() {
+            self.refill(rx);
+        }
+    }
+
     /// Starts the next batch once the last is written: the heartbeat's ping
     /// and the pongs first (they answer what was already read, and must not
     /// wait behind a backlog the peer may be slow to take), then the queue.
     fn refill(&mut self, rx: &mut FrameReceiver) {
-        if !self.batch.frames.is_empty() {
+        if !self.is_open() || !self.batch.frames.is_empty() {
             return;
         }
         if std::mem::take(&mut self.ping_due) {
