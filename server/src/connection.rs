@@ -143,8 +143,13 @@ pub(crate) async fn serve<H: Hooks>(
     // boxed (the hooks, the close): an idle peer holds this future for as
     // long as it is connected, and its size is that of its largest step,
     // not of the step it is waiting in.
+    // The shutdown closes the peers registered when it began (see
+    // `shutdown`); this one may have registered after.
+    if shutdown.is_draining() {
+        let (code, reason) = shutdown.kind().close_frame();
+        peer.outbox().close_now(code, reason);
+    }
     let mut hook: Option<HookFuture<'_>> = Some(Box::pin(hooks.open(peer)));
-    let mut shutting_down = false;
 
     loop {
         if hook.is_none() {
@@ -178,7 +183,6 @@ pub(crate) async fn serve<H: Hooks>(
             _ = rx.close.changed(), if open => Event::CloseAsked,
             more = rx.frames.ready(), if open && batch_idle => Event::Queued(more),
             _ = ticker.tick(), if open => Event::Tick,
-            _ = shutdown.cancelled(), if !shutting_down => Event::Shutdown,
             _ = sleep_until(deadline) => Event::Deadline,
             event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, reading)) => event,
         };
@@ -195,11 +199,6 @@ pub(crate) async fn serve<H: Hooks>(
                 } else {
                     write.ping_due = true;
                 }
-            }
-            Event::Shutdown => {
-                shutting_down = true;
-                let (code, reason) = shutdown.kind().close_frame();
-                peer.outbox().close_now(code, reason);
             }
             Event::Deadline => break,
             Event::Read => {} // handed to the hooks at the top of the loop
@@ -232,7 +231,6 @@ enum Event {
     /// Frames were queued (true), or every sender is gone (false).
     Queued(bool),
     Tick,
-    Shutdown,
     Deadline,
     /// The reader has something for the hooks, or the reading ended.
     Read,

@@ -331,6 +331,14 @@ async fn drain(state: &ServerState, shutdown: ShutdownController, kind: Shutdown
     let grace = state.config.shutdown_grace;
     let peers = state.peer_count();
     tracing::info!(peers, ?kind, "shutting down");
+    // Connections do not watch the shutdown token (see `shutdown`): every
+    // peer registered now is told here, after the token is cancelled, and
+    // one registering later sees it cancelled when its connection starts.
+    shutdown.signal(kind);
+    let (code, reason) = kind.close_frame();
+    for peer in state.peer_list() {
+        peer.outbox.close_now(code, reason);
+    }
     let drained = shutdown.drain(grace, kind).await;
     match (drained.aborted, state.peer_count()) {
         (0, _) => tracing::info!(peers, "shutdown complete: every connection closed"),
