@@ -92,9 +92,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The size of each worker's scratch buffer: the most a single read takes.
 const SCRATCH_SIZE: usize = 64 * 1024;
 
-/// Pongs waiting for the write side at most: a peer that pings faster than
-/// it reads gets answers to its latest pings only (RFC 6455 §5.5.3 allows
-/// answering the last one only).
+/// Pongs waiting for the write side at most: past them, what the peer sent
+/// after the next ping waits until they are written (every ping is answered,
+/// and a peer that pings without reading holds no more than this).
 const MAX_PONGS: usize = 8;
 
 thread_local! {
@@ -380,7 +380,12 @@ impl<'a, H: Hooks> Run<'a, H> {
                 Received::Text(text) => Message::from_text_frame(text),
                 Received::Binary(data) => Message::Binary(data),
                 Received::Ping(payload) => {
-                    write.pong(&payload);
+                    if !write.pong(&payload) {
+                        // Enough pongs are owed already: the rest of what was
+                        // read waits until they are out.
+                        read.inbox.push_front(Received::Ping(payload));
+                        return Next::Wait;
+                    }
                     continue;
                 }
                 Received::Pong => continue,
@@ -571,15 +576,17 @@ impl WriteSide {
         self.closing.is_none() && self.exit.is_none()
     }
 
-    /// Queues the answer to a ping, unless the server's close is decided.
-    fn pong(&mut self, payload: &Bytes) {
+    /// Queues the answer to a ping (none once the server's close is
+    /// decided); false, queuing nothing, while [`MAX_PONGS`] are owed.
+    fn pong(&mut self, payload: &Bytes) -> bool {
         if !self.is_open() {
-            return;
+            return true;
         }
         if self.pongs.len() >= MAX_PONGS {
-            self.pongs.remove(0);
+            return false;
         }
         self.pongs.push(Frame::pong(payload));
+        true
     }
 
     /// Starts a batch if none is being written and the connection owes the
