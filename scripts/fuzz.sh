@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of the protocol decoder and the handshake validator with
+# Bounded fuzzing of the protocol decoder, the handshake validator and the
+# WebSocket reader (the bytes a client sends, cut into reads anywhere) with
 # cargo fuzz (libFuzzer) on the nightly toolchain. Each target runs for
 # FUZZ_SECONDS (default 30); any crash fails the script and leaves the input
 # in fuzz/artifacts/<target>/. Installs cargo-fuzz when missing.
@@ -19,7 +20,7 @@ if [ "$(cargo fuzz --version 2>/dev/null | awk '{print $2}')" != "$CARGO_FUZZ_VE
 fi
 
 status=0
-for target in decode_frame validate_upgrade; do
+for target in decode_frame validate_upgrade read_frames; do
   echo "[fuzz] $target for ${SECONDS_PER_TARGET}s"
   # A scratch copy of the seed corpus: libFuzzer adds to it, the repo stays clean.
   work="../test-output/fuzz/$target"

@@ -85,10 +85,11 @@ pub struct ServerConfig {
     pub publish_rate: u32,
     /// Publishes one peer may make in a burst. Default 200.
     pub publish_burst: u32,
-    /// tungstenite's read buffer per connection, also the most one read
-    /// takes. Default 4 KiB: tungstenite allocates it eagerly and keeps it
-    /// while the peer is idle, so across ten thousand idle peers 16 KiB
-    /// was 160 MB; small messages still arrive many to a read.
+    /// The most bytes one read from a peer's socket takes (at most 64 KiB).
+    /// Reads land in a buffer shared by the connections of a worker thread,
+    /// so this costs no memory per connection; it bounds how many messages
+    /// one read hands a peer's hooks at once. Default 4 KiB: small messages
+    /// still arrive many to a read.
     pub read_buffer_size: usize,
     /// The most bytes one `writev` of queued frames hands the socket (at
     /// least one frame always goes). Default 64 KiB: with 4 KiB messages,

@@ -1,7 +1,30 @@
-//! One peer's connection after the upgrade: its read loop, which feeds the
-//! hooks, and its write loop, which drains the peer's outbound queue into the
-//! socket in batches, keeps the heartbeat, and drops a peer whose socket
-//! stops taking bytes.
+//! One peer's connection after the upgrade, on one task that owns the
+//! socket: it reads the peer's frames and hands its messages to the hooks,
+//! drains the peer's outbound queue into the socket in batches, keeps the
+//! heartbeat, and drops a peer whose socket stops taking bytes.
+//!
+//! Reading: bytes land in a scratch buffer shared by every connection of a
+//! worker thread, borrowed only inside one poll, and [`MessageReader`] turns
+//! them into messages that own their payload. A connection keeps bytes of
+//! its own only while a frame or message is cut by the end of a read: an
+//! idle peer holds no read buffer (see `message_reader` for why not
+//! tungstenite's reader).
+//!
+//! Writing: the queued frames, already encoded once per message ([`Frame`]),
+//! go straight to the socket with one `writev` per batch: no per-peer
+//! framing, no copy into a write buffer. The connection's own frames (the
+//! heartbeat's ping, pongs, the echo of the peer's close, the server's
+//! close) are put in the same batches, so frames never interleave and a
+//! pong goes before the backlog the peer may be slow to take.
+//!
+//! One task does both, and the writes do not wait for the hooks: a hook's
+//! future is polled together with the write side (and the queue, the close
+//! requests, the heartbeat), so a slow `message` hook does not make its own
+//! peer a slow consumer. Reading pauses while a hook runs: hooks for one
+//! peer run one at a time, in order. Every step's progress is kept in plain
+//! fields (the batch and its offset, the reader's state), never in a future
+//! dropped at the next event: a write interrupted by a close request resumes
+//! where the socket stopped taking bytes.
 //!
 //! A socket that takes no byte for the write timeout fails its write with
 //! `TimedOut` (the standalone listener wraps every connection in
@@ -10,57 +33,40 @@
 //! whether or not its queue ever filled.
 //!
 //! Every close the server decides on ends the same way: the close frame
-//! (written as long as the socket keeps taking bytes), then a lingering close. The server shuts its
-//! side and reads what the client still sends until the client closes too,
-//! for a bounded time. Dropping a socket with unread input makes the kernel
-//! answer with a reset, and a reset can overtake the close frame: the client
-//! would see 1006 instead of 1009 or 1013.
-//!
-//! The two directions are split. tungstenite reads (fragments, UTF-8, size
-//! limits, protocol errors) on the read half; the write loop writes the
-//! queued frames, already encoded once per message ([`Frame`]), straight to
-//! the write half with one `writev` per batch: no per-peer framing, no copy
-//! into a write buffer. tungstenite's own replies (pongs, the echo of the
-//! peer's close) are caught by [`ReadSide`] and handed to the write loop,
-//! which sends them in order with the rest.
+//! (written as long as the socket keeps taking bytes), then a lingering
+//! close. The server shuts its side and reads what the client still sends
+//! until the client closes too, for a bounded time. Dropping a socket with
+//! unread input makes the kernel answer with a reset, and a reset can
+//! overtake the close frame: the client would see 1006 instead of 1009 or
+//! 1013.
 
 use std::{
+    cell::RefCell,
     collections::VecDeque,
-    future::poll_fn,
+    future::{poll_fn, Future},
     io::{self, IoSlice},
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    task::{Context, Poll},
+    sync::Arc,
+    task::{ready, Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
 use crosswire_shared::close_code;
-use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf},
-    sync::Notify,
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{timeout, Instant},
 };
-use tokio_tungstenite::{
-    tungstenite::{
-        self,
-        error::{CapacityError, Error as WsError},
-        protocol::{frame::coding::CloseCode, CloseFrame, Role},
-    },
-    WebSocketStream,
-};
+use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
 
 use crate::{
     frame::Frame,
     hooks::{CloseDetails, Hooks, PeerError},
     message::Message,
-    outbox::{Outbox, OutboxReceiver, Queued, IDLE_CAPACITY},
+    message_reader::{MessageReader, ReadError, Received},
+    outbox::{FrameReceiver, OutboxReceiver, Queued, IDLE_CAPACITY},
     peer::Peer,
     shutdown::ShutdownHandles,
     state::ServerState,
@@ -68,10 +74,8 @@ use crate::{
 };
 
 type Io = WriteTimeout<TokioIo<Upgraded>>;
-type Socket = WebSocketStream<ReadSide>;
-type Sink = WriteHalf<Io>;
 
-/// How many queued frames the write loop takes at a time: under load, one
+/// How many queued frames the write side takes at a time: under load, one
 /// syscall carries many frames.
 const WRITE_BATCH: usize = 64;
 
@@ -81,137 +85,262 @@ const MAX_IOV: usize = 64;
 /// Batches up to this many frames use a small slice array.
 const FEW_IOV: usize = 4;
 
-/// tungstenite's side of the socket: it reads from the read half, and what
-/// it writes (only its automatic replies: pongs and the close echo, since
-/// every other frame goes through the write loop) is kept for the write loop
-/// to send, so nothing else ever writes to the socket and the frames cannot
-/// interleave.
-struct ReadSide {
-    io: ReadHalf<Io>,
-    replies: Arc<Replies>,
-}
-
-/// tungstenite's replies, waiting for the write loop.
-#[derive(Default)]
-struct Replies {
-    state: Mutex<RepliesState>,
-    notify: Notify,
-}
-
-#[derive(Default)]
-struct RepliesState {
-    /// Complete frames, as tungstenite encoded them; empty (unallocated) while idle.
-    bytes: Vec<u8>,
-    /// tungstenite has written its echo of the peer's close (into `bytes`,
-    /// or already taken): the echo is the server's close frame, and nothing
-    /// may follow it. Set under the same lock as the echo's bytes arrive, so
-    /// the write loop never takes the echo without seeing it is one.
-    peer_closed: bool,
-}
-
-impl Replies {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RepliesState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The replies written so far, as one frame sequence for the batch, while
-    /// the connection is open; `Err` once the peer's close is in, leaving the
-    /// echo for the write loop's close.
-    fn take_unless_closed(&self) -> Result<Option<Frame>, ()> {
-        let mut st = self.lock();
-        if st.peer_closed {
-            return Err(());
-        }
-        let bytes = std::mem::take(&mut st.bytes);
-        Ok((!bytes.is_empty()).then(|| Frame::from_wire(Bytes::from(bytes))))
-    }
-
-    fn peer_closed(&self) -> bool {
-        self.lock().peer_closed
-    }
-
-    /// The last replies, and whether the peer's close (and so the echo,
-    /// now or earlier) is among them, read together.
-    fn take_last(&self) -> (Option<Frame>, bool) {
-        let mut st = self.lock();
-        let bytes = std::mem::take(&mut st.bytes);
-        ((!bytes.is_empty()).then(|| Frame::from_wire(Bytes::from(bytes))), st.peer_closed)
-    }
-}
-
-/// Whether `frames` (complete, unmasked frames back to back) hold a close frame.
-fn holds_close(mut frames: &[u8]) -> bool {
-    while frames.len() >= 2 {
-        let (opcode, len7) = (frames[0] & 0x0f, frames[1] & 0x7f);
-        if opcode == 0x8 {
-            return true;
-        }
-        let (head, len) = match len7 {
-            126 if frames.len() >= 4 => (4, u64::from(u16::from_be_bytes([frames[2], frames[3]]))),
-            127 if frames.len() >= 10 => (10, u64::from_be_bytes(frames[2..10].try_into().expect("8 bytes"))),
-            126 | 127 => return false,
-            short => (2, u64::from(short)),
-        };
-        let Some(next) = usize::try_from(len).ok().and_then(|l| l.checked_add(head)) else { return false };
-        frames = frames.get(next..).unwrap_or_default();
-    }
-    false
-}
-
-impl AsyncRead for ReadSide {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for ReadSide {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let mut st = self.replies.lock();
-        st.bytes.extend_from_slice(buf);
-        // tungstenite, as a server, writes a close frame only to answer the peer's.
-        st.peer_closed |= holds_close(&st.bytes);
-        drop(st);
-        self.replies.notify.notify_one();
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// How long the server waits for the peer's close reply once its own close
 /// frame is out, and how long the lingering close reads before giving up.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// When the peer was last heard from, as milliseconds since the connection
-/// started (an atomic, so the read loop stamps and the heartbeat checks
-/// without a lock).
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+/// The size of each worker's scratch buffer: the most a single read takes.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+/// Pongs waiting for the write side at most: past them, what the peer sent
+/// after the next ping waits until they are written (every ping is answered,
+/// and a peer that pings without reading holds no more than this).
+const MAX_PONGS: usize = 8;
+
+thread_local! {
+    /// Where reads land: one buffer per worker thread, zeroed once, borrowed
+    /// only inside one synchronous poll (never across an `.await`, so a task
+    /// moving to another worker cannot hold it).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
 }
 
-impl Activity {
-    fn new() -> Self {
-        Self { start: Instant::now(), last_ms: AtomicU64::new(0) }
+/// Runs `f` on the worker's scratch buffer.
+fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        // Polls do not nest, so it is never borrowed here; were it ever, a
+        // small buffer of its own is slower but as correct.
+        Err(_) => f(&mut [0; 4096]),
+    })
+}
+
+/// The connection's hooks future while one runs (boxed: an idle connection
+/// holds none).
+type HookFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// Runs a peer from the completed upgrade to the end of its connection.
+pub(crate) async fn serve<H: Hooks>(
+    state: Arc<ServerState>,
+    hooks: Arc<H>,
+    upgraded: Upgraded,
+    write_timeout: Option<Duration>,
+    peer: Peer<H::Context>,
+    mut rx: OutboxReceiver,
+    shutdown: ShutdownHandles,
+) {
+    let (hooks, peer) = (&*hooks, &peer);
+    let mut io = WriteTimeout::new(TokioIo::new(upgraded), write_timeout);
+    let limit = state.config.max_message_size;
+    let max_read = state.config.read_buffer_size.clamp(1, SCRATCH_SIZE);
+    let mut read = ReadSide::new(MessageReader::new(limit, limit), max_read);
+    let mut write = WriteSide::new(&state);
+    let heartbeat = state.config.heartbeat;
+    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut run = Run::new(&state, hooks, peer);
+    tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
+    // Everything that runs for a while but not while the peer is idle is
+    // boxed (the hooks, the close): an idle peer holds this future for as
+    // long as it is connected, and its size is that of its largest step,
+    // not of the step it is waiting in.
+    // The shutdown closes the peers registered when it began (see
+    // `shutdown`); this one may have registered after.
+    if shutdown.is_draining() {
+        let (code, reason) = shutdown.kind().close_frame();
+        peer.outbox().close_now(code, reason);
+    }
+    let mut hook: Option<HookFuture<'_>> = Some(Box::pin(hooks.open(peer)));
+
+    loop {
+        if hook.is_none() {
+            // Between hooks: what ended the write side, then what was read,
+            // one hook at a time and in order.
+            if let Some(exit) = write.exit.take() {
+                if let Flow::End = Box::pin(run.on_write_exit(exit)).await {
+                    break;
+                }
+            }
+            let next = if read.is_drained() { Next::Wait } else { run.next_hook(&mut read, &mut write) };
+            match next {
+                Next::Hook(h) => hook = Some(h),
+                // Nothing more can come: the server's close is out and the
+                // peer's input is past reading.
+                Next::Wait if !run.reading && run.written.is_some() => break,
+                Next::Wait => {}
+                Next::End => break,
+            }
+        }
+        // The pongs for pings just read, or a ping that waited for the last batch.
+        write.refill_if_owed(&mut rx.frames);
+        let hook_running = hook.is_some();
+        let open = write.is_open();
+        let batch_idle = write.batch.frames.is_empty();
+        let reading = run.reading && !hook_running && read.is_drained();
+        let deadline = run.deadline.filter(|_| !hook_running);
+        let event = tokio::select! {
+            biased;
+            () = async { if let Some(h) = hook.as_mut() { h.await } }, if hook_running => Event::HookDone,
+            _ = rx.close.changed(), if open => Event::CloseAsked,
+            more = rx.frames.ready(), if open && batch_idle => Event::Queued(more),
+            _ = ticker.tick(), if open => Event::Tick,
+            _ = sleep_until(deadline) => Event::Deadline,
+            event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, reading)) => event,
+        };
+        match event {
+            Event::HookDone => hook = None,
+            Event::CloseAsked => write.begin_close(&mut rx, None),
+            Event::Queued(true) => write.refill(&mut rx.frames),
+            Event::Queued(false) => write.begin_close(&mut rx, None),
+            Event::Tick => {
+                if read.last_heard.elapsed() >= heartbeat * 2 {
+                    // The peer was silent for two heartbeats: close it (3008).
+                    peer.outbox().close_now(close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+                    write.begin_close(&mut rx, None);
+                } else {
+                    write.ping_due = true;
+                }
+            }
+            Event::Deadline => break,
+            Event::Read => {} // handed to the hooks at the top of the loop
+            Event::Written(result) => write.after_batch(result, &mut rx.frames),
+        }
     }
 
-    fn touch(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+    let details = Box::pin(run.finish(&mut io, &mut write, &mut rx)).await;
+    peer.leave_all();
+    state.unregister_peer(peer.id());
+    tracing::debug!(peer = %peer, code = details.code, reason = %details.reason, "close");
+    Box::pin(hooks.close(peer, details)).await;
+    if matches!(run.written, Some(WriterExit::Closed(_))) {
+        Box::pin(linger(&mut io)).await;
     }
 }
 
-/// How the write loop ended.
+/// Sleeps until `deadline`, or forever.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What woke the connection.
+enum Event {
+    HookDone,
+    CloseAsked,
+    /// Frames were queued (true), or every sender is gone (false).
+    Queued(bool),
+    Tick,
+    Deadline,
+    /// The reader has something for the hooks, or the reading ended.
+    Read,
+    /// The batch was written (or its write failed).
+    Written(io::Result<()>),
+}
+
+/// One poll of the socket, both ways: the batch's progress, then (when the
+/// connection wants input) a read.
+fn poll_io(
+    cx: &mut Context<'_>,
+    io: &mut Io,
+    read: &mut ReadSide,
+    write: &mut WriteSide,
+    reading: bool,
+) -> Poll<Event> {
+    if write.exit.is_none() && !write.batch.frames.is_empty() {
+        if let Poll::Ready(result) = write.batch.poll_write_all(cx, io, write.max_batch_bytes) {
+            return Poll::Ready(Event::Written(result));
+        }
+    }
+    if reading {
+        if let Poll::Ready(()) = read.poll_read(cx, io) {
+            return Poll::Ready(Event::Read);
+        }
+    }
+    Poll::Pending
+}
+
+/// Whether the connection's loop goes on.
+enum Flow {
+    Continue,
+    End,
+}
+
+/// What the connection does next between hooks.
+enum Next<'a> {
+    Hook(HookFuture<'a>),
+    Wait,
+    End,
+}
+
+/// How reading ended.
+enum ReadEnd {
+    /// The peer broke the protocol.
+    Failed(ReadError),
+    /// The socket is gone (end of stream, or an error).
+    Gone,
+}
+
+/// The connection's reading: the reader's state and what it completed
+/// that the hooks have not had yet.
+struct ReadSide {
+    reader: MessageReader,
+    /// Complete messages and control frames, oldest first; empty
+    /// (unallocated) while the peer is idle.
+    inbox: VecDeque<Received>,
+    /// Set once reading has ended; acted on once `inbox` is drained.
+    end: Option<ReadEnd>,
+    /// When the peer was last heard from: what the heartbeat checks.
+    last_heard: Instant,
+    /// The most one read takes (the configured read size).
+    max_read: usize,
+}
+
+impl ReadSide {
+    fn new(reader: MessageReader, max_read: usize) -> Self {
+        Self { reader, inbox: VecDeque::new(), end: None, last_heard: Instant::now(), max_read }
+    }
+
+    /// Whether everything read has been handed on, and reading may go on.
+    fn is_drained(&self) -> bool {
+        self.inbox.is_empty() && self.end.is_none()
+    }
+
+    /// Reads until a message, a control frame or the end is complete, or
+    /// the socket has nothing more now.
+    fn poll_read(&mut self, cx: &mut Context<'_>, io: &mut Io) -> Poll<()> {
+        // A burst of small messages leaves its capacity behind; an idle peer should not keep it.
+        if self.inbox.is_empty() && self.inbox.capacity() > IDLE_CAPACITY {
+            self.inbox = VecDeque::new();
+        }
+        while self.is_drained() {
+            let max_read = self.max_read;
+            let read = with_scratch(|scratch| {
+                let len = max_read.min(scratch.len());
+                let mut buf = ReadBuf::new(&mut scratch[..len]);
+                match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "socket error");
+                        Poll::Ready(Some(ReadEnd::Gone))
+                    }
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Some(ReadEnd::Gone)),
+                    Poll::Ready(Ok(())) => {
+                        // Any bytes count as a sign of life, the heartbeat's pongs among them.
+                        self.last_heard = Instant::now();
+                        Poll::Ready(self.reader.read(buf.filled(), &mut self.inbox).err().map(ReadEnd::Failed))
+                    }
+                }
+            });
+            if let Some(end) = ready!(read) {
+                self.end = Some(end);
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+/// How the write side ended.
 enum WriterExit {
     /// It sent this close frame (or the socket refused it: the peer closed first).
     Closed(CloseFrame),
@@ -221,101 +350,17 @@ enum WriterExit {
     Failed(String),
 }
 
-/// Runs a peer from the completed upgrade to the end of its connection.
-pub(crate) async fn serve<H: Hooks>(
-    state: Arc<ServerState>,
-    hooks: Arc<H>,
-    upgraded: Upgraded,
-    write_timeout: Option<Duration>,
-    peer: Peer<H::Context>,
-    outbox_rx: OutboxReceiver,
-    shutdown: ShutdownHandles,
-) {
-    let io = WriteTimeout::new(TokioIo::new(upgraded), write_timeout);
-    let (read, sink) = tokio::io::split(io);
-    let replies = Arc::new(Replies::default());
-    let read = ReadSide { io: read, replies: Arc::clone(&replies) };
-    let mut stream = Socket::from_raw_socket(read, Role::Server, Some(state.ws_config())).await;
-    let activity = Arc::new(Activity::new());
-    let writer = Writer {
-        outbox: peer.outbox().clone(),
-        heartbeat: state.config.heartbeat,
-        write_timeout: state.config.write_timeout,
-        max_batch_bytes: state.config.write_buffer_size.max(1),
-        activity: Arc::clone(&activity),
-        replies,
-    };
-    let mut writer = shutdown.spawn(writer.run(sink, outbox_rx));
-    tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
-    // Everything that runs for a while but not while the peer is idle is
-    // boxed (the hooks, handling a frame, the close): an idle peer holds this
-    // future for as long as it is connected, and its size is that of its
-    // largest step, not of the step it is waiting in.
-    Box::pin(hooks.open(&peer)).await;
-
-    let mut run = Run::new(&state, &*hooks, &peer);
-    let mut shutting_down = false;
-    loop {
-        let until_deadline = async {
-            match run.deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        let flow = tokio::select! {
-            next = stream.next(), if run.reading => {
-                activity.touch();
-                if let Some(Ok(tungstenite::Message::Close(_))) = &next {
-                    // tungstenite has queued its echo of the peer's close:
-                    // flushing moves it to the replies, where the write loop
-                    // sends it as the server's close. (The flush then reports
-                    // the connection closed, which it now is.)
-                    let _ = stream.flush().await;
-                }
-                Box::pin(run.on_read(next)).await
-            }
-            exit = &mut writer, if run.writer_exit.is_none() => Box::pin(run.on_writer_exit(exit)).await,
-            _ = shutdown.cancelled(), if !shutting_down => {
-                shutting_down = true;
-                let (code, reason) = shutdown.kind().close_frame();
-                peer.outbox().close_now(code, reason);
-                Flow::Continue
-            }
-            _ = until_deadline => Flow::End,
-        };
-        if let Flow::End = flow {
-            break;
-        }
-    }
-
-    let (details, sink) = Box::pin(run.finish(&mut writer)).await;
-    peer.leave_all();
-    state.unregister_peer(peer.id());
-    tracing::debug!(peer = %peer, code = details.code, reason = %details.reason, "close");
-    Box::pin(hooks.close(&peer, details)).await;
-    if let Some(sink) = sink {
-        Box::pin(linger(&mut stream.get_mut().io, sink)).await;
-    }
-}
-
-/// Whether the connection's loop goes on.
-enum Flow {
-    Continue,
-    End,
-}
-
-type WriterTask = tokio::task::JoinHandle<Option<(Sink, WriterExit)>>;
-
-/// What the read side of a connection has learnt so far about how it ends.
+/// What the connection has learnt so far about how it ends.
 struct Run<'a, H: Hooks> {
     state: &'a ServerState,
     hooks: &'a H,
     peer: &'a Peer<H::Context>,
     /// The peer's close frame, once it sent one.
     peer_close: Option<CloseDetails>,
-    writer_exit: Option<WriterExit>,
-    /// The write half, back from the write loop, for the lingering close.
-    sink: Option<Sink>,
+    /// The echo of the peer's close, until the write side takes it as the server's close.
+    echo: Option<Frame>,
+    /// How the write side ended, once the connection has acted on it.
+    written: Option<WriterExit>,
     reading: bool,
     /// Set once the server's close frame is out: how long to wait for the reply.
     deadline: Option<Instant>,
@@ -323,49 +368,69 @@ struct Run<'a, H: Hooks> {
 
 impl<'a, H: Hooks> Run<'a, H> {
     fn new(state: &'a ServerState, hooks: &'a H, peer: &'a Peer<H::Context>) -> Self {
-        Self { state, hooks, peer, peer_close: None, writer_exit: None, sink: None, reading: true, deadline: None }
+        Self { state, hooks, peer, peer_close: None, echo: None, written: None, reading: true, deadline: None }
     }
 
-    async fn on_read(&mut self, next: Option<Result<tungstenite::Message, WsError>>) -> Flow {
+    /// Hands on what was read, up to the next hook to run: pings are
+    /// answered (by the write side), pongs were a sign of life only.
+    fn next_hook(&mut self, read: &mut ReadSide, write: &mut WriteSide) -> Next<'a> {
         let (hooks, peer) = (self.hooks, self.peer);
-        match next {
-            Some(Ok(tungstenite::Message::Text(t))) => on_message(hooks, peer, Message::from_text_frame(t)).await,
-            Some(Ok(tungstenite::Message::Binary(b))) => on_message(hooks, peer, Message::Binary(b)).await,
-            Some(Ok(tungstenite::Message::Close(frame))) => {
-                // tungstenite has queued the close reply itself, and the
-                // write loop sends it: the handshake is complete.
-                self.peer_close = Some(match frame {
-                    Some(f) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
-                    None => CloseDetails { code: 1005, reason: String::new() },
-                });
-                return Flow::End;
-            }
-            Some(Ok(_)) => {} // ping/pong: answered by tungstenite, counted as activity by the caller
-            Some(Err(e)) => {
-                // The stream is fused after an error: the rest is read raw
-                // by the lingering close, once the close frame is out.
-                self.reading = false;
-                match classify(e, self.state.config.max_message_size) {
-                    Some((error, code)) => {
-                        tracing::debug!(peer = %peer, %error, "connection error");
-                        hooks.error(peer, &error).await;
-                        peer.outbox().close(code, &close_reason(&error));
+        while let Some(received) = read.inbox.pop_front() {
+            let message = match received {
+                Received::Text(text) => Message::from_text_frame(text),
+                Received::Binary(data) => Message::Binary(data),
+                Received::Ping(payload) => {
+                    if !write.pong(&payload) {
+                        // Enough pongs are owed already: the rest of what was
+                        // read waits until they are out.
+                        read.inbox.push_front(Received::Ping(payload));
+                        return Next::Wait;
                     }
-                    None => return Flow::End,
+                    continue;
                 }
+                Received::Pong => continue,
+                Received::Close(frame) => {
+                    self.peer_closed(frame);
+                    return Next::End;
+                }
+            };
+            // Once the server has decided to close the peer, its frames are
+            // read (so the close handshake completes) but not acted on: an
+            // expired token publishes nothing.
+            if !peer.outbox().is_closing() {
+                return Next::Hook(Box::pin(hooks.message(peer, message)));
             }
-            None => return Flow::End,
         }
-        Flow::Continue
+        match read.end.take() {
+            None => Next::Wait,
+            Some(ReadEnd::Gone) => Next::End,
+            Some(ReadEnd::Failed(e)) => {
+                // The rest is read raw by the lingering close, once the close frame is out.
+                self.reading = false;
+                let (error, code) = classify(e, self.state.config.max_message_size);
+                tracing::debug!(peer = %peer, %error, "connection error");
+                Next::Hook(Box::pin(async move {
+                    hooks.error(peer, &error).await;
+                    peer.outbox().close(code, &close_reason(&error));
+                }))
+            }
+        }
     }
 
-    async fn on_writer_exit(&mut self, exit: Result<Option<(Sink, WriterExit)>, tokio::task::JoinError>) -> Flow {
-        let (returned, exit) = match exit {
-            Ok(Some((sink, exit))) => (Some(sink), exit),
-            Ok(None) => return Flow::End, // aborted at the end of the shutdown grace
-            Err(e) => (None, WriterExit::Failed(e.to_string())),
+    /// The peer's close: the handshake is complete once the echo is out.
+    fn peer_closed(&mut self, frame: Option<CloseFrame>) {
+        let (details, echo) = match frame {
+            Some(f) => {
+                let code = u16::from(f.code);
+                (CloseDetails { code, reason: f.reason.to_string() }, Frame::close(code, &f.reason))
+            }
+            None => (CloseDetails { code: 1005, reason: String::new() }, Frame::close_without_code()),
         };
-        self.sink = returned;
+        self.peer_close = Some(details);
+        self.echo = Some(echo);
+    }
+
+    async fn on_write_exit(&mut self, exit: WriterExit) -> Flow {
         let flow = match &exit {
             WriterExit::Closed(frame) => {
                 if u16::from(frame.code) == close_code::SLOW_CONSUMER {
@@ -385,80 +450,65 @@ impl<'a, H: Hooks> Run<'a, H> {
                 self.state.metrics.write_timed_out();
                 tracing::debug!(peer = %self.peer, ?after, "socket took no bytes; dropping the peer");
                 self.hooks.error(self.peer, &PeerError::WriteTimeout(*after)).await;
-                self.sink = None;
                 Flow::End
             }
             WriterExit::Failed(error) => {
                 tracing::debug!(peer = %self.peer, %error, "write failed");
-                self.sink = None;
                 Flow::End
             }
         };
-        self.writer_exit = Some(exit);
+        self.written = Some(exit);
         flow
     }
 
-    /// Ends the write loop if it still runs, and says how the connection
-    /// ended; returns the write half when a lingering close is worth it.
-    async fn finish(mut self, writer: &mut WriterTask) -> (CloseDetails, Option<Sink>) {
-        if self.writer_exit.is_none() {
-            // The peer closed first, or its socket is gone: stop the write loop,
-            // which also gets tungstenite's close reply out instead of its own.
+    /// Ends the write side if it still runs (the peer closed first, or its
+    /// socket is gone): the echo of the peer's close, or the server's own,
+    /// goes out if the socket takes it within the close timeout. Says how
+    /// the connection ended.
+    async fn finish(&mut self, io: &mut Io, write: &mut WriteSide, rx: &mut OutboxReceiver) -> CloseDetails {
+        if self.written.is_none() {
             self.peer.outbox().close_now(close_code::GOING_AWAY, "connection closed");
-            match timeout(CLOSE_TIMEOUT, &mut *writer).await {
-                Ok(Ok(Some((returned, exit)))) => {
-                    self.sink = Some(returned).filter(|_| matches!(exit, WriterExit::Closed(_)));
-                    self.writer_exit = Some(exit);
-                }
-                _ => writer.abort(),
+            write.begin_close(rx, self.echo.take());
+            if let Ok(exit) = timeout(CLOSE_TIMEOUT, write.close(io, &mut rx.frames)).await {
+                self.written = Some(exit);
             }
         }
-        let details = match (self.peer_close, &self.writer_exit) {
+        match (self.peer_close.take(), &self.written) {
             (Some(details), _) => details,
             (None, Some(WriterExit::Closed(f))) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
             (None, Some(WriterExit::Stalled(_))) => CloseDetails { code: 1006, reason: "write timeout".to_owned() },
             (None, _) => CloseDetails { code: 1006, reason: String::new() },
-        };
-        (details, self.sink)
-    }
-}
-
-/// Hands a data message to the hooks, unless the server has already decided
-/// to close the peer: from then on its frames are read (so the close
-/// handshake completes) but not acted on; an expired token publishes nothing.
-async fn on_message<H: Hooks>(hooks: &H, peer: &Peer<H::Context>, message: Message) {
-    if !peer.outbox().is_closing() {
-        hooks.message(peer, message).await;
+        }
     }
 }
 
 /// The lingering close: shut the write side (the close frame is out), then
 /// read and discard until the client closes too, for a bounded time.
-async fn linger(read: &mut ReadHalf<Io>, mut write: Sink) {
+async fn linger(io: &mut Io) {
     let _ = timeout(CLOSE_TIMEOUT, async {
-        let _ = write.shutdown().await;
-        let mut scrap = [0u8; 4096];
-        while matches!(read.read(&mut scrap).await, Ok(n) if n > 0) {}
+        let _ = poll_fn(|cx| Pin::new(&mut *io).poll_shutdown(cx)).await;
+        poll_fn(|cx| loop {
+            let more = ready!(with_scratch(|scratch| {
+                let mut buf = ReadBuf::new(scratch);
+                Pin::new(&mut *io).poll_read(cx, &mut buf).map(|r| r.is_ok() && !buf.filled().is_empty())
+            }));
+            if !more {
+                return Poll::Ready(());
+            }
+        })
+        .await;
     })
     .await;
 }
 
-/// Turns a read error into what to tell the hooks and the close code to send;
-/// `None` when the socket is simply gone.
-fn classify(error: WsError, limit: usize) -> Option<(PeerError, u16)> {
+/// Turns a read error into what to tell the hooks and the close code to send.
+fn classify(error: ReadError, limit: usize) -> (PeerError, u16) {
     match error {
-        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) => {
-            Some((PeerError::MessageTooBig { size, limit }, close_code::MESSAGE_TOO_BIG))
+        ReadError::TooBig { size, .. } => (PeerError::MessageTooBig { size, limit }, close_code::MESSAGE_TOO_BIG),
+        ReadError::Utf8 { .. } => (PeerError::Protocol(error.to_string()), 1007),
+        ReadError::Protocol(_) | ReadError::Header(_) => {
+            (PeerError::Protocol(error.to_string()), close_code::PROTOCOL_ERROR)
         }
-        WsError::Capacity(e) => Some((PeerError::Protocol(e.to_string()), close_code::MESSAGE_TOO_BIG)),
-        WsError::Utf8(e) => Some((PeerError::Protocol(format!("invalid UTF-8: {e}")), 1007)),
-        WsError::Protocol(e) => Some((PeerError::Protocol(e.to_string()), close_code::PROTOCOL_ERROR)),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => None,
-        WsError::Io(e) => {
-            tracing::debug!(error = %e, "socket error");
-            None
-        }
-        other => Some((PeerError::Io(other.to_string()), close_code::INTERNAL_ERROR)),
     }
 }
 
@@ -479,144 +529,177 @@ fn close_error(frame: &CloseFrame, state: &ServerState) -> Option<PeerError> {
     }
 }
 
-/// How one batch write ended.
-enum Batch {
-    Written,
-    /// A close was asked for (or the heartbeat was lost) while it was pending.
-    Close,
-    Stalled,
-    Failed(String),
+/// The server's close as the write side sends it.
+struct Closing {
+    /// What the server asked for (or, after the peer's close, what it would have).
+    frame: CloseFrame,
+    /// The frame that goes last: the server's close, or the echo of the peer's.
+    last: Frame,
+    /// Whether what is still queued goes out before it.
+    flush: bool,
+    /// Whether `last` is in the batch.
+    queued: bool,
 }
 
-/// One peer's write loop and what it needs besides the socket and queue.
-struct Writer {
-    /// For the heartbeat's own verdict; dropped before the close so the
-    /// queue cannot keep itself alive.
-    outbox: Outbox,
-    heartbeat: Duration,
-    /// Only to say how long a stalled socket was given.
-    write_timeout: Duration,
+/// One peer's write side: the frames taken and not yet written, the
+/// connection's own frames waiting for the next batch, and how it ends.
+struct WriteSide {
+    batch: Pending,
+    ping_due: bool,
+    /// Answers to pings read, for the next batch; empty (unallocated) while idle.
+    pongs: Vec<Frame>,
+    /// Set once a close was asked for (or the heartbeat was lost).
+    closing: Option<Box<Closing>>,
+    /// How it ended, until the connection acts on it.
+    exit: Option<WriterExit>,
     /// The most bytes one `writev` is handed.
     max_batch_bytes: usize,
-    activity: Arc<Activity>,
-    replies: Arc<Replies>,
+    /// Only to say how long a stalled socket was given.
+    write_timeout: Duration,
 }
 
-impl Writer {
-    /// Writes queued frames until a close is asked for, then the close frame.
-    /// The heartbeat, close requests and the stall check are served while a
-    /// write is pending: a peer that stops reading cannot hold the loop.
-    async fn run(self, mut sink: Sink, mut rx: OutboxReceiver) -> (Sink, WriterExit) {
-        let mut ticker = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ping_due = false;
-        let mut batch = Pending::default();
-        'run: loop {
-            if !ping_due {
-                tokio::select! {
-                    biased;
-                    _ = rx.close.changed() => break 'run,
-                    _ = self.replies.notify.notified() => {}
-                    more = rx.frames.ready() => if !more {
-                        break 'run;
-                    },
-                    _ = ticker.tick() => {
-                        if self.heartbeat_lost() {
-                            break 'run;
-                        }
-                        ping_due = true;
-                    }
-                }
-            }
-            if std::mem::take(&mut ping_due) {
-                batch.frames.push_back(Frame::ping().into());
-            }
-            // Replies first: a pong answers a ping already read, and must not
-            // wait behind a backlog the peer may be slow to take.
-            match self.replies.take_unless_closed() {
-                Ok(Some(replies)) => batch.frames.push_back(replies.into()),
-                Ok(None) => {}
-                Err(()) => break 'run,
-            }
-            rx.frames.take(&mut batch.frames, WRITE_BATCH);
-            let outcome = {
-                let write = batch.write_all(&mut sink, self.max_batch_bytes);
-                tokio::pin!(write);
-                loop {
-                    tokio::select! {
-                        biased;
-                        // A close request overtakes a batch the peer may never take.
-                        _ = rx.close.changed() => break Batch::Close,
-                        result = &mut write => break match result {
-                            Ok(()) => Batch::Written,
-                            Err(e) if is_stall(&e) => Batch::Stalled,
-                            Err(e) => Batch::Failed(e.to_string()),
-                        },
-                        _ = ticker.tick() => {
-                            if self.heartbeat_lost() {
-                                break Batch::Close;
-                            }
-                            ping_due = true;
-                        }
-                    }
-                }
-            };
-            match outcome {
-                Batch::Written => batch.release_idle(),
-                Batch::Close => break 'run,
-                Batch::Failed(error) => return (sink, WriterExit::Failed(error)),
-                Batch::Stalled => return (sink, WriterExit::Stalled(self.write_timeout)),
-            }
+impl WriteSide {
+    fn new(state: &ServerState) -> Self {
+        Self {
+            batch: Pending::default(),
+            ping_due: false,
+            pongs: Vec::new(),
+            closing: None,
+            exit: None,
+            max_batch_bytes: state.config.write_buffer_size.max(1),
+            write_timeout: state.config.write_timeout,
         }
-        let Writer { outbox, write_timeout, max_batch_bytes, replies, .. } = self;
-        drop(outbox);
-        let closing = rx.close.borrow().clone();
-        let (frame, flush) = match closing {
+    }
+
+    /// Whether it still takes queued traffic (no close decided, not ended).
+    fn is_open(&self) -> bool {
+        self.closing.is_none() && self.exit.is_none()
+    }
+
+    /// Queues the answer to a ping (none once the server's close is
+    /// decided); false, queuing nothing, while [`MAX_PONGS`] are owed.
+    fn pong(&mut self, payload: &Bytes) -> bool {
+        if !self.is_open() {
+            return true;
+        }
+        if self.pongs.len() >= MAX_PONGS {
+            return false;
+        }
+        self.pongs.push(Frame::pong(payload));
+        true
+    }
+
+    /// Starts a batch if none is being written and the connection owes the
+    /// peer a frame of its own (a ping, pongs). Queued traffic alone waits
+    /// for the queue's wake-up: looking into the queue takes its lock.
+    fn refill_if_owed(&mut self, rx: &mut FrameReceiver) {
+        if self.ping_due || !self.pongs.is_empty() {
+            self.refill(rx);
+        }
+    }
+
+    /// Starts the next batch once the last is written: the heartbeat's ping
+    /// and the pongs first (they answer what was already read, and must not
+    /// wait behind a backlog the peer may be slow to take), then the queue.
+    fn refill(&mut self, rx: &mut FrameReceiver) {
+        if !self.is_open() || !self.batch.frames.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.ping_due) {
+            self.batch.frames.push_back(Frame::ping().into());
+        }
+        self.batch.frames.extend(self.pongs.drain(..).map(Queued::from));
+        if self.pongs.capacity() > MAX_PONGS {
+            self.pongs = Vec::new();
+        }
+        rx.take(&mut self.batch.frames, WRITE_BATCH);
+    }
+
+    /// Turns to closing: `echo` is the echo of the peer's close, which then
+    /// is the server's close frame (a second would break the handshake).
+    fn begin_close(&mut self, rx: &mut OutboxReceiver, echo: Option<Frame>) {
+        if self.exit.is_some() {
+            return;
+        }
+        if let Some(closing) = &mut self.closing {
+            // The peer closed while the server's close was on its way:
+            // nothing more before it.
+            if echo.is_some() && closing.flush && !closing.queued {
+                closing.flush = false;
+                self.batch.keep_started();
+            }
+            return;
+        }
+        let (frame, flush) = match rx.close.borrow().clone() {
             Some(c) => (c.frame, c.flush),
             None => (CloseFrame { code: CloseCode::Normal, reason: "".into() }, true),
         };
         // A frame partly written must be finished, or the stream is corrupt;
         // the rest of the batch goes only with a graceful close, and never
         // after the peer's close (the echo must be the last frame).
-        let peer_closed = replies.peer_closed();
-        let flush = flush && !peer_closed;
+        let flush = flush && echo.is_none();
         if !flush {
-            batch.keep_started();
+            self.batch.keep_started();
         }
-        // Written as long as the socket keeps taking bytes: a peer that was cut
-        // for being slow still gets its close frame once it reads again.
-        let written = async {
-            if flush {
-                while rx.frames.take(&mut batch.frames, WRITE_BATCH) > 0 {
-                    batch.write_all(&mut sink, max_batch_bytes).await?;
-                }
-            }
-            let (pending, echoed) = replies.take_last();
-            if let Some(pending) = pending {
-                batch.frames.push_back(pending.into());
-            }
-            // After the peer's close, tungstenite's echo (just taken, or sent
-            // before) is the server's close frame: a second would break the handshake.
-            if !echoed {
-                batch.frames.push_back(Frame::close(u16::from(frame.code), &frame.reason).into());
-            }
-            batch.write_all(&mut sink, max_batch_bytes).await
+        self.ping_due = false;
+        if echo.is_some() {
+            self.pongs = Vec::new();
+        } else {
+            self.batch.frames.extend(self.pongs.drain(..).map(Queued::from));
         }
-        .await;
-        match written {
-            Err(e) if is_stall(&e) => (sink, WriterExit::Stalled(write_timeout)),
-            // Any other failure: the peer closed first; its close is what counts.
-            _ => (sink, WriterExit::Closed(frame)),
+        let last = echo.unwrap_or_else(|| Frame::close(u16::from(frame.code), &frame.reason));
+        self.closing = Some(Box::new(Closing { frame, last, flush, queued: false }));
+        if self.batch.frames.is_empty() {
+            self.advance_close(&mut rx.frames);
         }
     }
 
-    /// Whether the peer was silent for two heartbeats; if so, closes it (3008).
-    fn heartbeat_lost(&self) -> bool {
-        let lost = self.activity.silent_for() >= self.heartbeat * 2;
-        if lost {
-            self.outbox.close_now(close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+    /// Once a batch of the close is written: more of the queue (for a
+    /// graceful close), then the close frame, then the end.
+    fn advance_close(&mut self, rx: &mut FrameReceiver) {
+        let Some(closing) = &mut self.closing else { return };
+        if closing.flush && rx.take(&mut self.batch.frames, WRITE_BATCH) > 0 {
+            return;
         }
-        lost
+        if !closing.queued {
+            closing.queued = true;
+            self.batch.frames.push_back(closing.last.clone().into());
+            return;
+        }
+        self.exit = Some(WriterExit::Closed(closing.frame.clone()));
+    }
+
+    /// Acts on a batch's write: the next step, or the end.
+    fn after_batch(&mut self, result: io::Result<()>, rx: &mut FrameReceiver) {
+        match result {
+            Ok(()) if self.closing.is_some() => self.advance_close(rx),
+            Ok(()) => self.batch.release_idle(),
+            Err(e) => {
+                self.exit = Some(match &self.closing {
+                    _ if is_stall(&e) => WriterExit::Stalled(self.write_timeout),
+                    // Any other failure while closing: the peer closed first; its close is what counts.
+                    Some(closing) => WriterExit::Closed(closing.frame.clone()),
+                    None => WriterExit::Failed(e.to_string()),
+                });
+            }
+        }
+        if self.exit.is_some() {
+            self.batch = Pending::default();
+        }
+    }
+
+    /// Writes the close through to its end (once [`begin_close`](Self::begin_close)).
+    /// Written as long as the socket keeps taking bytes: a peer that was cut
+    /// for being slow still gets its close frame once it reads again.
+    async fn close(&mut self, io: &mut Io, rx: &mut FrameReceiver) -> WriterExit {
+        loop {
+            if let Some(exit) = self.exit.take() {
+                return exit;
+            }
+            let max = self.max_batch_bytes;
+            let result = poll_fn(|cx| self.batch.poll_write_all(cx, io, max)).await;
+            self.after_batch(result, rx);
+        }
     }
 }
 
@@ -625,7 +708,7 @@ fn is_stall(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::TimedOut
 }
 
-/// The frames the write loop has taken and not yet fully written. All of
+/// The frames the write side has taken and not yet fully written. All of
 /// its progress lives here, not in a future: a write interrupted by a close
 /// request resumes exactly where the socket stopped taking bytes.
 #[derive(Default)]
@@ -636,15 +719,11 @@ struct Pending {
 }
 
 impl Pending {
-    /// Writes every frame, a `writev` of up to [`MAX_IOV`] frames at a time.
-    async fn write_all(&mut self, sink: &mut Sink, max_bytes: usize) -> io::Result<()> {
-        poll_fn(|cx| self.poll_write_all(cx, sink, max_bytes)).await?;
-        sink.flush().await
-    }
-
-    fn poll_write_all(&mut self, cx: &mut Context<'_>, sink: &mut Sink, max_bytes: usize) -> Poll<io::Result<()>> {
+    /// Writes every frame, a `writev` of up to [`MAX_IOV`] frames at a time,
+    /// and flushes.
+    fn poll_write_all(&mut self, cx: &mut Context<'_>, sink: &mut Io, max_bytes: usize) -> Poll<io::Result<()>> {
         while !self.frames.is_empty() {
-            // The slices live only for this call, so the write loop's future
+            // The slices live only for this call, so the write side's future
             // carries no slice array while it waits; and a batch of a frame
             // or two (the usual fan-out wake-up) does not fill in 64 of them.
             let written = if self.frames.len() <= FEW_IOV {
@@ -659,14 +738,14 @@ impl Pending {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        Poll::Ready(Ok(()))
+        Pin::new(sink).poll_flush(cx)
     }
 
     /// One `writev` of the frames at the front, as many as fit `slices` and `max_bytes`.
     fn poll_writev<'a>(
         &'a self,
         cx: &mut Context<'_>,
-        sink: &mut Sink,
+        sink: &mut Io,
         max_bytes: usize,
         slices: &mut [IoSlice<'a>],
     ) -> Poll<io::Result<usize>> {
@@ -710,31 +789,5 @@ impl Pending {
         if self.frames.capacity() > IDLE_CAPACITY {
             self.frames = VecDeque::new();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_close_is_found_among_tungstenites_replies() {
-        let pong = |len: usize| {
-            let mut f = vec![0x8a];
-            match len {
-                0..=125 => f.push(len as u8),
-                _ => f.extend([126, (len >> 8) as u8, len as u8]),
-            }
-            f.extend(std::iter::repeat_n(7u8, len));
-            f
-        };
-        let close = Frame::close(1000, "").as_wire().to_vec();
-        assert!(!holds_close(&pong(125)));
-        assert!(!holds_close(&[pong(0), pong(300)].concat()));
-        assert!(holds_close(&close));
-        assert!(holds_close(&[pong(125), pong(300), close.clone()].concat()));
-        // A payload byte that looks like a close opcode is not one.
-        assert!(!holds_close(&[0x8a, 0x02, 0x88, 0x00]));
-        assert!(!holds_close(&[0x8a]));
     }
 }

@@ -16,6 +16,7 @@ const TEXT: u8 = 0x1;
 const BINARY: u8 = 0x2;
 const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
+const PONG: u8 = 0xa;
 
 /// The longest header an unmasked frame has: two bytes and a 64-bit length.
 const MAX_HEADER: usize = 10;
@@ -59,6 +60,17 @@ impl Frame {
     /// A ping with an empty payload (the heartbeat's).
     pub(crate) fn ping() -> Self {
         Self(Bytes::from_static(&[0x80 | PING, 0]))
+    }
+
+    /// A pong carrying a ping's payload back (at most 125 bytes: the reader
+    /// refuses longer control frames).
+    pub(crate) fn pong(payload: &[u8]) -> Self {
+        Self::encode(PONG, payload)
+    }
+
+    /// A close frame with no code: the echo of a client's close that had none.
+    pub(crate) fn close_without_code() -> Self {
+        Self(Bytes::from_static(&[0x80 | CLOSE, 0]))
     }
 
     /// A close frame with `code` and `reason`; the reason is cut at a
@@ -113,12 +125,6 @@ impl Frame {
     /// The payload as text, if it is UTF-8 (a text frame's always is).
     pub(crate) fn to_text(&self) -> Result<&str, Utf8Error> {
         std::str::from_utf8(self.payload())
-    }
-
-    /// Frames someone else encoded (tungstenite's automatic replies), one or
-    /// more back to back: only ever written out, never looked into.
-    pub(crate) fn from_wire(bytes: Bytes) -> Self {
-        Self(bytes)
     }
 
     /// The payload as an owned string (tests read queued frames with it).
@@ -177,6 +183,8 @@ mod tests {
             assert_eq!(json.as_wire(), tungstenite_bytes(Message::text(encoded)), "json of {len}");
         }
         assert_eq!(Frame::ping().as_wire(), tungstenite_bytes(Message::Ping(Default::default())));
+        assert_eq!(Frame::pong(b"hi").as_wire(), tungstenite_bytes(Message::Pong(Bytes::from_static(b"hi"))));
+        assert_eq!(Frame::close_without_code().as_wire(), tungstenite_bytes(Message::Close(None)));
         let close = CloseFrame { code: CloseCode::from(1013), reason: "slow consumer".into() };
         assert_eq!(Frame::close(1013, "slow consumer").as_wire(), tungstenite_bytes(Message::Close(Some(close))));
     }

@@ -19,8 +19,9 @@
 //!    `upgrade` hook, then
 //! 3. **handshake**: the RFC 6455 rules, one refusal per rule, and the
 //!    accept key; once accepted,
-//! 4. **connection**: one peer's read loop (feeding the hooks) and write loop
-//!    (draining its bounded outbox in batches, heartbeat, close handshake).
+//! 4. **connection**: one peer's task, owning its socket: reading (the
+//!    client's frames, through `message_reader`, into the hooks) and writing
+//!    (its bounded outbox in batches, heartbeat, close handshake).
 //! 5. **pub/sub protocol** ([`PubSub`], in [`pubsub`]): protocol v1 of
 //!    `crosswire-shared` as a `Hooks` implementation (frames, seq, history
 //!    and recovery, presence, acks, JWT claims, per-peer limits). It is
@@ -44,7 +45,8 @@
 //! Below them, leaves and support modules: `limits`, `config`, `origin`,
 //! the per-peer queue (`outbox`), `shutdown`, `metrics`, [`Message`], the
 //! encoded WebSocket frame every queue and history shares (`frame`), the
-//! HTTP responses, and the write timeout.
+//! HTTP responses, the write timeout, and the reader of what clients send
+//! (`message_reader`).
 //!
 //! # Use
 //!
@@ -83,7 +85,8 @@
 //!
 //! - `cli` (default): `Args`, the clap flags of the binary and examples, and
 //!   [`parse_cli`], which applies their `--config` file.
-//! - `fuzzing`: makes the `handshake` module public, for the fuzz targets only.
+//! - `fuzzing`: makes the `handshake` and `message_reader` modules public, for
+//!   the fuzz targets only.
 
 mod config;
 #[cfg(feature = "cli")]
@@ -101,6 +104,12 @@ mod hooks;
 mod limits;
 mod listener;
 mod message;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod message_reader;
+#[cfg(not(feature = "fuzzing"))]
+#[allow(unreachable_pub)]
+mod message_reader;
 mod metrics;
 mod origin;
 mod outbox;
@@ -322,6 +331,14 @@ async fn drain(state: &ServerState, shutdown: ShutdownController, kind: Shutdown
     let grace = state.config.shutdown_grace;
     let peers = state.peer_count();
     tracing::info!(peers, ?kind, "shutting down");
+    // Connections do not watch the shutdown token (see `shutdown`): every
+    // peer registered now is told here, after the token is cancelled, and
+    // one registering later sees it cancelled when its connection starts.
+    shutdown.signal(kind);
+    let (code, reason) = kind.close_frame();
+    for peer in state.peer_list() {
+        peer.outbox.close_now(code, reason);
+    }
     let drained = shutdown.drain(grace, kind).await;
     match (drained.aborted, state.peer_count()) {
         (0, _) => tracing::info!(peers, "shutdown complete: every connection closed"),

@@ -140,7 +140,7 @@ pub(crate) struct Queued {
     live: bool,
 }
 
-/// The write loop's own frames (a ping, tungstenite's replies, the close):
+/// The write loop's own frames (a ping, pongs, the close or its echo):
 /// never live traffic.
 impl From<Frame> for Queued {
     fn from(frame: Frame) -> Self {

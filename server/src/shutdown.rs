@@ -5,9 +5,15 @@
 //! so the tracker knows it; `graceful` asks each to finish (peers get their
 //! 1001, or 1012 for a restart: see [`ShutdownKind`]); when the grace period is over, `abort` ends whatever still runs at
 //! its next poll. A token, unlike a broadcast channel, also answers a task
-//! that starts listening after it fired: a connection whose upgrade was in
-//! flight when the signal came still gets its 1001, instead of never hearing
-//! of the shutdown and holding the drain for the whole grace period.
+//! that starts listening after it fired.
+//!
+//! Connections do not watch `graceful` themselves: polling it at every
+//! wake-up takes a lock every peer shares. The server tells every peer it
+//! has registered once the token is cancelled ([`ShutdownController::signal`],
+//! then each peer's queue is closed), and a connection checks the token once
+//! when it starts: a connection whose upgrade was in flight when the signal
+//! came still gets its 1001, instead of never hearing of the shutdown and
+//! holding the drain for the whole grace period.
 
 use std::{
     future::Future,
@@ -126,6 +132,14 @@ impl ShutdownController {
 
     pub(crate) fn handles(&self) -> ShutdownHandles {
         self.handles.clone()
+    }
+
+    /// Tells every task to stop (for `kind`), without waiting: once this
+    /// returns, whoever starts checks [`ShutdownHandles::is_draining`] and
+    /// hears of it.
+    pub(crate) fn signal(&self, kind: ShutdownKind) {
+        let _ = self.handles.kind.set(kind);
+        self.handles.graceful.cancel();
     }
 
     /// Tells every task to stop (for `kind`) and waits for them, at most

@@ -10,7 +10,6 @@ use std::{
 };
 
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::{
     config::ServerConfig,
@@ -107,17 +106,6 @@ impl ServerState {
             history_bytes: self.topics.retained_bytes(),
             deliveries: self.topics.deliveries(),
         })
-    }
-
-    pub(crate) fn ws_config(&self) -> WebSocketConfig {
-        let limit = self.config.max_message_size;
-        WebSocketConfig::default()
-            .read_buffer_size(self.config.read_buffer_size)
-            // tungstenite writes only its automatic replies, into memory
-            // (connection::ReadSide): nothing to gather.
-            .write_buffer_size(0)
-            .max_message_size(Some(limit))
-            .max_frame_size(Some(limit))
     }
 
     /// Adds a peer under a fresh random id.

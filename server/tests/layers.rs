@@ -32,6 +32,7 @@ const ORDER: &[&str] = &[
     "frame",
     "response",
     "write_timeout",
+    "message_reader",
 ];
 
 /// The crate modules `source` refers to (`crate::x`, `use crate::{x, y::z}`),

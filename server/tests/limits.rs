@@ -96,3 +96,27 @@ async fn peers_that_answer_pings_stay_connected() {
     }
     assert_eq!(server.handle().peers().len(), 1);
 }
+
+/// Many pings in one read: every one is answered, in order (more than the
+/// pongs the server holds at once, so the rest waits for them to go out).
+#[tokio::test]
+async fn every_ping_gets_its_pong_in_order() {
+    let server = start_pubsub(config()).await;
+    let mut client = Client::connect(server.local_addr()).await;
+    for i in 0..40u8 {
+        client.ws.feed(Message::Ping(vec![i; usize::from(i)].into())).await.unwrap();
+    }
+    client.ws.flush().await.unwrap();
+    let mut next = 0u8;
+    while next < 40 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut client.ws))
+            .await
+            .expect("pongs within the wait")
+            .expect("stream open")
+            .expect("no error");
+        if let Message::Pong(payload) = msg {
+            assert_eq!(&payload[..], &vec![next; usize::from(next)][..], "pong {next}");
+            next += 1;
+        }
+    }
+}

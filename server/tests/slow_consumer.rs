@@ -224,3 +224,41 @@ async fn a_slow_consumer_reconnects_and_recovers_what_it_missed() {
     }
     back.assert_quiet().await;
 }
+
+/// A `message` hook that sends far more than the peer's queue holds, a
+/// little at a time, and takes long doing it.
+struct Chatty;
+
+impl crosswire_server::Hooks for Chatty {
+    type Context = ();
+
+    async fn upgrade(&self, _: &crosswire_server::UpgradeRequest) -> Result<(), crosswire_server::HttpResponse> {
+        Ok(())
+    }
+
+    async fn message(&self, peer: &crosswire_server::Peer<()>, _: crosswire_server::Message) {
+        for i in 0..200 {
+            peer.send(i.to_string()).expect("the queue drains while the hook runs");
+            if i % 4 == 3 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        peer.send("done").expect("still open");
+    }
+}
+
+/// The hook runs on the peer's own task, and writes go on while it runs: a
+/// slow hook does not make its own peer a slow consumer.
+#[tokio::test]
+async fn writes_go_on_while_a_hook_runs() {
+    let mut config = config();
+    config.outbound_queue = 8;
+    let server = start_with(config, Chatty).await;
+    let mut ws = connect_raw(server.local_addr()).await;
+    futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text("go")).await.unwrap();
+    let mut client = Client { ws, peer: String::new() };
+    for i in 0..200 {
+        assert_eq!(client.recv_text().await, i.to_string());
+    }
+    assert_eq!(client.recv_text().await, "done");
+}
