@@ -66,7 +66,7 @@ use crate::{
     hooks::{CloseDetails, Hooks, PeerError},
     message::Message,
     message_reader::{MessageReader, ReadError, Received},
-    outbox::{FrameReceiver, OutboxReceiver, Queued, IDLE_CAPACITY},
+    outbox::{FrameReceiver, OutboxReceiver, Queued, Wake, IDLE_CAPACITY},
     peer::Peer,
     shutdown::ShutdownHandles,
     state::ServerState,
@@ -180,8 +180,11 @@ pub(crate) async fn serve<H: Hooks>(
         let event = tokio::select! {
             biased;
             () = async { if let Some(h) = hook.as_mut() { h.await } }, if hook_running => Event::HookDone,
-            _ = rx.close.changed(), if open => Event::CloseAsked,
-            more = rx.frames.ready(), if open && batch_idle => Event::Queued(more),
+            wake = poll_fn(|cx| rx.poll_wake(cx, batch_idle)), if open => match wake {
+                Wake::Close => Event::CloseAsked,
+                Wake::Frames => Event::Queued(true),
+                Wake::Ended => Event::Queued(false),
+            },
             _ = ticker.tick(), if open => Event::Tick,
             _ = sleep_until(deadline) => Event::Deadline,
             event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, reading)) => event,
@@ -630,7 +633,7 @@ impl WriteSide {
             }
             return;
         }
-        let (frame, flush) = match rx.close.borrow().clone() {
+        let (frame, flush) = match rx.closing() {
             Some(c) => (c.frame, c.flush),
             None => (CloseFrame { code: CloseCode::Normal, reason: "".into() }, true),
         };

@@ -812,7 +812,7 @@ mod tests {
         }
         assert_eq!(texts(&mut fast_rx).len(), 10);
         assert!(texts(&mut slow_rx).is_empty(), "a cut peer gets nothing after the refused frame, only its close");
-        assert!(slow_rx.close.borrow().is_some(), "the slow peer is told to close");
+        assert!(slow_rx.closing().is_some(), "the slow peer is told to close");
     }
 
     #[tokio::test]
