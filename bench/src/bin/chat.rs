@@ -67,8 +67,8 @@ struct Cli {
 
 /// What a member counts of what it receives.
 enum Received {
-    /// Another member's message.
-    Relayed,
+    /// Another member's message, sent in this round.
+    Relayed(usize),
     /// The answer to one of its own (`Hello to you!`, or an `ack`).
     Reply,
     /// Anything else: join notices, `subscribed`, pings.
@@ -80,16 +80,23 @@ fn classify(typed: bool, text: &str) -> anyhow::Result<Received> {
     if !typed {
         return Ok(match text {
             "Hello to you!" => Received::Reply,
-            t if t.starts_with('m') => Received::Relayed,
-            _ => Received::Other,
+            t => round_of(t).map_or(Received::Other, Received::Relayed),
         });
     }
     match ServerFrame::decode(text).map_err(|e| anyhow::anyhow!("undecodable frame {text:?}: {e:?}"))? {
-        ServerFrame::Message { .. } => Ok(Received::Relayed),
+        ServerFrame::Message { data, .. } => {
+            let text: String = serde_json::from_str(data.get())?;
+            round_of(&text).map(Received::Relayed).with_context(|| format!("not a member's message: {text:?}"))
+        }
         ServerFrame::Ack { .. } => Ok(Received::Reply),
         ServerFrame::Error { code, message, .. } => bail!("error frame: {code:?}: {message}"),
         _ => Ok(Received::Other),
     }
+}
+
+/// The round a member's message (`m<member>.<round>.<i>`) was sent in.
+fn round_of(text: &str) -> Option<usize> {
+    text.strip_prefix('m')?.split('.').nth(1)?.parse().ok()
 }
 
 /// Runs one member: `rounds + 1` rounds; returns the messages it received
@@ -128,12 +135,18 @@ async fn member(cli: Arc<Cli>, me: usize, start: Arc<Barrier>, rounds: Arc<Barri
             tx.feed(Message::text(text)).await?;
         }
         tx.flush().await?;
+        // The warm-up round waits for the replies only: until its first
+        // reply a member may not be in the room yet (the server's `open`
+        // subscribes it after the handshake is answered), and may miss some
+        // of the warm-up's messages. Late ones are told apart by their round.
+        let relays_owed = if round == 0 { 0 } else { others * cli.per_round };
         let (mut relayed, mut hellos) = (0, 0);
-        while relayed < others * cli.per_round || hellos < cli.per_round {
+        while relayed < relays_owed || hellos < cli.per_round {
             let Some(message) = rx.next().await else { bail!("member {me}: the server closed the connection") };
             match message? {
                 Message::Text(t) => match classify(cli.typed, &t)? {
-                    Received::Relayed => relayed += 1,
+                    Received::Relayed(r) if r == round => relayed += 1,
+                    Received::Relayed(_) => {}
                     Received::Reply => hellos += 1,
                     Received::Other => {}
                 },
