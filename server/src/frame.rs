@@ -60,12 +60,16 @@ impl Frame {
         Self::encode(BINARY, data)
     }
 
-    /// A text frame holding `value` as JSON, serialized straight behind room
-    /// left for the header: the payload is written once and never copied.
-    pub(crate) fn json<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Result<Self> {
-        let mut buf = Vec::with_capacity(128);
+    /// A text frame whose JSON payload `write` appends to the buffer (about
+    /// `capacity` bytes), straight behind room left for the header: the
+    /// payload is written once and never copied.
+    pub(crate) fn json_with(
+        capacity: usize,
+        write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+    ) -> serde_json::Result<Self> {
+        let mut buf = Vec::with_capacity(MAX_HEADER + capacity);
         buf.resize(MAX_HEADER, 0);
-        serde_json::to_writer(&mut buf, value)?;
+        write(&mut buf)?;
         let len = buf.len() - MAX_HEADER;
         let mut head = [0u8; MAX_HEADER];
         let head_len = header(TEXT, len, &mut head);
@@ -191,7 +195,7 @@ mod tests {
                 tungstenite_bytes(Message::binary(data.clone())),
                 "binary {len}"
             );
-            let json = Frame::json(&text).unwrap();
+            let json = Frame::json_with(0, |buf| serde_json::to_writer(buf, &text)).unwrap();
             let encoded = serde_json::to_string(&text).unwrap();
             assert_eq!(json.as_wire(), tungstenite_bytes(Message::text(encoded)), "json of {len}");
         }
