@@ -14,6 +14,7 @@
 use clap::Parser;
 use crosswire_server::{
     shutdown_signal, Args, CloseDetails, Hooks, HttpResponse, Message, Peer, PeerError, Server, UpgradeRequest,
+    Utf8Bytes,
 };
 use crosswire_shared::Topic;
 use tracing_subscriber::EnvFilter;
@@ -44,7 +45,11 @@ impl Hooks for Seed {
     }
 
     async fn message(&self, peer: &Peer<()>, message: Message) {
-        let text = String::from_utf8_lossy(message.as_bytes()).into_owned();
+        // `msg.text()`: text as it came (shared, not copied), binary as UTF-8.
+        let text: Utf8Bytes = match message {
+            Message::Text(text) => text,
+            Message::Binary(data) => String::from_utf8_lossy(&data).into_owned().into(),
+        };
         // Per message: debug, or a busy room writes more log than it relays.
         tracing::debug!(peer = %peer, %text, "msg");
         peer.publish(&self.test, text);

@@ -146,6 +146,21 @@ impl TopicState {
         }
     }
 
+    /// Queues `frame` (message `seq`, 0 for a raw one) for every subscriber
+    /// but `from`; returns for how many. The sender is looked up once and
+    /// then told apart by the address of its key: comparing its id with
+    /// every subscriber's was a string comparison per delivery.
+    fn fan_out(&mut self, from: Option<&str>, seq: u64, frame: &Frame) -> usize {
+        let except = from.and_then(|from| self.subscribers.get_key_value(from)).map(|(id, _)| id.as_ptr());
+        let mut delivered = 0;
+        for (id, sub) in &mut self.subscribers {
+            if Some(id.as_ptr()) != except && sub.push(seq, frame) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
     fn watchers<'a>(&'a self, except: &'a str) -> impl Iterator<Item = &'a Subscriber> + 'a {
         self.subscribers.iter().filter(move |(id, s)| s.presence && &***id != except).map(|(_, s)| s)
     }
@@ -227,12 +242,7 @@ impl Topics {
     pub(crate) fn deliver_raw(&self, topic: &Topic, from: Option<&str>, frame: Frame) -> usize {
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else { return 0 };
-        let mut delivered = 0;
-        for (id, sub) in &mut state.subscribers {
-            if from != Some(&**id) && sub.push(0, &frame) {
-                delivered += 1;
-            }
-        }
+        let delivered = state.fan_out(from, 0, &frame);
         self.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
     }
@@ -520,13 +530,7 @@ impl Topics {
         // publisher gets its ack before any message with a later seq, so a
         // seq it never sees live is always explained by an ack it already has.
         ack_now(ack, seq);
-        let frame = frame.frame();
-        let mut delivered = 0;
-        for (id, sub) in &mut state.subscribers {
-            if **id != *from && sub.push(seq, frame) {
-                delivered += 1;
-            }
-        }
+        let delivered = state.fan_out(Some(from), seq, frame.frame());
         self.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         Delivered::Queued(delivered)
     }

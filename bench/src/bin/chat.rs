@@ -6,6 +6,13 @@
 //! it sent. Reports messages received per second and the server's CPU
 //! (from `/proc/<pid>/stat`). Run by `scripts/bench.sh` (scenario `chat`)
 //! against `seed` and bench/bun/seed.ts. It measures; it asserts nothing.
+//!
+//! With `--typed` the same room speaks protocol v1 to `crosswire-server`:
+//! each member subscribes to `test`, publishes `data` with an `ack`, and
+//! counts the `message` frames of the others and its own `ack`s (the
+//! typed twin of the reply): the same deliveries, with seqs and history,
+//! so the two servers' cost per delivery compare (issue 12: the typed
+//! protocol at most 1.5x the seed example's).
 
 #[path = "../proc_stat.rs"]
 #[allow(dead_code, unreachable_pub)]
@@ -20,6 +27,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use crosswire_shared::{ClientFrame, RawValue, ServerFrame, Topic};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::{net::TcpStream, sync::Barrier};
@@ -52,6 +60,43 @@ struct Cli {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Speak protocol v1 (against `crosswire-server`) instead of raw text.
+    #[arg(long)]
+    typed: bool,
+}
+
+/// What a member counts of what it receives.
+enum Received {
+    /// Another member's message, sent in this round.
+    Relayed(usize),
+    /// The answer to one of its own (`Hello to you!`, or an `ack`).
+    Reply,
+    /// Anything else: join notices, `subscribed`, pings.
+    Other,
+}
+
+/// Sorts one text frame.
+fn classify(typed: bool, text: &str) -> anyhow::Result<Received> {
+    if !typed {
+        return Ok(match text {
+            "Hello to you!" => Received::Reply,
+            t => round_of(t).map_or(Received::Other, Received::Relayed),
+        });
+    }
+    match ServerFrame::decode(text).map_err(|e| anyhow::anyhow!("undecodable frame {text:?}: {e:?}"))? {
+        ServerFrame::Message { data, .. } => {
+            let text: String = serde_json::from_str(data.get())?;
+            round_of(&text).map(Received::Relayed).with_context(|| format!("not a member's message: {text:?}"))
+        }
+        ServerFrame::Ack { .. } => Ok(Received::Reply),
+        ServerFrame::Error { code, message, .. } => bail!("error frame: {code:?}: {message}"),
+        _ => Ok(Received::Other),
+    }
+}
+
+/// The round a member's message (`m<member>.<round>.<i>`) was sent in.
+fn round_of(text: &str) -> Option<usize> {
+    text.strip_prefix('m')?.split('.').nth(1)?.parse().ok()
 }
 
 /// Runs one member: `rounds + 1` rounds; returns the messages it received
@@ -60,6 +105,19 @@ async fn member(cli: Arc<Cli>, me: usize, start: Arc<Barrier>, rounds: Arc<Barri
     let tcp = TcpStream::connect(cli.addr).await?;
     let (ws, _) = client_async(format!("ws://{}/_ws", cli.addr), tcp).await?;
     let (mut tx, mut rx) = ws.split();
+    let room = Topic::new("test").map_err(|e| anyhow::anyhow!("{e}"))?;
+    if cli.typed {
+        tx.send(Message::text(ClientFrame::Subscribe { topic: room.clone(), since: None, presence: false }.encode()))
+            .await?;
+        loop {
+            let Some(message) = rx.next().await else { bail!("member {me}: the server closed the connection") };
+            if let Message::Text(t) = message? {
+                if let ServerFrame::Subscribed { .. } = ServerFrame::decode(&t).map_err(|e| anyhow::anyhow!("{e:?}"))? {
+                    break;
+                }
+            }
+        }
+    }
     // Everyone is in the room before anyone speaks; join notices that
     // arrive later are told apart by their text and not counted.
     start.wait().await;
@@ -67,16 +125,32 @@ async fn member(cli: Arc<Cli>, me: usize, start: Arc<Barrier>, rounds: Arc<Barri
     let mut received = 0;
     for round in 0..=cli.rounds {
         for i in 0..cli.per_round {
-            tx.feed(Message::text(format!("m{me}.{round}.{i}"))).await?;
+            let text = format!("m{me}.{round}.{i}");
+            let text = if cli.typed {
+                let data = RawValue::from_string(serde_json::to_string(&text)?)?;
+                ClientFrame::Publish { topic: room.clone(), data, ack: Some(i as u64) }.encode()
+            } else {
+                text
+            };
+            tx.feed(Message::text(text)).await?;
         }
         tx.flush().await?;
+        // The warm-up round waits for the replies only: until its first
+        // reply a member may not be in the room yet (the server's `open`
+        // subscribes it after the handshake is answered), and may miss some
+        // of the warm-up's messages. Late ones are told apart by their round.
+        let relays_owed = if round == 0 { 0 } else { others * cli.per_round };
         let (mut relayed, mut hellos) = (0, 0);
-        while relayed < others * cli.per_round || hellos < cli.per_round {
+        while relayed < relays_owed || hellos < cli.per_round {
             let Some(message) = rx.next().await else { bail!("member {me}: the server closed the connection") };
             match message? {
-                Message::Text(t) if t.as_str() == "Hello to you!" => hellos += 1,
-                Message::Text(t) if t.starts_with('m') => relayed += 1,
-                Message::Text(_) | Message::Ping(_) | Message::Pong(_) => {}
+                Message::Text(t) => match classify(cli.typed, &t)? {
+                    Received::Relayed(r) if r == round => relayed += 1,
+                    Received::Relayed(_) => {}
+                    Received::Reply => hellos += 1,
+                    Received::Other => {}
+                },
+                Message::Ping(_) | Message::Pong(_) => {}
                 other => bail!("member {me}: unexpected {other:?}"),
             }
         }

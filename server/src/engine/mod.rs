@@ -34,7 +34,6 @@ use std::{
 };
 
 use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
-use serde::Serialize;
 
 use crate::{frame::Frame, outbox::Outbox};
 
@@ -122,18 +121,25 @@ impl Eq for MessageText {}
 impl MessageText {
     /// The frame publishing `data` from `from` as `topic`'s message `seq`.
     pub fn encode(topic: &Topic, seq: u64, from: &str, data: &RawValue) -> Self {
-        /// Borrowed twin of `ServerFrame::Message`: the data is serialized
-        /// straight from the received frame into the WebSocket frame, never
-        /// copied into an owned one.
-        #[derive(Serialize)]
-        #[serde(tag = "type", rename = "message")]
-        struct Message<'a> {
-            topic: &'a Topic,
-            seq: u64,
-            from: &'a str,
-            data: &'a RawValue,
-        }
-        Self(Frame::json(&Message { topic, seq, from, data }).expect("a message frame always serializes"))
+        // `ServerFrame::Message`'s JSON, written field by field straight
+        // into the WebSocket frame: the data goes from the received frame
+        // verbatim, and only the values go through serde_json. Derived,
+        // every constant key was escaped byte by byte too (5% of the typed
+        // chat room's instructions).
+        let capacity = 64 + topic.as_str().len() + from.len() + data.get().len();
+        let frame = Frame::json_with(capacity, |buf| {
+            buf.extend_from_slice(br#"{"type":"message","topic":"#);
+            serde_json::to_writer(&mut *buf, topic.as_str())?;
+            buf.extend_from_slice(br#","seq":"#);
+            serde_json::to_writer(&mut *buf, &seq)?;
+            buf.extend_from_slice(br#","from":"#);
+            serde_json::to_writer(&mut *buf, from)?;
+            buf.extend_from_slice(br#","data":"#);
+            buf.extend_from_slice(data.get().as_bytes());
+            buf.push(b'}');
+            Ok(())
+        });
+        Self(frame.expect("a message frame always serializes"))
     }
 
     /// Text a broker carried; it must be UTF-8.
