@@ -195,6 +195,11 @@ pub(crate) async fn serve<H: Hooks>(
             Event::Queued(true) => write.refill(&mut rx.frames),
             Event::Queued(false) => write.begin_close(&mut rx, None),
             Event::Tick => {
+                // What bursts left behind goes back once per heartbeat, not
+                // after each batch, where the next burst would grow it again.
+                read.release_idle();
+                write.batch.release_idle();
+                rx.frames.release_idle();
                 if read.last_heard.elapsed() >= heartbeat * 2 {
                     // The peer was silent for two heartbeats: close it (3008).
                     peer.outbox().close_now(close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
@@ -304,6 +309,13 @@ impl ReadSide {
         Self { reader, inbox: VecDeque::new(), end: None, last_heard: Instant::now(), max_read }
     }
 
+    /// Gives back the capacity a burst of small messages left behind.
+    fn release_idle(&mut self) {
+        if self.inbox.is_empty() && self.inbox.capacity() > IDLE_CAPACITY {
+            self.inbox = VecDeque::new();
+        }
+    }
+
     /// Whether everything read has been handed on, and reading may go on.
     fn is_drained(&self) -> bool {
         self.inbox.is_empty() && self.end.is_none()
@@ -312,10 +324,6 @@ impl ReadSide {
     /// Reads until a message, a control frame or the end is complete, or
     /// the socket has nothing more now.
     fn poll_read(&mut self, cx: &mut Context<'_>, io: &mut Io) -> Poll<()> {
-        // A burst of small messages leaves its capacity behind; an idle peer should not keep it.
-        if self.inbox.is_empty() && self.inbox.capacity() > IDLE_CAPACITY {
-            self.inbox = VecDeque::new();
-        }
         while self.is_drained() {
             let max_read = self.max_read;
             let read = with_scratch(|scratch| {
@@ -676,7 +684,7 @@ impl WriteSide {
     fn after_batch(&mut self, result: io::Result<()>, rx: &mut FrameReceiver) {
         match result {
             Ok(()) if self.closing.is_some() => self.advance_close(rx),
-            Ok(()) => self.batch.release_idle(),
+            Ok(()) => {}
             Err(e) => {
                 self.exit = Some(match &self.closing {
                     _ if is_stall(&e) => WriterExit::Stalled(self.write_timeout),
@@ -785,11 +793,11 @@ impl Pending {
         self.frames.truncate(keep);
     }
 
-    /// An idle peer keeps no more batch capacity than its queue may keep: the
-    /// two deques trade places at every batch, and one that had to start
-    /// from nothing would allocate again for every batch.
+    /// An idle peer keeps no more batch capacity than its queue may keep
+    /// (the two deques trade places at every batch); called at the
+    /// heartbeat, between batches only.
     fn release_idle(&mut self) {
-        if self.frames.capacity() > IDLE_CAPACITY {
+        if self.frames.is_empty() && self.frames.capacity() > IDLE_CAPACITY {
             self.frames = VecDeque::new();
         }
     }

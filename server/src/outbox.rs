@@ -396,11 +396,18 @@ impl FrameReceiver {
             self.shared.budget.release(st.reserved - keep);
             st.reserved = keep;
         }
-        // A burst leaves its capacity behind; an idle peer should not keep it.
+        n
+    }
+
+    /// Gives back the capacity a burst left behind, if nothing is queued.
+    /// Called when the connection is idle (at its heartbeat), not after every
+    /// batch: a queue that flows would grow again from nothing at each burst
+    /// (reallocating was 12% of a chat room's instructions).
+    pub(crate) fn release_idle(&mut self) {
+        let mut st = self.shared.lock();
         if st.frames.is_empty() && st.frames.capacity() > IDLE_CAPACITY {
             st.frames = VecDeque::new();
         }
-        n
     }
 }
 
@@ -414,7 +421,7 @@ impl FrameReceiver {
     }
 }
 
-/// The queue capacity an idle peer keeps after a burst.
+/// The queue capacity a peer keeps after a burst once it is idle.
 pub(crate) const IDLE_CAPACITY: usize = 16;
 
 #[cfg(test)]
