@@ -310,7 +310,7 @@ run_cluster() { # <name> <the single-node scenario whose load it runs>
     stop_cluster
   done
 }
-if [[ -z ${BENCH_SCENARIOS:-} || " $SCENARIOS " == *" cluster "* ]]; then
+if [[ -z $REPORT_ONLY ]] && [[ -z ${BENCH_SCENARIOS:-} || " $SCENARIOS " == *" cluster "* ]]; then
   command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
     || { echo "the cluster runs need redis-server and redis-cli: run scripts/setup.sh" >&2; exit 2; }
   redis-server --version | sed 's/^/redis: /' | tee -a "$OUT/machine.txt"
@@ -321,6 +321,8 @@ if [[ -z ${BENCH_SCENARIOS:-} || " $SCENARIOS " == *" cluster "* ]]; then
 fi
 
 # One line per scenario and server: the median of the runs of each column.
+# (summary.json is made from the runs' JSON below; an earlier one must not count as a run.)
+rm -f "$OUT/summary.json"
 jq -s -r '
   def median: sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
   def r(n): if . == null then "-" else (. * pow(10; n) | round / pow(10; n) | tostring) end;
@@ -380,6 +382,7 @@ jq -r '
     "bytes per idle connection crosswire / Bun", "connects/s (x Bun)"] | join(" | ")),
   ([range(6) | "---"] | join(" | ")),
   (group_by(.scenario)[]
+   | select(any(.[]; .server == "crosswire" or .server == "bun"))
    | (map(select(.server == "crosswire"))[0] // {}) as $c
    | (map(select(.server == "bun"))[0] // {}) as $b
    | [$c.scenario // $b.scenario, (ratio($c.dps; $b.dps) | r), (ratio($c.per_cpu; $b.per_cpu) | r),
