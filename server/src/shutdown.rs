@@ -95,6 +95,10 @@ impl ShutdownHandles {
         F::Output: Send + 'static,
     {
         let abort = self.abort.clone();
+        // Boxed: an async block keeps room for a future it captured even after
+        // moving it into `select!`, so the task would hold `task` twice (a
+        // peer's connection future is about 1.3 KB; its task was 2.9 KB).
+        let task = Box::pin(task);
         self.tracker.spawn(async move {
             tokio::select! {
                 biased;
