@@ -66,7 +66,7 @@ use crate::{
     hooks::{CloseDetails, Hooks, PeerError},
     message::Message,
     message_reader::{MessageReader, ReadError, Received},
-    outbox::{FrameReceiver, OutboxReceiver, Queued, Wake, IDLE_CAPACITY},
+    outbox::{shrink_idle, FrameReceiver, OutboxReceiver, Queued, Wake},
     peer::Peer,
     shutdown::ShutdownHandles,
     state::ServerState,
@@ -139,16 +139,16 @@ pub(crate) async fn serve<H: Hooks>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut run = Run::new(&state, hooks, peer);
     tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
-    // Everything that runs for a while but not while the peer is idle is
-    // boxed (the hooks, the close): an idle peer holds this future for as
-    // long as it is connected, and its size is that of its largest step,
-    // not of the step it is waiting in.
     // The shutdown closes the peers registered when it began (see
     // `shutdown`); this one may have registered after.
     if shutdown.is_draining() {
         let (code, reason) = shutdown.kind().close_frame();
         peer.outbox().close_now(code, reason);
     }
+    // Everything that runs for a while but not while the peer is idle is
+    // boxed (the hooks, the close): an idle peer holds this future for as
+    // long as it is connected, and its size is that of its largest step,
+    // not of the step it is waiting in.
     let mut hook: Option<HookFuture<'_>> = Some(Box::pin(hooks.open(peer)));
 
     loop {
@@ -197,8 +197,8 @@ pub(crate) async fn serve<H: Hooks>(
             Event::Tick => {
                 // What bursts left behind goes back once per heartbeat, not
                 // after each batch, where the next burst would grow it again.
-                read.release_idle();
-                write.batch.release_idle();
+                shrink_idle(&mut read.inbox);
+                shrink_idle(&mut write.batch.frames);
                 rx.frames.release_idle();
                 if read.last_heard.elapsed() >= heartbeat * 2 {
                     // The peer was silent for two heartbeats: close it (3008).
@@ -307,13 +307,6 @@ struct ReadSide {
 impl ReadSide {
     fn new(reader: MessageReader, max_read: usize) -> Self {
         Self { reader, inbox: VecDeque::new(), end: None, last_heard: Instant::now(), max_read }
-    }
-
-    /// Gives back the capacity a burst of small messages left behind.
-    fn release_idle(&mut self) {
-        if self.inbox.is_empty() && self.inbox.capacity() > IDLE_CAPACITY {
-            self.inbox = VecDeque::new();
-        }
     }
 
     /// Whether everything read has been handed on, and reading may go on.
@@ -791,14 +784,5 @@ impl Pending {
     fn keep_started(&mut self) {
         let keep = usize::from(self.offset > 0);
         self.frames.truncate(keep);
-    }
-
-    /// An idle peer keeps no more batch capacity than its queue may keep
-    /// (the two deques trade places at every batch); called at the
-    /// heartbeat, between batches only.
-    fn release_idle(&mut self) {
-        if self.frames.is_empty() && self.frames.capacity() > IDLE_CAPACITY {
-            self.frames = VecDeque::new();
-        }
     }
 }

@@ -178,14 +178,15 @@ impl MessageReader {
     fn parse_header(&mut self, input: &mut &[u8]) -> Result<Option<(FrameHeader, u64)>, ReadError> {
         let had = self.head_len;
         let take = (MAX_HEADER - had).min(input.len());
-        let parsed = if had == 0 {
-            let mut cursor = Cursor::new(*input);
-            FrameHeader::parse(&mut cursor).map(|h| h.map(|h| (h, cursor.position())))
+        // Straight from `input`, or from the kept bytes with `input`'s first ones after them.
+        let bytes: &[u8] = if had == 0 {
+            input
         } else {
             self.head[had..had + take].copy_from_slice(&input[..take]);
-            let mut cursor = Cursor::new(&self.head[..had + take]);
-            FrameHeader::parse(&mut cursor).map(|h| h.map(|h| (h, cursor.position())))
+            &self.head[..had + take]
         };
+        let mut cursor = Cursor::new(bytes);
+        let parsed = FrameHeader::parse(&mut cursor).map(|h| h.map(|h| (h, cursor.position())));
         match parsed.map_err(protocol_error)? {
             Some((header, end)) => {
                 // `end` counts the kept bytes too: the rest came from `input`.

@@ -404,10 +404,7 @@ impl FrameReceiver {
     /// batch: a queue that flows would grow again from nothing at each burst
     /// (reallocating was 12% of a chat room's instructions).
     pub(crate) fn release_idle(&mut self) {
-        let mut st = self.shared.lock();
-        if st.frames.is_empty() && st.frames.capacity() > IDLE_CAPACITY {
-            st.frames = VecDeque::new();
-        }
+        shrink_idle(&mut self.shared.lock().frames);
     }
 }
 
@@ -422,7 +419,16 @@ impl FrameReceiver {
 }
 
 /// The queue capacity a peer keeps after a burst once it is idle.
-pub(crate) const IDLE_CAPACITY: usize = 16;
+const IDLE_CAPACITY: usize = 16;
+
+/// Gives back the capacity a burst left in `deque`, once it is empty, down
+/// to nothing above [`IDLE_CAPACITY`]: what a peer's queue, its write batch
+/// and its read inbox keep while it is idle.
+pub(crate) fn shrink_idle<T>(deque: &mut VecDeque<T>) {
+    if deque.is_empty() && deque.capacity() > IDLE_CAPACITY {
+        *deque = VecDeque::new();
+    }
+}
 
 #[cfg(test)]
 mod tests {
