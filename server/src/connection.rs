@@ -79,6 +79,10 @@ type Io = WriteTimeout<TokioIo<Upgraded>>;
 /// syscall carries many frames.
 const WRITE_BATCH: usize = 64;
 
+/// Batches one poll writes at most before it lets the reading, the
+/// heartbeat and the other tasks have a turn.
+const BATCHES_PER_POLL: usize = 4;
+
 /// The most slices one `writev` is given (well under every `IOV_MAX`).
 const MAX_IOV: usize = 64;
 
@@ -170,30 +174,20 @@ pub(crate) async fn serve<H: Hooks>(
                 Next::End => break,
             }
         }
-        // The pongs for pings just read, or a ping that waited for the last batch.
-        write.refill_if_owed(&mut rx.frames);
         let hook_running = hook.is_some();
         let open = write.is_open();
-        let batch_idle = write.batch.frames.is_empty();
         let reading = run.reading && !hook_running && read.is_drained();
         let deadline = run.deadline.filter(|_| !hook_running);
         let event = tokio::select! {
             biased;
             () = async { if let Some(h) = hook.as_mut() { h.await } }, if hook_running => Event::HookDone,
-            wake = poll_fn(|cx| rx.poll_wake(cx, batch_idle)), if open => match wake {
-                Wake::Close => Event::CloseAsked,
-                Wake::Frames => Event::Queued(true),
-                Wake::Ended => Event::Queued(false),
-            },
             _ = ticker.tick(), if open => Event::Tick,
             _ = sleep_until(deadline) => Event::Deadline,
-            event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, reading)) => event,
+            event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, &mut rx, reading)) => event,
         };
         match event {
             Event::HookDone => hook = None,
-            Event::CloseAsked => write.begin_close(&mut rx, None),
-            Event::Queued(true) => write.refill(&mut rx.frames),
-            Event::Queued(false) => write.begin_close(&mut rx, None),
+            Event::CloseAsked | Event::SendersGone => write.begin_close(&mut rx, None),
             Event::Tick => {
                 // What bursts left behind goes back once per heartbeat, not
                 // after each batch, where the next burst would grow it again.
@@ -236,29 +230,29 @@ async fn sleep_until(deadline: Option<Instant>) {
 enum Event {
     HookDone,
     CloseAsked,
-    /// Frames were queued (true), or every sender is gone (false).
-    Queued(bool),
+    /// Every sender of the queue is gone, and it is empty.
+    SendersGone,
     Tick,
     Deadline,
     /// The reader has something for the hooks, or the reading ended.
     Read,
-    /// The batch was written (or its write failed).
+    /// A batch was written (or its write failed) that the loop acts on:
+    /// one of the close, the pongs the reading waits for, or a pause.
     Written(io::Result<()>),
 }
 
-/// One poll of the socket, both ways: the batch's progress, then (when the
-/// connection wants input) a read.
+/// One poll of the socket, both ways: the queue into the socket, then (when
+/// the connection wants input) a read.
 fn poll_io(
     cx: &mut Context<'_>,
     io: &mut Io,
     read: &mut ReadSide,
     write: &mut WriteSide,
+    rx: &mut OutboxReceiver,
     reading: bool,
 ) -> Poll<Event> {
-    if write.exit.is_none() && !write.batch.frames.is_empty() {
-        if let Poll::Ready(result) = write.batch.poll_write_all(cx, io, write.max_batch_bytes) {
-            return Poll::Ready(Event::Written(result));
-        }
+    if let Poll::Ready(event) = write.poll_send(cx, io, rx) {
+        return Poll::Ready(event);
     }
     if reading {
         if let Poll::Ready(()) = read.poll_read(cx, io) {
@@ -552,6 +546,9 @@ struct WriteSide {
     ping_due: bool,
     /// Answers to pings read, for the next batch; empty (unallocated) while idle.
     pongs: Vec<Frame>,
+    /// Whether the batch carries pongs: the reading may be waiting for them
+    /// to be out (see [`MAX_PONGS`]), so their write is an event of its own.
+    answering: bool,
     /// Set once a close was asked for (or the heartbeat was lost).
     closing: Option<Box<Closing>>,
     /// How it ended, until the connection acts on it.
@@ -568,6 +565,7 @@ impl WriteSide {
             batch: Pending::default(),
             ping_due: false,
             pongs: Vec::new(),
+            answering: false,
             closing: None,
             exit: None,
             max_batch_bytes: state.config.write_buffer_size.max(1),
@@ -593,30 +591,65 @@ impl WriteSide {
         true
     }
 
-    /// Starts a batch if none is being written and the connection owes the
-    /// peer a frame of its own (a ping, pongs). Queued traffic alone waits
-    /// for the queue's wake-up: looking into the queue takes its lock.
-    fn refill_if_owed(&mut self, rx: &mut FrameReceiver) {
-        if self.ping_due || !self.pongs.is_empty() {
-            self.refill(rx);
+    /// Writes the batch in flight and, while the connection is open, takes
+    /// the next from the queue as soon as one is out, until the socket or
+    /// the queue has nothing more now: a wake-up for queued frames costs one
+    /// poll, one lock to take them and one to find the queue empty. Ready
+    /// with what the connection's loop must act on; pending otherwise (with
+    /// the task registered for the queue's next wake-up).
+    fn poll_send(&mut self, cx: &mut Context<'_>, io: &mut Io, rx: &mut OutboxReceiver) -> Poll<Event> {
+        if self.exit.is_some() {
+            return Poll::Pending;
         }
+        // A close request overtakes the batch in flight (a verdict drops the
+        // rest of it); asked at every poll, lock-free.
+        if self.is_open() && rx.poll_close(cx).is_ready() {
+            return Poll::Ready(Event::CloseAsked);
+        }
+        for _ in 0..BATCHES_PER_POLL {
+            if !self.batch.frames.is_empty() {
+                match self.batch.poll_write_all(cx, io, self.max_batch_bytes) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) if self.is_open() => {
+                        if std::mem::take(&mut self.answering) {
+                            return Poll::Ready(Event::Written(Ok(())));
+                        }
+                    }
+                    Poll::Ready(result) => return Poll::Ready(Event::Written(result)),
+                }
+            }
+            if !self.is_open() {
+                return Poll::Pending;
+            }
+            self.stage_own();
+            match rx.poll_take(cx, &mut self.batch.frames, WRITE_BATCH) {
+                Poll::Ready(Wake::Close) => return Poll::Ready(Event::CloseAsked),
+                Poll::Ready(Wake::Frames) => {}
+                // What the connection owes the peer goes out first.
+                _ if !self.batch.frames.is_empty() => {}
+                Poll::Ready(Wake::Ended) => return Poll::Ready(Event::SendersGone),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Come back at once, after the others.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
-    /// Starts the next batch once the last is written: the heartbeat's ping
-    /// and the pongs first (they answer what was already read, and must not
-    /// wait behind a backlog the peer may be slow to take), then the queue.
-    fn refill(&mut self, rx: &mut FrameReceiver) {
-        if !self.is_open() || !self.batch.frames.is_empty() {
-            return;
-        }
+    /// Puts the connection's own frames first into the next batch: the
+    /// heartbeat's ping and the pongs (they answer what was already read,
+    /// and must not wait behind a backlog the peer may be slow to take).
+    fn stage_own(&mut self) {
         if std::mem::take(&mut self.ping_due) {
             self.batch.frames.push_back(Frame::ping().into());
         }
-        self.batch.frames.extend(self.pongs.drain(..).map(Queued::from));
-        if self.pongs.capacity() > MAX_PONGS {
-            self.pongs = Vec::new();
+        if !self.pongs.is_empty() {
+            self.answering = true;
+            self.batch.frames.extend(self.pongs.drain(..).map(Queued::from));
+            if self.pongs.capacity() > MAX_PONGS {
+                self.pongs = Vec::new();
+            }
         }
-        rx.take(&mut self.batch.frames, WRITE_BATCH);
     }
 
     /// Turns to closing: `echo` is the echo of the peer's close, which then

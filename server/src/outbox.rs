@@ -118,6 +118,12 @@ struct Shared {
     waker: AtomicWaker,
     /// A close was asked for (what [`State::closing`] says, readable without the lock).
     closing: AtomicBool,
+    /// Whether frames may be queued: set with the first frame into an empty
+    /// queue, cleared when a take empties it, both under the lock. Read
+    /// without it: a connection that has just written its batch finds the
+    /// queue still empty at the cost of a load, not of the lock (a frame
+    /// pushed after the load wakes it, as into any empty queue).
+    has_frames: AtomicBool,
     bounds: Bounds,
     budget: Arc<QueueBudget>,
     /// Live `Outbox` clones.
@@ -179,6 +185,7 @@ impl Outbox {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
             closing: AtomicBool::new(false),
+            has_frames: AtomicBool::new(false),
             bounds,
             budget,
             senders: AtomicUsize::new(1),
@@ -230,6 +237,9 @@ impl Outbox {
         }
         let was_empty = st.frames.is_empty();
         st.frames.push_back(queued);
+        if was_empty {
+            self.shared.has_frames.store(true, Ordering::Release);
+        }
         drop(st);
         if was_empty {
             self.shared.waker.wake();
@@ -289,6 +299,41 @@ impl Outbox {
 }
 
 impl State {
+    /// Moves up to `max` frames, oldest first, to the end of `into`.
+    fn take(&mut self, into: &mut VecDeque<Queued>, max: usize, budget: &QueueBudget) -> usize {
+        if self.frames.is_empty() {
+            // (No credit is held either: the take that emptied it gave it back.)
+            return 0;
+        }
+        let n = self.frames.len().min(max);
+        if n == self.frames.len() && into.is_empty() {
+            // The usual case: all of it. The two deques trade places, so no
+            // frame is moved one by one and neither side allocates.
+            std::mem::swap(into, &mut self.frames);
+            self.live_frames = 0;
+            self.live_bytes = 0;
+        } else {
+            let (mut live_frames, mut live_bytes) = (0, 0);
+            for q in self.frames.drain(..n) {
+                if q.live {
+                    live_frames += 1;
+                    live_bytes += q.frame.len();
+                }
+                into.push_back(q);
+            }
+            self.live_frames -= live_frames;
+            self.live_bytes -= live_bytes;
+        }
+        // Credit goes back once two chunks are idle (not at every batch),
+        // and all of it once the queue is empty: idle peers hold none.
+        let keep = self.live_bytes.div_ceil(CHUNK) * CHUNK;
+        if self.reserved >= keep + 2 * CHUNK || (keep == 0 && self.reserved > 0) {
+            budget.release(self.reserved - keep);
+            self.reserved = keep;
+        }
+        n
+    }
+
     /// Drops everything queued and gives back its credit.
     fn clear(&mut self, budget: &QueueBudget) {
         self.frames.clear();
@@ -328,24 +373,47 @@ impl OutboxReceiver {
         self.frames.shared.lock().closing.clone()
     }
 
-    /// Ready once a close is asked for or, when `frames` is true, once frames
-    /// are queued or every sender is gone. The task is registered before the
-    /// state is read under the queue's lock, and every change wakes after
-    /// making it under that lock: no wake-up is lost in between.
-    pub(crate) fn poll_wake(&mut self, cx: &mut Context<'_>, frames: bool) -> Poll<Wake> {
+    /// Ready once a close is asked for; either way the task is registered
+    /// for this queue's next wake-up (a close, a frame into an empty queue,
+    /// the last sender going). No lock: a batch in flight asks at every poll.
+    pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let shared = &*self.frames.shared;
         shared.waker.register(cx.waker());
-        let st = shared.lock();
+        if shared.closing.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Moves up to `max` queued frames to the end of `into` and says
+    /// [`Wake::Frames`] if any were queued; otherwise ready once a close is
+    /// asked for or every sender is gone. Looking and taking are one lock: a
+    /// wake-up for frames costs the connection this and the write. The task
+    /// is registered before the state is read under the lock, and every
+    /// change wakes after making it under that lock: no wake-up is lost in
+    /// between.
+    pub(crate) fn poll_take(&mut self, cx: &mut Context<'_>, into: &mut VecDeque<Queued>, max: usize) -> Poll<Wake> {
+        let shared = &*self.frames.shared;
+        shared.waker.register(cx.waker());
+        if !shared.has_frames.load(Ordering::Acquire)
+            && !shared.closing.load(Ordering::Acquire)
+            && shared.senders.load(Ordering::Acquire) > 0
+        {
+            return Poll::Pending;
+        }
+        let mut st = shared.lock();
         if st.closing.is_some() {
             return Poll::Ready(Wake::Close);
         }
-        if frames {
-            if !st.frames.is_empty() {
-                return Poll::Ready(Wake::Frames);
+        if st.take(into, max, &shared.budget) > 0 {
+            if st.frames.is_empty() {
+                shared.has_frames.store(false, Ordering::Release);
             }
-            if shared.senders.load(Ordering::Acquire) == 0 {
-                return Poll::Ready(Wake::Ended);
-            }
+            return Poll::Ready(Wake::Frames);
+        }
+        if shared.senders.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(Wake::Ended);
         }
         Poll::Pending
     }
@@ -370,31 +438,9 @@ impl FrameReceiver {
     /// Returns how many it moved.
     pub(crate) fn take(&mut self, into: &mut VecDeque<Queued>, max: usize) -> usize {
         let mut st = self.shared.lock();
-        let n = st.frames.len().min(max);
-        if n == st.frames.len() && into.is_empty() {
-            // The usual case: all of it. The two deques trade places, so no
-            // frame is moved one by one and neither side allocates.
-            std::mem::swap(into, &mut st.frames);
-            st.live_frames = 0;
-            st.live_bytes = 0;
-        } else {
-            let (mut live_frames, mut live_bytes) = (0, 0);
-            for q in st.frames.drain(..n) {
-                if q.live {
-                    live_frames += 1;
-                    live_bytes += q.frame.len();
-                }
-                into.push_back(q);
-            }
-            st.live_frames -= live_frames;
-            st.live_bytes -= live_bytes;
-        }
-        // Credit goes back once two chunks are idle (not at every batch),
-        // and all of it once the queue is empty: idle peers hold none.
-        let keep = st.live_bytes.div_ceil(CHUNK) * CHUNK;
-        if st.reserved >= keep + 2 * CHUNK || (keep == 0 && st.reserved > 0) {
-            self.shared.budget.release(st.reserved - keep);
-            st.reserved = keep;
+        let n = st.take(into, max, &self.shared.budget);
+        if st.frames.is_empty() {
+            self.shared.has_frames.store(false, Ordering::Release);
         }
         n
     }
@@ -538,9 +584,11 @@ mod tests {
         }
     }
 
-    /// What the connection waits for: the next wake-up that wants frames.
-    async fn wake(rx: &mut OutboxReceiver) -> Wake {
-        std::future::poll_fn(|cx| rx.poll_wake(cx, true)).await
+    /// What the connection waits for: the next wake-up, with the frames it took.
+    async fn wake(rx: &mut OutboxReceiver) -> (Wake, Vec<String>) {
+        let mut taken = VecDeque::new();
+        let wake = std::future::poll_fn(|cx| rx.poll_take(cx, &mut taken, usize::MAX)).await;
+        (wake, taken.iter().map(|q| q.frame.to_text().unwrap().to_owned()).collect())
     }
 
     #[tokio::test]
@@ -549,10 +597,16 @@ mod tests {
         let second = outbox.clone();
         let reader = tokio::spawn(async move {
             let mut got = vec![];
-            while wake(&mut rx).await == Wake::Frames {
-                got.extend(drain(&mut rx));
+            loop {
+                match wake(&mut rx).await {
+                    (Wake::Frames, frames) => got.extend(frames),
+                    (end, frames) => {
+                        assert!(frames.is_empty());
+                        assert_eq!(end, Wake::Ended);
+                        return got;
+                    }
+                }
             }
-            got
         });
         tokio::task::yield_now().await;
         outbox.push(text(1)).unwrap();
@@ -571,22 +625,22 @@ mod tests {
         clone.push(text(7)).unwrap();
         drop(outbox);
         drop(clone);
-        assert_eq!(wake(&mut rx).await, Wake::Frames);
-        assert_eq!(drain(&mut rx), ["7"]);
-        assert_eq!(wake(&mut rx).await, Wake::Ended);
+        assert_eq!(wake(&mut rx).await, (Wake::Frames, vec!["7".to_owned()]));
+        assert_eq!(wake(&mut rx).await, (Wake::Ended, vec![]));
     }
 
     #[tokio::test]
     async fn a_close_request_wakes_the_receiver_even_while_it_takes_no_frames() {
         let (outbox, mut rx) = Outbox::new(bounds(4), unlimited());
         let waiting = tokio::spawn(async move {
-            let woke = std::future::poll_fn(|cx| rx.poll_wake(cx, false)).await;
-            (woke, rx.closing().map(|c| u16::from(c.frame.code)))
+            std::future::poll_fn(|cx| rx.poll_close(cx)).await;
+            let code = rx.closing().map(|c| u16::from(c.frame.code));
+            (wake(&mut rx).await, code)
         });
         tokio::task::yield_now().await;
         outbox.push(text(1)).unwrap();
         outbox.close_now(close_code::SLOW_CONSUMER, "slow");
-        assert_eq!(waiting.await.unwrap(), (Wake::Close, Some(close_code::SLOW_CONSUMER)));
+        assert_eq!(waiting.await.unwrap(), ((Wake::Close, vec![]), Some(close_code::SLOW_CONSUMER)));
         assert!(outbox.is_closing());
     }
 

@@ -184,7 +184,7 @@ impl<C> Peer<C> {
     }
 
     /// Spawns a task that the server's shutdown waits for and ends.
-    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<Option<F::Output>>
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
