@@ -53,10 +53,11 @@ use std::{
 
 use bytes::Bytes;
 use crosswire_shared::close_code;
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
     time::{timeout, Instant},
 };
 use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
@@ -68,12 +69,11 @@ use crate::{
     message_reader::{MessageReader, ReadError, Received},
     outbox::{shrink_idle, FrameReceiver, OutboxReceiver, Queued, Wake},
     peer::Peer,
-    shutdown::ShutdownHandles,
     state::ServerState,
     write_timeout::WriteTimeout,
 };
 
-type Io = WriteTimeout<TokioIo<Upgraded>>;
+type Io = Socket;
 
 /// How many queued frames the write side takes at a time: under load, one
 /// syscall carries many frames.
@@ -122,107 +122,139 @@ fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
 /// holds none).
 type HookFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
-/// Runs a peer from the completed upgrade to the end of its connection.
-pub(crate) async fn serve<H: Hooks>(
+/// Runs a peer from its upgrade to the end of its connection; `held` (its
+/// place under the connection limits) is let go when it ends.
+///
+/// Not an `async fn`: one of those can keep room for an argument twice (the
+/// argument, then the local it is moved into: rust-lang/rust#62958), and the
+/// task that waited for the upgrade kept a third copy around the whole
+/// connection. The block below captures each once and uses it in place; an
+/// idle peer holds this future for as long as it is connected.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn serve<H: Hooks, G: Send + 'static>(
     state: Arc<ServerState>,
     hooks: Arc<H>,
-    upgraded: Upgraded,
-    write_timeout: Option<Duration>,
+    on_upgrade: OnUpgrade,
     peer: Peer<H::Context>,
     mut rx: OutboxReceiver,
-    shutdown: ShutdownHandles,
-) {
-    let (hooks, peer) = (&*hooks, &peer);
-    let mut io = WriteTimeout::new(TokioIo::new(upgraded), write_timeout);
-    let limit = state.config.max_message_size;
-    let max_read = state.config.read_buffer_size.clamp(1, SCRATCH_SIZE);
-    let mut read = ReadSide::new(MessageReader::new(limit, limit), max_read);
-    let mut write = WriteSide::new(&state);
-    let heartbeat = state.config.heartbeat;
-    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut run = Run::new(&state, hooks, peer);
-    tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
-    // The shutdown closes the peers registered when it began (see
-    // `shutdown`); this one may have registered after.
-    if shutdown.is_draining() {
-        let (code, reason) = shutdown.kind().close_frame();
-        peer.outbox().close_now(code, reason);
-    }
-    // Everything that runs for a while but not while the peer is idle is
-    // boxed (the hooks, the close): an idle peer holds this future for as
-    // long as it is connected, and its size is that of its largest step,
-    // not of the step it is waiting in.
-    let mut hook: Option<HookFuture<'_>> = Some(Box::pin(hooks.open(peer)));
-
-    loop {
-        if hook.is_none() {
-            // Between hooks: what ended the write side, then what was read,
-            // one hook at a time and in order.
-            if let Some(exit) = write.exit.take() {
-                if let Flow::End = Box::pin(run.on_write_exit(exit)).await {
-                    break;
-                }
+    held: G,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let (hooks, peer) = (&*hooks, &peer);
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed after the 101");
+                state.unregister_peer(peer.id());
+                return;
             }
-            let next = if read.is_drained() { Next::Wait } else { run.next_hook(&mut read, &mut write) };
-            match next {
-                Next::Hook(h) => hook = Some(h),
-                // Nothing more can come: the server's close is out and the
-                // peer's input is past reading.
-                Next::Wait if !run.reading && run.written.is_some() => break,
-                Next::Wait => {}
-                Next::End => break,
-            }
-        }
-        let hook_running = hook.is_some();
-        let open = write.is_open();
-        let reading = run.reading && !hook_running && read.is_drained();
-        let deadline = run.deadline.filter(|_| !hook_running);
-        let event = tokio::select! {
-            biased;
-            () = async { if let Some(h) = hook.as_mut() { h.await } }, if hook_running => Event::HookDone,
-            _ = ticker.tick(), if open => Event::Tick,
-            _ = sleep_until(deadline) => Event::Deadline,
-            event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, &mut rx, reading)) => event,
         };
-        match event {
-            Event::HookDone => hook = None,
-            Event::CloseAsked | Event::SendersGone => write.begin_close(&mut rx, None),
-            Event::Tick => {
-                // What bursts left behind goes back once per heartbeat, not
-                // after each batch, where the next burst would grow it again.
-                shrink_idle(&mut read.inbox);
-                shrink_idle(&mut write.batch.frames);
-                rx.frames.release_idle();
-                if read.last_heard.elapsed() >= heartbeat * 2 {
-                    // The peer was silent for two heartbeats: close it (3008).
-                    peer.outbox().close_now(close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
-                    write.begin_close(&mut rx, None);
-                } else {
-                    write.ping_due = true;
+        let limit = state.config.max_message_size;
+        let max_read = state.config.read_buffer_size.clamp(1, SCRATCH_SIZE);
+        let mut read = ReadSide::new(MessageReader::new(limit, limit), max_read);
+        let mut io = Socket::new(upgraded, state.config.write_timeout, &mut read);
+        let mut write = WriteSide::new(&state);
+        let heartbeat = state.config.heartbeat;
+        // One timer, inline: the heartbeat's while the write side is open, then
+        // (once the server's close is out) the wait for the peer's reply; the
+        // two never run at once. An `Interval` would box a `Sleep` of its own,
+        // and a second `Sleep` for the reply would take room in this future
+        // for the whole connection.
+        let timer = tokio::time::sleep_until(Instant::now() + heartbeat);
+        tokio::pin!(timer);
+        let mut run = Run::new(&state, hooks, peer);
+        tracing::debug!(peer = %peer, remote = %peer.remote_addr(), "open");
+        // The shutdown closes the peers registered when it began (see
+        // `shutdown`); this one may have registered after.
+        if state.shutdown.is_draining() {
+            let (code, reason) = state.shutdown.kind().close_frame();
+            peer.outbox().close_now(code, reason);
+        }
+        // Everything that runs for a while but not while the peer is idle is
+        // boxed (the hooks, the close): an idle peer holds this future for as
+        // long as it is connected, and its size is that of its largest step,
+        // not of the step it is waiting in.
+        let mut hook: Option<HookFuture<'_>> = Some(Box::pin(hooks.open(peer)));
+
+        loop {
+            if hook.is_none() {
+                // Between hooks: what ended the write side, then what was read,
+                // one hook at a time and in order.
+                if let Some(exit) = write.exit.take() {
+                    if let Flow::End = Box::pin(run.on_write_exit(exit)).await {
+                        break;
+                    }
+                }
+                let next = if read.is_drained() { Next::Wait } else { run.next_hook(&mut read, &mut write) };
+                match next {
+                    Next::Hook(h) => hook = Some(h),
+                    // Nothing more can come: the server's close is out and the
+                    // peer's input is past reading.
+                    Next::Wait if !run.reading && run.written.is_some() => break,
+                    Next::Wait => {}
+                    Next::End => break,
                 }
             }
-            Event::Deadline => break,
-            Event::Read => {} // handed to the hooks at the top of the loop
-            Event::Written(result) => write.after_batch(result, &mut rx.frames),
+            let hook_running = hook.is_some();
+            let open = write.is_open();
+            let reading = run.reading && !hook_running && read.is_drained();
+            if let Some(deadline) = run.deadline {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+            }
+            let timed = open || (run.deadline.is_some() && !hook_running);
+            let event = tokio::select! {
+                biased;
+                () = async { if let Some(h) = hook.as_mut() { h.await } }, if hook_running => Event::HookDone,
+                () = timer.as_mut(), if timed => if open { Event::Tick } else { Event::Deadline },
+                event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, &mut rx, reading)) => event,
+            };
+            match event {
+                Event::HookDone => hook = None,
+                Event::CloseAsked | Event::SendersGone => write.begin_close(&mut rx, None),
+                Event::Tick => {
+                    let next = next_tick(timer.deadline(), Instant::now(), heartbeat);
+                    timer.as_mut().reset(next);
+                    // What bursts left behind goes back once per heartbeat, not
+                    // after each batch, where the next burst would grow it again.
+                    shrink_idle(&mut read.inbox);
+                    shrink_idle(&mut write.batch.frames);
+                    rx.frames.release_idle();
+                    if read.last_heard.elapsed() >= heartbeat * 2 {
+                        // The peer was silent for two heartbeats: close it (3008).
+                        peer.outbox().close_now(close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+                        write.begin_close(&mut rx, None);
+                    } else {
+                        write.ping_due = true;
+                    }
+                }
+                Event::Deadline => break,
+                Event::Read => {} // handed to the hooks at the top of the loop
+                Event::Written(result) => write.after_batch(result, &mut rx.frames),
+            }
         }
-    }
 
-    let details = Box::pin(run.finish(&mut io, &mut write, &mut rx)).await;
-    peer.leave_all();
-    state.unregister_peer(peer.id());
-    tracing::debug!(peer = %peer, code = details.code, reason = %details.reason, "close");
-    Box::pin(hooks.close(peer, details)).await;
-    if matches!(run.written, Some(WriterExit::Closed(_))) {
-        Box::pin(linger(&mut io)).await;
+        let details = Box::pin(run.finish(&mut io, &mut write, &mut rx)).await;
+        peer.leave_all();
+        state.unregister_peer(peer.id());
+        tracing::debug!(peer = %peer, code = details.code, reason = %details.reason, "close");
+        Box::pin(hooks.close(peer, details)).await;
+        if matches!(run.written.as_deref(), Some(WriterExit::Closed(_))) {
+            Box::pin(linger(&mut io)).await;
+        }
+        drop(held);
     }
 }
 
-/// Sleeps until `deadline`, or forever.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+/// When the heartbeat ticks next after the tick due at `due` came at `now`:
+/// what `Interval` does with `MissedTickBehavior::Delay` (a tick more than
+/// 5 ms late puts the next one a whole heartbeat after it).
+fn next_tick(due: Instant, now: Instant, heartbeat: Duration) -> Instant {
+    if now > due + Duration::from_millis(5) {
+        now + heartbeat
+    } else {
+        due + heartbeat
     }
 }
 
@@ -313,28 +345,109 @@ impl ReadSide {
     fn poll_read(&mut self, cx: &mut Context<'_>, io: &mut Io) -> Poll<()> {
         while self.is_drained() {
             let max_read = self.max_read;
-            let read = with_scratch(|scratch| {
+            ready!(with_scratch(|scratch| {
                 let len = max_read.min(scratch.len());
                 let mut buf = ReadBuf::new(&mut scratch[..len]);
                 match Pin::new(&mut *io).poll_read(cx, &mut buf) {
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(error = %e, "socket error");
-                        Poll::Ready(Some(ReadEnd::Gone))
+                        self.end = Some(ReadEnd::Gone);
                     }
-                    Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Some(ReadEnd::Gone)),
-                    Poll::Ready(Ok(())) => {
-                        // Any bytes count as a sign of life, the heartbeat's pongs among them.
-                        self.last_heard = Instant::now();
-                        Poll::Ready(self.reader.read(buf.filled(), &mut self.inbox).err().map(ReadEnd::Failed))
-                    }
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => self.end = Some(ReadEnd::Gone),
+                    Poll::Ready(Ok(())) => self.received(buf.filled()),
                 }
-            });
-            if let Some(end) = ready!(read) {
-                self.end = Some(end);
-            }
+                Poll::Ready(())
+            }));
         }
         Poll::Ready(())
+    }
+
+    /// Hands bytes from the socket to the reader.
+    fn received(&mut self, bytes: &[u8]) {
+        // Any bytes count as a sign of life, the heartbeat's pongs among them.
+        self.last_heard = Instant::now();
+        if let Err(e) = self.reader.read(bytes, &mut self.inbox) {
+            self.end = Some(ReadEnd::Failed(e));
+        }
+    }
+}
+
+/// The upgraded socket.
+enum Socket {
+    /// The standalone listener's own stream, taken out of hyper's wrapper
+    /// (whose box and buffer an idle peer would otherwise hold); the listener
+    /// gave it its write timeout.
+    Direct(WriteTimeout<TcpStream>),
+    /// Any other listener's (a mounted service): hyper's wrapper, with the
+    /// write timeout around it. Boxed, so that the listener's own, the
+    /// common case, is no bigger for it.
+    Upgraded(Box<WriteTimeout<TokioIo<Upgraded>>>),
+}
+
+impl Socket {
+    /// Takes the socket out of hyper's wrapper when it is the listener's;
+    /// the bytes hyper read past the handshake go to `read` first.
+    fn new(upgraded: Upgraded, write_timeout: Duration, read: &mut ReadSide) -> Self {
+        match upgraded.downcast::<TokioIo<WriteTimeout<TcpStream>>>() {
+            Ok(parts) => {
+                if !parts.read_buf.is_empty() {
+                    read.received(&parts.read_buf);
+                }
+                Self::Direct(parts.io.into_inner())
+            }
+            Err(upgraded) => Self::Upgraded(Box::new(WriteTimeout::new(TokioIo::new(upgraded), Some(write_timeout)))),
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Upgraded(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Upgraded(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Upgraded(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Direct(s) => s.is_write_vectored(),
+            Self::Upgraded(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_flush(cx),
+            Self::Upgraded(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Direct(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Upgraded(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
     }
 }
 
@@ -348,17 +461,23 @@ enum WriterExit {
     Failed(String),
 }
 
+/// The peer's close frame, as the hooks hear of it and as echoed.
+struct PeerClose {
+    details: CloseDetails,
+    /// The echo, until the write side takes it as the server's close.
+    echo: Option<Frame>,
+}
+
 /// What the connection has learnt so far about how it ends.
 struct Run<'a, H: Hooks> {
     state: &'a ServerState,
     hooks: &'a H,
     peer: &'a Peer<H::Context>,
-    /// The peer's close frame, once it sent one.
-    peer_close: Option<CloseDetails>,
-    /// The echo of the peer's close, until the write side takes it as the server's close.
-    echo: Option<Frame>,
+    /// The peer's close, once it sent one (boxed, as what follows: only a
+    /// closing connection has any).
+    peer_close: Option<Box<PeerClose>>,
     /// How the write side ended, once the connection has acted on it.
-    written: Option<WriterExit>,
+    written: Option<Box<WriterExit>>,
     reading: bool,
     /// Set once the server's close frame is out: how long to wait for the reply.
     deadline: Option<Instant>,
@@ -366,7 +485,7 @@ struct Run<'a, H: Hooks> {
 
 impl<'a, H: Hooks> Run<'a, H> {
     fn new(state: &'a ServerState, hooks: &'a H, peer: &'a Peer<H::Context>) -> Self {
-        Self { state, hooks, peer, peer_close: None, echo: None, written: None, reading: true, deadline: None }
+        Self { state, hooks, peer, peer_close: None, written: None, reading: true, deadline: None }
     }
 
     /// Hands on what was read, up to the next hook to run: pings are
@@ -424,12 +543,11 @@ impl<'a, H: Hooks> Run<'a, H> {
             }
             None => (CloseDetails { code: 1005, reason: String::new() }, Frame::close_without_code()),
         };
-        self.peer_close = Some(details);
-        self.echo = Some(echo);
+        self.peer_close = Some(Box::new(PeerClose { details, echo: Some(echo) }));
     }
 
-    async fn on_write_exit(&mut self, exit: WriterExit) -> Flow {
-        let flow = match &exit {
+    async fn on_write_exit(&mut self, exit: Box<WriterExit>) -> Flow {
+        let flow = match &*exit {
             WriterExit::Closed(frame) => {
                 if u16::from(frame.code) == close_code::SLOW_CONSUMER {
                     self.state.metrics.slow_consumer_closed();
@@ -466,13 +584,13 @@ impl<'a, H: Hooks> Run<'a, H> {
     async fn finish(&mut self, io: &mut Io, write: &mut WriteSide, rx: &mut OutboxReceiver) -> CloseDetails {
         if self.written.is_none() {
             self.peer.outbox().close_now(close_code::GOING_AWAY, "connection closed");
-            write.begin_close(rx, self.echo.take());
+            write.begin_close(rx, self.peer_close.as_mut().and_then(|p| p.echo.take()));
             if let Ok(exit) = timeout(CLOSE_TIMEOUT, write.close(io, &mut rx.frames)).await {
                 self.written = Some(exit);
             }
         }
-        match (self.peer_close.take(), &self.written) {
-            (Some(details), _) => details,
+        match (self.peer_close.take(), self.written.as_deref()) {
+            (Some(peer_close), _) => peer_close.details,
             (None, Some(WriterExit::Closed(f))) => CloseDetails { code: f.code.into(), reason: f.reason.to_string() },
             (None, Some(WriterExit::Stalled(_))) => CloseDetails { code: 1006, reason: "write timeout".to_owned() },
             (None, _) => CloseDetails { code: 1006, reason: String::new() },
@@ -551,8 +669,9 @@ struct WriteSide {
     answering: bool,
     /// Set once a close was asked for (or the heartbeat was lost).
     closing: Option<Box<Closing>>,
-    /// How it ended, until the connection acts on it.
-    exit: Option<WriterExit>,
+    /// How it ended, until the connection acts on it (boxed: an open
+    /// connection has none, and it is a close frame wide).
+    exit: Option<Box<WriterExit>>,
     /// The most bytes one `writev` is handed.
     max_batch_bytes: usize,
     /// Only to say how long a stalled socket was given.
@@ -703,7 +822,7 @@ impl WriteSide {
             self.batch.frames.push_back(closing.last.clone().into());
             return;
         }
-        self.exit = Some(WriterExit::Closed(closing.frame.clone()));
+        self.exit = Some(Box::new(WriterExit::Closed(closing.frame.clone())));
     }
 
     /// Acts on a batch's write: the next step, or the end.
@@ -712,12 +831,12 @@ impl WriteSide {
             Ok(()) if self.closing.is_some() => self.advance_close(rx),
             Ok(()) => {}
             Err(e) => {
-                self.exit = Some(match &self.closing {
+                self.exit = Some(Box::new(match &self.closing {
                     _ if is_stall(&e) => WriterExit::Stalled(self.write_timeout),
                     // Any other failure while closing: the peer closed first; its close is what counts.
                     Some(closing) => WriterExit::Closed(closing.frame.clone()),
                     None => WriterExit::Failed(e.to_string()),
-                });
+                }));
             }
         }
         if self.exit.is_some() {
@@ -728,7 +847,7 @@ impl WriteSide {
     /// Writes the close through to its end (once [`begin_close`](Self::begin_close)).
     /// Written as long as the socket keeps taking bytes: a peer that was cut
     /// for being slow still gets its close frame once it reads again.
-    async fn close(&mut self, io: &mut Io, rx: &mut FrameReceiver) -> WriterExit {
+    async fn close(&mut self, io: &mut Io, rx: &mut FrameReceiver) -> Box<WriterExit> {
         loop {
             if let Some(exit) = self.exit.take() {
                 return exit;
@@ -817,5 +936,65 @@ impl Pending {
     fn keep_started(&mut self) {
         let keep = usize::from(self.offset > 0);
         self.frames.truncate(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::{PubSub, Server, ServerConfig};
+
+    /// The bytes a client sent right behind its handshake, which hyper read
+    /// with it, are the connection's first input: a ping there is answered.
+    #[tokio::test]
+    async fn a_frame_sent_with_the_handshake_is_read() {
+        let config = ServerConfig { addr: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+        let server = Server::new(config.clone(), PubSub::new(&config)).bind().await.unwrap();
+        let addr = server.local_addr();
+        let running = tokio::spawn(server.run_until(std::future::pending()));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut bytes = format!(
+            "GET /_ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes();
+        // A masked ping, "hi".
+        let mask = [1, 2, 3, 4];
+        bytes.extend_from_slice(&[0x89, 0x80 | 2]);
+        bytes.extend_from_slice(&mask);
+        bytes.extend(b"hi".iter().zip(mask).map(|(b, m)| b ^ m));
+        stream.write_all(&bytes).await.unwrap();
+
+        // The server's frames (unmasked) after the 101, the pong among them.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let pong = 'read: loop {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+            let mut frames = &got[end + 4..];
+            while frames.len() >= 2 {
+                let (len, at) = match frames[1] {
+                    126 if frames.len() >= 4 => (usize::from(u16::from_be_bytes([frames[2], frames[3]])), 4),
+                    126 => continue 'read,
+                    len => (usize::from(len), 2),
+                };
+                if frames.len() < at + len {
+                    continue 'read;
+                }
+                if frames[0] == 0x8a {
+                    break 'read frames[at..at + len].to_vec();
+                }
+                frames = &frames[at + len..];
+            }
+        };
+        assert_eq!(pong, b"hi");
+        running.abort();
     }
 }

@@ -94,8 +94,9 @@ pub struct MessageReader {
     /// The frame whose payload is being read.
     frame: Option<FrameState>,
     /// The data message being put together: fragments so far, or a frame
-    /// whose payload did not arrive in one read.
-    message: Option<Assembly>,
+    /// whose payload did not arrive in one read. Boxed: every connection
+    /// has a reader, and most are between messages.
+    message: Option<Box<Assembly>>,
     /// A control frame's payload cut by the end of a read (at most 125 bytes).
     control: Vec<u8>,
     /// Set by the client's close or by an error: nothing more is read.
@@ -285,12 +286,14 @@ impl MessageReader {
                     out.extend(Some(finish(data == Data::Text, unmasked(chunk, mask, 0))?));
                     return Ok(true);
                 }
-                let message = self.message.get_or_insert_with(|| Assembly {
-                    text: data == Data::Text,
-                    // A frame's length was checked against the limit: reserve
-                    // the part that is here, grow as the rest arrives.
-                    data: BytesMut::with_capacity(n),
-                    valid: 0,
+                let message = self.message.get_or_insert_with(|| {
+                    Box::new(Assembly {
+                        text: data == Data::Text,
+                        // A frame's length was checked against the limit: reserve
+                        // the part that is here, grow as the rest arrives.
+                        data: BytesMut::with_capacity(n),
+                        valid: 0,
+                    })
                 });
                 let start = message.data.len();
                 message.data.extend_from_slice(chunk);

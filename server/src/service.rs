@@ -87,8 +87,17 @@ pub(crate) struct ConnSlot {
     pub(crate) _ip: Option<IpSlot>,
 }
 
-/// What a WebSocket holds of the limits for its whole life.
-struct Held {
+/// What a WebSocket holds of the limits for its whole life. Its
+/// connection's future keeps it: a direct client of the standalone listener
+/// (whose limits were applied at accept time) holds a pointer, anyone else
+/// a box.
+enum Held {
+    Accepted { _slot: Arc<ConnSlot> },
+    Limits { _limits: Box<HeldLimits> },
+}
+
+/// What a WebSocket took under the limits other than at accept time.
+struct HeldLimits {
     _accepted: Option<Arc<ConnSlot>>,
     _permit: Option<OwnedSemaphorePermit>,
     _ip: Option<IpSlot>,
@@ -126,7 +135,7 @@ impl<H: Hooks> WebSocketService<H> {
             Err(response) => return response,
         };
         let allow_origin = req.headers().get(header::ORIGIN).cloned();
-        let mut res = self.upgrade(req, client, held, conn.accepted.is_none()).await;
+        let mut res = self.upgrade(req, client, held).await;
         // The client's probe is a cross-origin fetch in development: let it read the status.
         if let Some(origin) = allow_origin {
             res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -175,12 +184,18 @@ impl<H: Hooks> WebSocketService<H> {
             }
             _ => (remote, None),
         };
-        Ok((client, Held { _accepted: conn.accepted.clone(), _permit: permit, _ip: ip }))
+        let held = match (&conn.accepted, permit, ip) {
+            (Some(accepted), None, None) => Held::Accepted { _slot: Arc::clone(accepted) },
+            (accepted, permit, ip) => {
+                Held::Limits { _limits: Box::new(HeldLimits { _accepted: accepted.clone(), _permit: permit, _ip: ip }) }
+            }
+        };
+        Ok((client, held))
     }
 
     /// `client` is the address hooks and the peer list see: behind a trusted
     /// proxy, the one it names (port 0: proxies do not pass the port on).
-    async fn upgrade<B>(&self, mut req: Request<B>, client: SocketAddr, held: Held, mounted: bool) -> HttpResponse {
+    async fn upgrade<B>(&self, mut req: Request<B>, client: SocketAddr, held: Held) -> HttpResponse {
         let upgrade_req = UpgradeRequest {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -208,23 +223,10 @@ impl<H: Hooks> WebSocketService<H> {
         let peer = Peer::new(core, context, Arc::clone(&state));
         let on_upgrade = hyper::upgrade::on(&mut req);
         let hooks = Arc::clone(&self.hooks);
-        let shutdown = state.shutdown.clone();
-        // The standalone listener's streams have their write timeout already.
-        let write_timeout = mounted.then_some(state.config.write_timeout);
         // hyper sends the 101 only once this handler returns, so the socket is
-        // taken over in a task of its own.
-        shutdown.clone().spawn(async move {
-            let _held = held;
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    connection::serve(state, hooks, upgraded, write_timeout, peer, outbox_rx, shutdown).await
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgrade failed after the 101");
-                    state.unregister_peer(peer.id());
-                }
-            }
-        });
+        // taken over in a task of its own. Behind the standalone listener the
+        // stream has its write timeout already; any other gets one there.
+        self.state.shutdown.spawn(connection::serve(state, hooks, on_upgrade, peer, outbox_rx, held));
         accept.response()
     }
 }

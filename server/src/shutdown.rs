@@ -106,7 +106,7 @@ impl ShutdownHandles {
         let running = Arc::clone(&self.running);
         // Boxed: an async block keeps room for a future it captured even after
         // moving it into its state, so the task would hold `task` twice (a
-        // peer's connection future is about 1.3 KB; its task was 2.9 KB).
+        // peer's connection future is about 0.8 KB, and every idle peer holds one).
         let task = Box::pin(task);
         let handle = self.tracker.spawn(async move {
             let _ended = Ended { running, id: tokio::task::id() };
