@@ -136,7 +136,7 @@ impl MessageText {
             buf.extend_from_slice(br#"","seq":"#);
             serde_json::to_writer(&mut *buf, &seq)?;
             buf.extend_from_slice(br#","from":"#);
-            serde_json::to_writer(&mut *buf, from)?;
+            write_str(buf, from)?;
             buf.extend_from_slice(br#","data":"#);
             buf.extend_from_slice(data.get().as_bytes());
             buf.push(b'}');
@@ -174,6 +174,21 @@ impl MessageText {
 impl fmt::Debug for MessageText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// `text` as a JSON string. A peer id (the usual `from`) never needs
+/// escaping: one pass checks that and copies it, where serde_json looks each
+/// byte up in its escape table and writes the runs between escapes.
+fn write_str(buf: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
+    // What serde_json escapes: control characters, the quote, the backslash.
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(text.as_bytes());
+        buf.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(buf, text)
     }
 }
 
