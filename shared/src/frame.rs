@@ -3,8 +3,8 @@
 //! [`PresenceEntry`], [`HistoryMessage`]), and their JSON form: one object per
 //! WebSocket text frame, tagged by `"type"`.
 //!
-//! Frames are decoded through one flat envelope of optional fields rather than
-//! serde's internally tagged enums, so that a published `data` stays a borrowed,
+//! Frames are decoded through a flat envelope of optional fields (one per
+//! direction) rather than serde's internally tagged enums, so that a published `data` stays a borrowed,
 //! unparsed slice: the server passes it through without building a JSON tree.
 
 use std::borrow::Cow;
