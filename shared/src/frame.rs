@@ -3,8 +3,8 @@
 //! [`PresenceEntry`], [`HistoryMessage`]), and their JSON form: one object per
 //! WebSocket text frame, tagged by `"type"`.
 //!
-//! Frames are decoded through one flat envelope of optional fields rather than
-//! serde's internally tagged enums, so that a published `data` stays a borrowed,
+//! Frames are decoded through a flat envelope of optional fields (one per
+//! direction) rather than serde's internally tagged enums, so that a published `data` stays a borrowed,
 //! unparsed slice: the server passes it through without building a JSON tree.
 
 use std::borrow::Cow;
@@ -265,18 +265,37 @@ impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
     }
 }
 
-/// Every field any frame may carry, all optional. Frames are decoded through
-/// this flat envelope rather than serde's internally tagged enums because those
-/// buffer the input and cannot borrow `data` as a raw, unparsed slice: the
-/// server passes published data through without ever building a JSON tree.
+/// Every field a client frame may carry, all optional. Frames are decoded
+/// through a flat envelope rather than serde's internally tagged enums because
+/// those buffer the input and cannot borrow `data` as a raw, unparsed slice:
+/// the server passes published data through without ever building a JSON tree.
+/// It holds the client's fields only (the server's fields, like any other
+/// unknown one, are skipped): the server decodes one per frame it receives,
+/// and a smaller envelope is less to initialise, move and drop each time.
 #[derive(Deserialize)]
-struct Envelope<'a> {
+struct ClientEnvelope<'a> {
     #[serde(rename = "type", borrow)]
     ty: Option<Cow<'a, str>>,
     #[serde(borrow)]
     topic: Option<Cow<'a, str>>,
     since: Option<Since>,
     presence: Option<bool>,
+    #[serde(default, borrow)]
+    data: Data<'a>,
+    ack: Option<u64>,
+    id: Option<u64>,
+    token: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Every field any server frame may carry, all optional (see [`ClientEnvelope`]
+/// for why frames are decoded this way).
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     data: Data<'a>,
     ack: Option<u64>,
@@ -294,51 +313,77 @@ struct Envelope<'a> {
     message: Option<String>,
     peers: Option<Vec<PresenceEntry>>,
     user: Option<String>,
-    token: Option<String>,
-    limit: Option<u32>,
     exp: Option<u64>,
     messages: Option<Vec<HistoryMessage>>,
 }
 
-impl<'a> Envelope<'a> {
-    fn parse(text: &'a str) -> Result<Self, DecodeError> {
-        serde_json::from_str(text).map_err(|e| {
-            if e.is_data() {
-                DecodeError::bad_request(format!("malformed frame: {e}"))
-            } else {
-                DecodeError::bad_request(format!("invalid JSON: {e}"))
-            }
-        })
-    }
-
-    fn kind(&mut self) -> Result<Cow<'a, str>, DecodeError> {
-        self.ty.take().ok_or_else(|| DecodeError::bad_request("frame has no \"type\" field"))
-    }
-
-    fn missing(&self, ty: &str, field: &str) -> DecodeError {
-        DecodeError {
-            code: ErrorCode::BadRequest,
-            message: format!("a {ty} frame needs a \"{field}\" field"),
-            ack: self.ack,
-            topic: self.topic.as_deref().and_then(|t| Topic::new(t).ok()),
+fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, DecodeError> {
+    serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            DecodeError::bad_request(format!("malformed frame: {e}"))
+        } else {
+            DecodeError::bad_request(format!("invalid JSON: {e}"))
         }
+    })
+}
+
+fn kind<'a>(ty: &mut Option<Cow<'a, str>>) -> Result<Cow<'a, str>, DecodeError> {
+    ty.take().ok_or_else(|| DecodeError::bad_request("frame has no \"type\" field"))
+}
+
+/// A frame of type `ty` lacks `field`; the error carries the frame's `ack`
+/// and (valid) topic, so that the client knows what it answers.
+fn missing(ty: &str, field: &str, ack: Option<u64>, topic: Option<&str>) -> DecodeError {
+    DecodeError {
+        code: ErrorCode::BadRequest,
+        message: format!("a {ty} frame needs a \"{field}\" field"),
+        ack,
+        topic: topic.and_then(|t| Topic::new(t).ok()),
+    }
+}
+
+fn topic_of(ty: &str, topic: Option<&str>, ack: Option<u64>) -> Result<Topic, DecodeError> {
+    let name = topic.ok_or_else(|| missing(ty, "topic", ack, None))?;
+    Topic::new(name).map_err(|e| DecodeError {
+        code: ErrorCode::InvalidTopic,
+        message: format!("invalid topic {:?}: {e}", truncate(name)),
+        ack,
+        topic: None,
+    })
+}
+
+fn data_of(ty: &str, data: &Data<'_>, ack: Option<u64>, topic: Option<&str>) -> Result<Box<RawValue>, DecodeError> {
+    match data {
+        Data::Present(raw) => Ok((*raw).to_owned()),
+        Data::Missing => Err(missing(ty, "data", ack, topic)),
+    }
+}
+
+impl ClientEnvelope<'_> {
+    fn missing(&self, ty: &str, field: &str) -> DecodeError {
+        missing(ty, field, self.ack, self.topic.as_deref())
     }
 
     fn topic(&self, ty: &str) -> Result<Topic, DecodeError> {
-        let name = self.topic.as_deref().ok_or_else(|| self.missing(ty, "topic"))?;
-        Topic::new(name).map_err(|e| DecodeError {
-            code: ErrorCode::InvalidTopic,
-            message: format!("invalid topic {:?}: {e}", truncate(name)),
-            ack: self.ack,
-            topic: None,
-        })
+        topic_of(ty, self.topic.as_deref(), self.ack)
     }
 
     fn data(&self, ty: &str) -> Result<Box<RawValue>, DecodeError> {
-        match self.data {
-            Data::Present(raw) => Ok(raw.to_owned()),
-            Data::Missing => Err(self.missing(ty, "data")),
-        }
+        data_of(ty, &self.data, self.ack, self.topic.as_deref())
+    }
+}
+
+impl Envelope<'_> {
+    fn missing(&self, ty: &str, field: &str) -> DecodeError {
+        missing(ty, field, self.ack, self.topic.as_deref())
+    }
+
+    fn topic(&self, ty: &str) -> Result<Topic, DecodeError> {
+        topic_of(ty, self.topic.as_deref(), self.ack)
+    }
+
+    fn data(&self, ty: &str) -> Result<Box<RawValue>, DecodeError> {
+        data_of(ty, &self.data, self.ack, self.topic.as_deref())
     }
 
     fn field<T>(&self, ty: &str, name: &str, value: Option<T>) -> Result<T, DecodeError> {
@@ -357,8 +402,8 @@ fn truncate(s: &str) -> &str {
 impl ClientFrame {
     /// Decodes one text frame; the error says what to answer with.
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
-        let mut env = Envelope::parse(text)?;
-        let ty = env.kind()?;
+        let mut env: ClientEnvelope<'_> = parse(text)?;
+        let ty = kind(&mut env.ty)?;
         Ok(match &*ty {
             "subscribe" => ClientFrame::Subscribe {
                 topic: env.topic("subscribe")?,
@@ -399,8 +444,8 @@ impl ClientFrame {
 impl ServerFrame {
     /// Decodes one text frame from the server.
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
-        let mut env = Envelope::parse(text)?;
-        let ty = env.kind()?;
+        let mut env: Envelope<'_> = parse(text)?;
+        let ty = kind(&mut env.ty)?;
         let peer = |env: &Envelope<'_>, ty| env.field(ty, "peer", env.peer.as_deref().map(str::to_owned));
         Ok(match &*ty {
             "welcome" => ServerFrame::Welcome {
@@ -523,6 +568,9 @@ mod tests {
     fn unknown_fields_are_ignored() {
         let f = ClientFrame::decode(r#"{"x":1,"type":"unsubscribe","topic":"t","nested":{"a":[]}}"#).unwrap();
         assert!(matches!(f, ClientFrame::Unsubscribe { .. }));
+        // A server frame's fields are not a client frame's: skipped like any other.
+        let f = ClientFrame::decode(r#"{"type":"publish","topic":"t","data":1,"seq":"x","peers":3,"ack":2}"#).unwrap();
+        assert!(matches!(f, ClientFrame::Publish { ack: Some(2), .. }));
     }
 
     #[test]

@@ -266,7 +266,11 @@ impl MemoryEngine {
         if let Some(node) = self.node.get() {
             node.deliver(topic, delivery);
         }
-        self.remove_if_dead(&mut shard, topic, now);
+        // `remove_if_dead` with the state at hand: no second lookup.
+        if state.is_dead(now, &self.limits) {
+            shard.remove(topic);
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
         drop(shard);
         if retained > 0 && self.retained.load(Ordering::Relaxed) > self.limits.history_bytes {
             self.evict_history();

@@ -128,12 +128,15 @@ impl MessageText {
         // chat room's instructions).
         let capacity = 64 + topic.as_str().len() + from.len() + data.get().len();
         let frame = Frame::json_with(capacity, |buf| {
-            buf.extend_from_slice(br#"{"type":"message","topic":"#);
-            serde_json::to_writer(&mut *buf, topic.as_str())?;
-            buf.extend_from_slice(br#","seq":"#);
+            // A topic is only ever `[A-Za-z0-9_.:/-]` (`Topic` validates it
+            // where it enters): its JSON string is the name in quotes, with
+            // nothing to escape, so it is not scanned for escapes again.
+            buf.extend_from_slice(br#"{"type":"message","topic":""#);
+            buf.extend_from_slice(topic.as_str().as_bytes());
+            buf.extend_from_slice(br#"","seq":"#);
             serde_json::to_writer(&mut *buf, &seq)?;
             buf.extend_from_slice(br#","from":"#);
-            serde_json::to_writer(&mut *buf, from)?;
+            write_str(buf, from)?;
             buf.extend_from_slice(br#","data":"#);
             buf.extend_from_slice(data.get().as_bytes());
             buf.push(b'}');
@@ -174,6 +177,21 @@ impl fmt::Debug for MessageText {
     }
 }
 
+/// `text` as a JSON string. A peer id (the usual `from`) never needs
+/// escaping: one pass checks that and copies it, where serde_json looks each
+/// byte up in its escape table and writes the runs between escapes.
+fn write_str(buf: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
+    // What serde_json escapes: control characters, the quote, the backslash.
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(text.as_bytes());
+        buf.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(buf, text)
+    }
+}
+
 /// Where a publisher's `ack` goes: queued by the node that delivers the
 /// message to its own subscribers, in the same step, so that the publisher
 /// has its ack before any later message of the topic. Opaque: an engine only
@@ -191,9 +209,23 @@ pub struct AckTo {
 impl AckTo {
     /// Queues the `ack` frame: the message got `seq`.
     pub(crate) fn send(self, seq: u64) {
-        let frame = crosswire_shared::ServerFrame::Ack { ack: self.ack, seq };
-        let _ = self.outbox.push_reserved(Frame::text(frame.encode()));
+        let _ = self.outbox.push_reserved(ack_frame(self.ack, seq));
     }
+}
+
+/// `ServerFrame::Ack`'s JSON, written straight into the WebSocket frame:
+/// one per acked publish, where the derived serializer took a `String`, a
+/// copy into the frame, and escaped every constant key byte by byte.
+fn ack_frame(ack: u64, seq: u64) -> Frame {
+    let frame = Frame::json_with(48, |buf| {
+        buf.extend_from_slice(br#"{"type":"ack","ack":"#);
+        serde_json::to_writer(&mut *buf, &ack)?;
+        buf.extend_from_slice(br#","seq":"#);
+        serde_json::to_writer(&mut *buf, &seq)?;
+        buf.push(b'}');
+        Ok(())
+    });
+    frame.expect("an ack frame always serializes")
 }
 
 impl fmt::Debug for AckTo {
@@ -377,5 +409,27 @@ pub trait Engine: fmt::Debug + Send + Sync + 'static {
     /// Bytes of history this process retains.
     fn retained_bytes(&self) -> usize {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crosswire_shared::ServerFrame;
+
+    use super::*;
+
+    #[test]
+    fn hand_written_frames_are_the_derived_json() {
+        for (ack, seq) in [(0, 1), (9, 12_345), (u64::MAX, u64::MAX)] {
+            let derived = ServerFrame::Ack { ack, seq }.encode();
+            assert_eq!(ack_frame(ack, seq).to_text(), Ok(derived.as_str()));
+        }
+        let data = RawValue::from_string(r#"{"x": [1, "é\"\n"]}"#.to_owned()).unwrap();
+        for (topic, from) in [("t", "0123456789ab"), ("chat:a/b_c.d-e", "server"), ("x", "we\"ird\\ \u{1} é")] {
+            let topic = Topic::new(topic).unwrap();
+            let derived =
+                ServerFrame::Message { topic: topic.clone(), seq: 7, from: from.to_owned(), data: data.clone() };
+            assert_eq!(MessageText::encode(&topic, 7, from, &data).as_str(), derived.encode());
+        }
     }
 }
