@@ -103,10 +103,8 @@ fn round_of(text: &str) -> Option<usize> {
 /// in the measured ones.
 async fn member(cli: Arc<Cli>, me: usize, start: Arc<Barrier>, rounds: Arc<Barrier>) -> anyhow::Result<u64> {
     let tcp = TcpStream::connect(cli.addr).await?;
-    // As browsers do: without it, a round's pipelined sends can wait for the
-    // ACK of the last round's (Nagle), which the server may delay by 40 ms
-    // when it has nothing to send back at once. Rounds then measured the
-    // ACK timer, not the server (a pinned run went from 4.8 M to 1.6 M/s).
+    // As browsers do (and the load generator's other scenarios): a member's
+    // small writes are not held back for the ACK of its last ones (Nagle).
     tcp.set_nodelay(true)?;
     let (ws, _) = client_async(format!("ws://{}/_ws", cli.addr), tcp).await?;
     let (mut tx, mut rx) = ws.split();
