@@ -359,33 +359,46 @@ fn data_of(ty: &str, data: &Data<'_>, ack: Option<u64>, topic: Option<&str>) -> 
     }
 }
 
-impl ClientEnvelope<'_> {
+/// What both envelopes carry for their errors and payloads: the frame's
+/// `ack`, `topic` and `data`, whichever direction it decodes.
+trait Fields {
+    fn ack(&self) -> Option<u64>;
+    fn topic_str(&self) -> Option<&str>;
+    fn data_field(&self) -> &Data<'_>;
+
     fn missing(&self, ty: &str, field: &str) -> DecodeError {
-        missing(ty, field, self.ack, self.topic.as_deref())
+        missing(ty, field, self.ack(), self.topic_str())
     }
 
     fn topic(&self, ty: &str) -> Result<Topic, DecodeError> {
-        topic_of(ty, self.topic.as_deref(), self.ack)
+        topic_of(ty, self.topic_str(), self.ack())
     }
 
     fn data(&self, ty: &str) -> Result<Box<RawValue>, DecodeError> {
-        data_of(ty, &self.data, self.ack, self.topic.as_deref())
+        data_of(ty, self.data_field(), self.ack(), self.topic_str())
     }
 }
 
+/// Both envelopes name the three fields alike.
+macro_rules! impl_fields {
+    ($($envelope:ident),*) => {$(
+        impl Fields for $envelope<'_> {
+            fn ack(&self) -> Option<u64> {
+                self.ack
+            }
+            fn topic_str(&self) -> Option<&str> {
+                self.topic.as_deref()
+            }
+            fn data_field(&self) -> &Data<'_> {
+                &self.data
+            }
+        }
+    )*};
+}
+
+impl_fields!(ClientEnvelope, Envelope);
+
 impl Envelope<'_> {
-    fn missing(&self, ty: &str, field: &str) -> DecodeError {
-        missing(ty, field, self.ack, self.topic.as_deref())
-    }
-
-    fn topic(&self, ty: &str) -> Result<Topic, DecodeError> {
-        topic_of(ty, self.topic.as_deref(), self.ack)
-    }
-
-    fn data(&self, ty: &str) -> Result<Box<RawValue>, DecodeError> {
-        data_of(ty, &self.data, self.ack, self.topic.as_deref())
-    }
-
     fn field<T>(&self, ty: &str, name: &str, value: Option<T>) -> Result<T, DecodeError> {
         value.ok_or_else(|| self.missing(ty, name))
     }
