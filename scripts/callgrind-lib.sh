@@ -34,7 +34,8 @@ cg_start() {
   SERVER_PID=$!
   PORT=""
   for _ in $(seq 600); do
-    PORT=$(sed -n 's|.*listening on [a-z]*://[^ ]*:\([0-9][0-9]*\).*|\1|p' "$log.out" | head -n1)
+    # (The log may not exist yet: valgrind starts before the server writes.)
+    PORT=$(sed -n 's|.*listening on [a-z]*://[^ ]*:\([0-9][0-9]*\).*|\1|p' "$log.out" 2>/dev/null | head -n1 || true)
     [[ -n $PORT ]] && return 0
     sleep 0.1
   done
