@@ -34,7 +34,7 @@ cg_start() {
   SERVER_PID=$!
   PORT=""
   for _ in $(seq 600); do
-    # (The log may not exist yet: valgrind starts before the server writes.)
+    # (The log may not exist yet: the background job may not have opened it.)
     PORT=$(sed -n 's|.*listening on [a-z]*://[^ ]*:\([0-9][0-9]*\).*|\1|p' "$log.out" 2>/dev/null | head -n1 || true)
     [[ -n $PORT ]] && return 0
     sleep 0.1

@@ -61,6 +61,7 @@ use tokio::{
     time::{timeout, Instant},
 };
 use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+use tokio_util::either::Either;
 
 use crate::{
     frame::Frame,
@@ -73,7 +74,8 @@ use crate::{
     write_timeout::WriteTimeout,
 };
 
-type Io = Socket;
+/// The upgraded socket: see [`socket`].
+type Io = Either<WriteTimeout<TcpStream>, Box<WriteTimeout<TokioIo<Upgraded>>>>;
 
 /// How many queued frames the write side takes at a time: under load, one
 /// syscall carries many frames.
@@ -152,7 +154,7 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
         let limit = state.config.max_message_size;
         let max_read = state.config.read_buffer_size.clamp(1, SCRATCH_SIZE);
         let mut read = ReadSide::new(MessageReader::new(limit, limit), max_read);
-        let mut io = Socket::new(upgraded, state.config.write_timeout, &mut read);
+        let mut io = socket(upgraded, state.config.write_timeout, &mut read);
         let mut write = WriteSide::new(&state);
         let heartbeat = state.config.heartbeat;
         // One timer, inline: the heartbeat's while the write side is open, then
@@ -373,81 +375,21 @@ impl ReadSide {
     }
 }
 
-/// The upgraded socket.
-enum Socket {
-    /// The standalone listener's own stream, taken out of hyper's wrapper
-    /// (whose box and buffer an idle peer would otherwise hold); the listener
-    /// gave it its write timeout.
-    Direct(WriteTimeout<TcpStream>),
-    /// Any other listener's (a mounted service): hyper's wrapper, with the
-    /// write timeout around it. Boxed, so that the listener's own, the
-    /// common case, is no bigger for it.
-    Upgraded(Box<WriteTimeout<TokioIo<Upgraded>>>),
-}
-
-impl Socket {
-    /// Takes the socket out of hyper's wrapper when it is the listener's;
-    /// the bytes hyper read past the handshake go to `read` first.
-    fn new(upgraded: Upgraded, write_timeout: Duration, read: &mut ReadSide) -> Self {
-        match upgraded.downcast::<TokioIo<WriteTimeout<TcpStream>>>() {
-            Ok(parts) => {
-                if !parts.read_buf.is_empty() {
-                    read.received(&parts.read_buf);
-                }
-                Self::Direct(parts.io.into_inner())
+/// Takes the socket out of hyper's wrapper when it is the listener's own
+/// stream (whose box and buffer an idle peer would otherwise hold; the
+/// listener gave it its write timeout); the bytes hyper read past the
+/// handshake go to `read` first. Any other listener's (a mounted service)
+/// keeps hyper's wrapper, with the write timeout around it, boxed so that
+/// the listener's own, the common case, is no bigger for it.
+fn socket(upgraded: Upgraded, write_timeout: Duration, read: &mut ReadSide) -> Io {
+    match upgraded.downcast::<TokioIo<WriteTimeout<TcpStream>>>() {
+        Ok(parts) => {
+            if !parts.read_buf.is_empty() {
+                read.received(&parts.read_buf);
             }
-            Err(upgraded) => Self::Upgraded(Box::new(WriteTimeout::new(TokioIo::new(upgraded), Some(write_timeout)))),
+            Either::Left(parts.io.into_inner())
         }
-    }
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Upgraded(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Upgraded(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Upgraded(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Direct(s) => s.is_write_vectored(),
-            Self::Upgraded(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_flush(cx),
-            Self::Upgraded(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Upgraded(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
+        Err(upgraded) => Either::Right(Box::new(WriteTimeout::new(TokioIo::new(upgraded), Some(write_timeout)))),
     }
 }
 

@@ -344,6 +344,15 @@ impl State {
 }
 
 impl Shared {
+    /// [`State::take`], and `has_frames` cleared when it empties the queue.
+    fn take(&self, st: &mut State, into: &mut VecDeque<Queued>, max: usize) -> usize {
+        let n = st.take(into, max, &self.budget);
+        if st.frames.is_empty() {
+            self.has_frames.store(false, Ordering::Release);
+        }
+        n
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every step under this lock leaves the queue consistent; a panic in
         // one (a bug) must not take every publisher down with it.
@@ -406,10 +415,7 @@ impl OutboxReceiver {
         if st.closing.is_some() {
             return Poll::Ready(Wake::Close);
         }
-        if st.take(into, max, &shared.budget) > 0 {
-            if st.frames.is_empty() {
-                shared.has_frames.store(false, Ordering::Release);
-            }
+        if shared.take(&mut st, into, max) > 0 {
             return Poll::Ready(Wake::Frames);
         }
         if shared.senders.load(Ordering::Acquire) == 0 {
@@ -437,12 +443,7 @@ impl FrameReceiver {
     /// under one lock: the write loop takes a batch at a time, not a frame.
     /// Returns how many it moved.
     pub(crate) fn take(&mut self, into: &mut VecDeque<Queued>, max: usize) -> usize {
-        let mut st = self.shared.lock();
-        let n = st.take(into, max, &self.shared.budget);
-        if st.frames.is_empty() {
-            self.shared.has_frames.store(false, Ordering::Release);
-        }
-        n
+        self.shared.take(&mut self.shared.lock(), into, max)
     }
 
     /// Gives back the capacity a burst left behind, if nothing is queued.

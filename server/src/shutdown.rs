@@ -132,6 +132,7 @@ struct Table {
 
 #[derive(Debug)]
 enum Slot {
+    /// The spawner put its handle in before the task ended.
     Running(AbortHandle),
     /// The task ended before its spawner put its handle in.
     Ended,
@@ -145,35 +146,31 @@ impl Running {
 
     /// The spawner's half: the task may have ended (and said so) already.
     fn started(&self, id: Id, abort: AbortHandle) {
-        let mut table = self.lock();
-        if table.aborting {
-            // (Its end may not come: a task aborted before its first poll
-            // never says so. The table is not kept once aborting.)
-            abort.abort();
-            return;
-        }
-        match table.tasks.entry(id) {
-            Entry::Occupied(ended) => {
-                ended.remove();
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(Slot::Running(abort));
-            }
-        }
+        self.meet(id, Slot::Running(abort));
     }
 
     /// The task's half, when it ends (or is aborted, or dropped).
     fn ended(&self, id: Id) {
+        self.meet(id, Slot::Ended);
+    }
+
+    /// Whichever half comes second takes the task out of the table.
+    fn meet(&self, id: Id, half: Slot) {
         let mut table = self.lock();
         if table.aborting {
+            // (The table is not kept once aborting: a task aborted before its
+            // first poll never says it ended.)
+            if let Slot::Running(abort) = half {
+                abort.abort();
+            }
             return;
         }
         match table.tasks.entry(id) {
-            Entry::Occupied(running) => {
-                running.remove();
+            Entry::Occupied(first) => {
+                first.remove();
             }
             Entry::Vacant(slot) => {
-                slot.insert(Slot::Ended);
+                slot.insert(half);
             }
         }
     }

@@ -331,34 +331,6 @@ fn kind<'a>(ty: &mut Option<Cow<'a, str>>) -> Result<Cow<'a, str>, DecodeError> 
     ty.take().ok_or_else(|| DecodeError::bad_request("frame has no \"type\" field"))
 }
 
-/// A frame of type `ty` lacks `field`; the error carries the frame's `ack`
-/// and (valid) topic, so that the client knows what it answers.
-fn missing(ty: &str, field: &str, ack: Option<u64>, topic: Option<&str>) -> DecodeError {
-    DecodeError {
-        code: ErrorCode::BadRequest,
-        message: format!("a {ty} frame needs a \"{field}\" field"),
-        ack,
-        topic: topic.and_then(|t| Topic::new(t).ok()),
-    }
-}
-
-fn topic_of(ty: &str, topic: Option<&str>, ack: Option<u64>) -> Result<Topic, DecodeError> {
-    let name = topic.ok_or_else(|| missing(ty, "topic", ack, None))?;
-    Topic::new(name).map_err(|e| DecodeError {
-        code: ErrorCode::InvalidTopic,
-        message: format!("invalid topic {:?}: {e}", truncate(name)),
-        ack,
-        topic: None,
-    })
-}
-
-fn data_of(ty: &str, data: &Data<'_>, ack: Option<u64>, topic: Option<&str>) -> Result<Box<RawValue>, DecodeError> {
-    match data {
-        Data::Present(raw) => Ok((*raw).to_owned()),
-        Data::Missing => Err(missing(ty, "data", ack, topic)),
-    }
-}
-
 /// What both envelopes carry for their errors and payloads: the frame's
 /// `ack`, `topic` and `data`, whichever direction it decodes.
 trait Fields {
@@ -366,16 +338,32 @@ trait Fields {
     fn topic_str(&self) -> Option<&str>;
     fn data_field(&self) -> &Data<'_>;
 
+    /// A frame of type `ty` lacks `field`; the error carries the frame's
+    /// `ack` and (valid) topic, so that the client knows what it answers.
     fn missing(&self, ty: &str, field: &str) -> DecodeError {
-        missing(ty, field, self.ack(), self.topic_str())
+        DecodeError {
+            code: ErrorCode::BadRequest,
+            message: format!("a {ty} frame needs a \"{field}\" field"),
+            ack: self.ack(),
+            topic: self.topic_str().and_then(|t| Topic::new(t).ok()),
+        }
     }
 
     fn topic(&self, ty: &str) -> Result<Topic, DecodeError> {
-        topic_of(ty, self.topic_str(), self.ack())
+        let name = self.topic_str().ok_or_else(|| self.missing(ty, "topic"))?;
+        Topic::new(name).map_err(|e| DecodeError {
+            code: ErrorCode::InvalidTopic,
+            message: format!("invalid topic {:?}: {e}", truncate(name)),
+            ack: self.ack(),
+            topic: None,
+        })
     }
 
     fn data(&self, ty: &str) -> Result<Box<RawValue>, DecodeError> {
-        data_of(ty, self.data_field(), self.ack(), self.topic_str())
+        match self.data_field() {
+            Data::Present(raw) => Ok((*raw).to_owned()),
+            Data::Missing => Err(self.missing(ty, "data")),
+        }
     }
 }
 

@@ -233,11 +233,11 @@ impl MemoryEngine {
         true
     }
 
-    fn remove_if_dead(&self, shard: &mut Shard, topic: &Topic, now: Instant) {
-        if shard.get(topic).is_some_and(|s| s.is_dead(now, &self.limits)) {
-            shard.remove(topic);
-            self.count.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// Forgets a topic its caller found dead in the state at hand (no
+    /// second lookup: this runs once per publish).
+    fn forget_dead(&self, shard: &mut Shard, topic: &Topic) {
+        shard.remove(topic);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn publish_now(&self, topic: &Topic, publication: Publication<'_>) -> Result<u64, EngineError> {
@@ -266,10 +266,8 @@ impl MemoryEngine {
         if let Some(node) = self.node.get() {
             node.deliver(topic, delivery);
         }
-        // `remove_if_dead` with the state at hand: no second lookup.
         if state.is_dead(now, &self.limits) {
-            shard.remove(topic);
-            self.count.fetch_sub(1, Ordering::Relaxed);
+            self.forget_dead(&mut shard, topic);
         }
         drop(shard);
         if retained > 0 && self.retained.load(Ordering::Relaxed) > self.limits.history_bytes {
@@ -370,11 +368,12 @@ impl Engine for MemoryEngine {
     fn release(&self, topic: &Topic) {
         let now = Instant::now();
         let mut shard = self.shard(topic);
-        if let Some(state) = shard.get_mut(topic) {
-            state.holders = state.holders.saturating_sub(1);
-            state.touched = now;
+        let Some(state) = shard.get_mut(topic) else { return };
+        state.holders = state.holders.saturating_sub(1);
+        state.touched = now;
+        if state.is_dead(now, &self.limits) {
+            self.forget_dead(&mut shard, topic);
         }
-        self.remove_if_dead(&mut shard, topic, now);
     }
 
     fn presence_changed(&self, _topic: &Topic, _who: &PresenceEntry, _joined: bool) {
