@@ -77,13 +77,10 @@ use crate::{
 /// The upgraded socket: see [`socket`].
 type Io = Either<WriteTimeout<TcpStream>, Box<WriteTimeout<TokioIo<Upgraded>>>>;
 
-/// How many queued frames the write side takes at a time: under load, one
-/// syscall carries many frames.
-const WRITE_BATCH: usize = 64;
-
-/// Batches one poll writes at most before it lets the reading, the
-/// heartbeat and the other tasks have a turn.
-const BATCHES_PER_POLL: usize = 4;
+/// `writev`s one poll makes at most before it lets the reading, the
+/// heartbeat and the other tasks have a turn. (The write side takes the
+/// whole queue at once, so a backlog would otherwise go out in one poll.)
+const WRITES_PER_POLL: usize = 16;
 
 /// The most slices one `writev` is given (well under every `IOV_MAX`).
 const MAX_IOV: usize = 64;
@@ -684,9 +681,10 @@ impl WriteSide {
         if self.is_open() && rx.poll_close(cx).is_ready() {
             return Poll::Ready(Event::CloseAsked);
         }
-        for _ in 0..BATCHES_PER_POLL {
+        let mut writes = WRITES_PER_POLL;
+        loop {
             if !self.batch.frames.is_empty() {
-                match self.batch.poll_write_all(cx, io, self.max_batch_bytes) {
+                match self.batch.poll_write_all(cx, io, self.max_batch_bytes, &mut writes) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(())) if self.is_open() => {
                         if std::mem::take(&mut self.answering) {
@@ -700,7 +698,7 @@ impl WriteSide {
                 return Poll::Pending;
             }
             self.stage_own();
-            match rx.poll_take(cx, &mut self.batch.frames, WRITE_BATCH) {
+            match rx.poll_take(cx, &mut self.batch.frames, usize::MAX) {
                 Poll::Ready(Wake::Close) => return Poll::Ready(Event::CloseAsked),
                 Poll::Ready(Wake::Frames) => {}
                 // What the connection owes the peer goes out first.
@@ -709,9 +707,6 @@ impl WriteSide {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        // Come back at once, after the others.
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 
     /// Puts the connection's own frames first into the next batch: the
@@ -773,7 +768,7 @@ impl WriteSide {
     /// graceful close), then the close frame, then the end.
     fn advance_close(&mut self, rx: &mut FrameReceiver) {
         let Some(closing) = &mut self.closing else { return };
-        if closing.flush && rx.take(&mut self.batch.frames, WRITE_BATCH) > 0 {
+        if closing.flush && rx.take(&mut self.batch.frames, usize::MAX) > 0 {
             return;
         }
         if !closing.queued {
@@ -812,7 +807,7 @@ impl WriteSide {
                 return exit;
             }
             let max = self.max_batch_bytes;
-            let result = poll_fn(|cx| self.batch.poll_write_all(cx, io, max)).await;
+            let result = poll_fn(|cx| self.batch.poll_write_all(cx, io, max, &mut WRITES_PER_POLL.clone())).await;
             self.after_batch(result, rx);
         }
     }
@@ -851,14 +846,21 @@ impl<'a> Segment<'a> {
 
 impl Pending {
     /// Writes every frame, a `writev` of up to [`MAX_IOV`] slices at a time,
-    /// and flushes.
+    /// and flushes. Each `writev` spends one of `writes`; with none left it
+    /// is pending, with the task woken to come back after the others.
     fn poll_write_all<S: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         sink: &mut S,
         max_bytes: usize,
+        writes: &mut usize,
     ) -> Poll<io::Result<()>> {
         while !self.frames.is_empty() {
+            if *writes == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            *writes -= 1;
             match self.poll_writev(cx, sink, max_bytes) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => self.advance(n),
@@ -1042,7 +1044,8 @@ mod tests {
                 let mut sink = Sink { per_write, stalls, stalled: false, taken: Vec::new(), calls: Vec::new() };
                 let mut pending = Pending::default();
                 pending.frames.extend(frames.iter().cloned().map(Into::into));
-                std::future::poll_fn(|cx| pending.poll_write_all(cx, &mut sink, 64 * 1024)).await.unwrap();
+                // (Three writes a poll: a budget spent resumes where it stopped.)
+                std::future::poll_fn(|cx| pending.poll_write_all(cx, &mut sink, 64 * 1024, &mut 3)).await.unwrap();
                 assert!(sink.taken == expected, "{per_write} bytes per write, stalls: {stalls}");
                 assert!(pending.frames.is_empty() && pending.offset == 0);
             }
@@ -1059,7 +1062,7 @@ mod tests {
         pending.frames.extend((0..64).map(|i| Frame::text(format!("message {i}")).into()));
         pending.frames.push_back(Frame::binary(&[1; 1000]).into());
         pending.frames.extend((0..3).map(|i| Frame::text(format!("after {i}")).into()));
-        std::future::poll_fn(|cx| pending.poll_write_all(cx, &mut sink, 64 * 1024)).await.unwrap();
+        std::future::poll_fn(|cx| pending.poll_write_all(cx, &mut sink, 64 * 1024, &mut 1)).await.unwrap();
         assert_eq!(sink.calls, [3]);
     }
 
