@@ -25,15 +25,17 @@ pub struct ServerConfig {
     /// The largest message accepted, counted across fragments; larger ones
     /// close the connection with 1009. Default 64 KiB.
     pub max_message_size: usize,
-    /// Live frames that may wait in one peer's outbound queue; a peer whose
-    /// queue overflows is closed with 1013 (slow consumer). Default 4096: a
+    /// Live frames that may wait in one peer's outbound queue (queued, or
+    /// taken by its write loop and not yet written); a peer whose queue
+    /// overflows is closed with 1013 (slow consumer). Default 4096: a
     /// burst the publish limits allow must fit, so that only a peer that is
     /// really behind is cut. Kept below `history_size`, so that a slow
     /// consumer's lag stays recoverable. Answers and recovery replays do not
     /// count against it.
     pub outbound_queue: usize,
-    /// Live payload bytes that may wait in one peer's outbound queue; past
-    /// them the peer is closed with 1013. Default 4 MiB (Bun's backpressure
+    /// Live payload bytes that may wait in one peer's outbound queue (counted
+    /// as `outbound_queue` counts frames); past them the peer is closed with
+    /// 1013. Default 4 MiB (Bun's backpressure
     /// limit is 16 MiB): a peer is slow when its backlog is large, not when a
     /// burst sits in its queue for a millisecond.
     pub max_queue_bytes: usize,

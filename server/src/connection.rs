@@ -10,9 +10,13 @@
 //! idle peer holds no read buffer (see `message_reader` for why not
 //! tungstenite's reader).
 //!
-//! Writing: the queued frames, already encoded once per message ([`Frame`]),
-//! go straight to the socket with one `writev` per batch: no per-peer
-//! framing, no copy into a write buffer. The connection's own frames (the
+//! Writing: the write side takes everything queued at once and hands it to
+//! the socket in as few `writev`s as it takes. The frames are encoded once
+//! per message ([`Frame`]) and never re-framed per peer; large ones go to
+//! the kernel in place, and runs of small ones are first copied side by side
+//! into a per-worker cork buffer (the kernel pays per slice, and for a
+//! 20-byte frame a slice costs more than the copy). Nothing is kept per
+//! peer for writing but the frames taken. The connection's own frames (the
 //! heartbeat's ping, pongs, the echo of the peer's close, the server's
 //! close) are put in the same batches, so frames never interleave and a
 //! pong goes before the backlog the peer may be slow to take.
@@ -669,7 +673,8 @@ impl WriteSide {
     /// Writes the batch in flight and, while the connection is open, takes
     /// the next from the queue as soon as one is out, until the socket or
     /// the queue has nothing more now: a wake-up for queued frames costs one
-    /// poll, one lock to take them and one to find the queue empty. Ready
+    /// poll, one lock to take them and one to find the queue empty (which
+    /// settles what was taken, see `outbox`). Ready
     /// with what the connection's loop must act on; pending otherwise (with
     /// the task registered for the queue's next wake-up).
     fn poll_send(&mut self, cx: &mut Context<'_>, io: &mut Io, rx: &mut OutboxReceiver) -> Poll<Event> {

@@ -473,8 +473,8 @@ impl Drop for FrameReceiver {
 
 impl FrameReceiver {
     /// Moves up to `max` queued frames, oldest first, to the end of `into`
-    /// under one lock: the write loop takes a batch at a time, not a frame.
-    /// Returns how many it moved.
+    /// under one lock, once what the last take handed out is settled as
+    /// written (the write loop takes again only then). Returns how many it moved.
     pub(crate) fn take(&mut self, into: &mut VecDeque<Queued>, max: usize) -> usize {
         let mut st = self.shared.lock();
         let n = self.shared.take(&mut st, into, max);
