@@ -274,9 +274,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
 /// and a smaller envelope is less to initialise, move and drop each time.
 #[derive(Deserialize)]
 struct ClientEnvelope<'a> {
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "type", default, borrow, deserialize_with = "borrowed_str")]
     ty: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_str")]
     topic: Option<Cow<'a, str>>,
     since: Option<Since>,
     presence: Option<bool>,
@@ -292,22 +292,22 @@ struct ClientEnvelope<'a> {
 /// for why frames are decoded this way).
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "type", default, borrow, deserialize_with = "borrowed_str")]
     ty: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_str")]
     topic: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     data: Data<'a>,
     ack: Option<u64>,
     id: Option<u64>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_str")]
     peer: Option<Cow<'a, str>>,
     heartbeat_ms: Option<u64>,
     version: Option<u32>,
     epoch: Option<String>,
     seq: Option<u64>,
     recovered: Option<bool>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed_str")]
     from: Option<Cow<'a, str>>,
     code: Option<ErrorCode>,
     message: Option<String>,
@@ -315,6 +315,48 @@ struct Envelope<'a> {
     user: Option<String>,
     exp: Option<u64>,
     messages: Option<Vec<HistoryMessage>>,
+}
+
+/// An optional string that points into the frame unless an escape in it
+/// makes that impossible. serde borrows a `Cow<str>` field only when it is
+/// exactly that type: inside an `Option` it copied every one, a type and a
+/// topic allocated and freed for each frame the server received.
+fn borrowed_str<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    struct Str;
+
+    impl<'de> serde::de::Visitor<'de> for Str {
+        type Value = Option<Cow<'de, str>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    d.deserialize_option(Str)
 }
 
 fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, DecodeError> {
@@ -517,6 +559,28 @@ mod tests {
 
     fn err(text: &str) -> DecodeError {
         ClientFrame::decode(text).unwrap_err()
+    }
+
+    /// The envelopes' strings point into the frame unless an escape makes
+    /// that impossible: a decoded frame allocates for neither its type nor
+    /// its topic (serde's own `Option<Cow<str>>` copied both).
+    #[test]
+    fn envelope_strings_borrow_unless_escaped() {
+        let env: ClientEnvelope<'_> = parse(r#"{"type":"publish","topic":"a/b","data":1}"#).unwrap();
+        assert!(matches!(env.ty, Some(Cow::Borrowed("publish"))));
+        assert!(matches!(env.topic, Some(Cow::Borrowed("a/b"))));
+        let env: ClientEnvelope<'_> = parse(r#"{"type":"publish","topic":"a\/b","data":1}"#).unwrap();
+        assert!(matches!(env.topic, Some(Cow::Owned(ref t)) if t == "a/b"));
+        let env: Envelope<'_> =
+            parse(r#"{"type":"message","topic":"a","from":"p1","peer":"p2","seq":1,"data":1}"#).unwrap();
+        assert!(matches!(
+            (&env.ty, &env.topic, &env.from, &env.peer),
+            (Some(Cow::Borrowed(_)), Some(Cow::Borrowed(_)), Some(Cow::Borrowed(_)), Some(Cow::Borrowed(_)))
+        ));
+        let env: ClientEnvelope<'_> = parse(r#"{"type":null,"topic":null}"#).unwrap();
+        assert!(env.ty.is_none() && env.topic.is_none());
+        let Err(e) = parse::<ClientEnvelope<'_>>(r#"{"type":5}"#) else { panic!("a number is no type") };
+        assert!(e.message.contains("expected a string"), "{}", e.message);
     }
 
     #[test]
