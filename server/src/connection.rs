@@ -89,9 +89,6 @@ const WRITES_PER_POLL: usize = 16;
 /// The most slices one `writev` is given (well under every `IOV_MAX`).
 const MAX_IOV: usize = 64;
 
-/// Batches up to this many frames use a small slice array.
-const FEW_IOV: usize = 4;
-
 /// Frames up to this size (header included) are copied together into the
 /// worker's cork buffer and leave as one slice; larger ones are handed to
 /// `writev` in place. The kernel pays per slice (a chat room's `writev` of
@@ -812,7 +809,11 @@ impl WriteSide {
                 return exit;
             }
             let max = self.max_batch_bytes;
-            let result = poll_fn(|cx| self.batch.poll_write_all(cx, io, max, &mut WRITES_PER_POLL.clone())).await;
+            let result = poll_fn(|cx| {
+                let mut writes = WRITES_PER_POLL;
+                self.batch.poll_write_all(cx, io, max, &mut writes)
+            })
+            .await;
             self.after_batch(result, rx);
         }
     }
@@ -928,20 +929,12 @@ impl Pending {
                 }
                 bytes += wire.len();
             }
-            let cork = &cork[..corked];
             // The slices live only for this call, so the write side's future
-            // carries no slice array while it waits; and a batch that became a
-            // slice or two (the usual fan-out wake-up) does not fill in 64.
-            let plan = &plan[..planned];
-            if planned <= FEW_IOV {
-                let mut slices = [IoSlice::new(&[]); FEW_IOV];
-                plan.iter().zip(&mut slices).for_each(|(segment, s)| *s = segment.slice(cork));
-                Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..planned])
-            } else {
-                let mut slices = [IoSlice::new(&[]); MAX_IOV];
-                plan.iter().zip(&mut slices).for_each(|(segment, s)| *s = segment.slice(cork));
-                Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..planned])
-            }
+            // carries no slice array while it waits.
+            let cork = &cork[..corked];
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            plan[..planned].iter().zip(&mut slices).for_each(|(segment, s)| *s = segment.slice(cork));
+            Pin::new(&mut *sink).poll_write_vectored(cx, &slices[..planned])
         })
     }
 

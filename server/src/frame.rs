@@ -141,14 +141,12 @@ impl Frame {
     fn encode(opcode: u8, payload: &[u8]) -> Self {
         let mut head = [0u8; MAX_HEADER];
         let head_len = header(opcode, payload.len(), &mut head);
-        let built: Result<Self, std::convert::Infallible> = build(head_len + payload.len(), |buf| {
+        let Ok(frame) = build::<std::convert::Infallible>(head_len + payload.len(), |buf| {
             buf.extend_from_slice(&head[..head_len]);
             buf.extend_from_slice(payload);
             Ok(0)
         });
-        match built {
-            Ok(frame) => frame,
-        }
+        frame
     }
 
     /// The frame as it goes on the wire.
