@@ -117,11 +117,19 @@ impl Rejection {
 /// assert_eq!(validate_upgrade(&plain), Err(Rejection::UpgradeRequired));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+// The service validates the parts it has moved into the hook's request
+// (validate_parts); this whole-request form is the fuzz target's.
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
 pub fn validate_upgrade<B>(req: &Request<B>) -> Result<Accept, Rejection> {
-    if req.method() != Method::GET {
-        return Err(Rejection::MethodNotGet(req.method().clone()));
+    validate_parts(req.method(), req.headers())
+}
+
+/// [`validate_upgrade`] on a request's method and headers: what the service
+/// has once it has handed them to the `upgrade` hook.
+pub(crate) fn validate_parts(method: &Method, headers: &HeaderMap) -> Result<Accept, Rejection> {
+    if method != Method::GET {
+        return Err(Rejection::MethodNotGet(method.clone()));
     }
-    let headers = req.headers();
     let Some(upgrade) = headers.get(header::UPGRADE) else {
         return Err(Rejection::UpgradeRequired);
     };

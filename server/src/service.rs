@@ -196,10 +196,14 @@ impl<H: Hooks> WebSocketService<H> {
     /// `client` is the address hooks and the peer list see: behind a trusted
     /// proxy, the one it names (port 0: proxies do not pass the port on).
     async fn upgrade<B>(&self, mut req: Request<B>, client: SocketAddr, held: Held) -> HttpResponse {
+        // The hook gets the request's own method, URI and headers, moved
+        // rather than cloned (a header map is two allocations and a copy of
+        // every entry); the handshake rules then read them from there, and
+        // the request keeps only what hyper's upgrade needs, its extensions.
         let upgrade_req = UpgradeRequest {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            headers: req.headers().clone(),
+            method: std::mem::take(req.method_mut()),
+            uri: std::mem::take(req.uri_mut()),
+            headers: std::mem::take(req.headers_mut()),
             remote_addr: client,
         };
         let context = match self.hooks.upgrade(&upgrade_req).await {
@@ -209,7 +213,7 @@ impl<H: Hooks> WebSocketService<H> {
                 return response;
             }
         };
-        let accept = match handshake::validate_upgrade(&req) {
+        let accept = match handshake::validate_parts(&upgrade_req.method, &upgrade_req.headers) {
             Ok(accept) => accept,
             Err(rejection) => {
                 tracing::debug!(remote = %client, %rejection, "upgrade rejected");
