@@ -53,10 +53,23 @@ fn normalize_host(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Whether `host`, as a request spells it, names `normalized` (a
+/// [`normalize_host`] result): compared in place, since the Host check runs
+/// for every request and a lowercased copy is an allocation.
+fn host_is(host: &str, normalized: &str) -> bool {
+    host.trim_end_matches('.').eq_ignore_ascii_case(normalized)
+}
+
 /// `localhost`, `*.localhost` (RFC 6761 reserves them for loopback), any
-/// 127.x.x.x, and `[::1]`.
+/// 127.x.x.x, and `[::1]`, in any case and with or without a trailing dot
+/// (the Host check passes the request's own spelling).
 fn is_loopback_host(host: &str) -> bool {
-    if host == "localhost" || host.ends_with(".localhost") {
+    const SUFFIX: &[u8] = b".localhost";
+    let host = host.trim_end_matches('.');
+    let bytes = host.as_bytes();
+    if host.eq_ignore_ascii_case("localhost")
+        || (bytes.len() >= SUFFIX.len() && bytes[bytes.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX))
+    {
         return true;
     }
     if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
@@ -132,12 +145,12 @@ impl OriginPolicy {
         // HTTP/1.1 requires Host; a request without one does not come from a
         // browser, and a browser is what a rebinding attack drives.
         let Some(host) = request_host(uri, headers) else { return Ok(()) };
-        let Ok(authority) = host.parse::<Authority>() else { return Err(OriginRejection::Host) };
-        let name = normalize_host(authority.host());
-        if (policy.loopback && is_loopback_host(&name)) || policy.names.contains(&name) {
-            Ok(())
-        } else {
-            Err(OriginRejection::Host)
+        let allowed = with_host(host, |name| {
+            (policy.loopback && is_loopback_host(name)) || policy.names.iter().any(|n| host_is(name, n))
+        });
+        match allowed {
+            Some(true) => Ok(()),
+            Some(false) | None => Err(OriginRejection::Host),
         }
     }
 
@@ -153,7 +166,7 @@ impl OriginPolicy {
         let same_origin = request_host(uri, headers).and_then(|h| h.parse::<Authority>().ok()).is_some_and(|host| {
             // The scheme the browser used is not visible here (TLS may end at a
             // proxy), so a `Host` without a port means the origin scheme's default.
-            normalize_host(host.host()) == origin.host
+            host_is(host.host(), &origin.host)
                 && host.port_u16().or_else(|| default_port(&origin.scheme)) == Some(origin.port)
         });
         if same_origin || self.allowed.contains(&origin) || (self.loopback_origins && origin.is_loopback()) {
@@ -166,6 +179,32 @@ impl OriginPolicy {
 
 fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| uri.authority().map(Authority::as_str))
+}
+
+/// `f` of the host part of `text` as [`Authority::host`] gives it, or `None`
+/// when `text` does not parse as an [`Authority`]. A plain `name[:port]`
+/// (letters, digits, dots and hyphens: what clients send) is split in place,
+/// since it always parses; parsing an `Authority` copies the text into an
+/// allocation of its own, for every request.
+fn with_host<R>(text: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
+    let bytes = text.as_bytes();
+    let mut colon = None;
+    let mut plain = !bytes.is_empty();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b':' if colon.is_none() => colon = Some(i),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' => {}
+            _ => {
+                plain = false;
+                break;
+            }
+        }
+    }
+    if plain {
+        return Some(f(&text[..colon.unwrap_or(text.len())]));
+    }
+    let authority = text.parse::<Authority>().ok()?;
+    Some(f(authority.host()))
 }
 
 /// A configured allowed host, without a port if it was given one.
@@ -233,9 +272,47 @@ mod tests {
     }
 
     #[test]
+    fn plain_hosts_split_as_authorities_do() {
+        for text in [
+            "ws.example",
+            "ws.example:3000",
+            "WS.Example.:80",
+            "127.0.0.1:3000",
+            ":80",
+            "a:",
+            "a:b",
+            "a:b:c",
+            "-.-",
+            "",
+            "[::1]:3000",
+            "[::1",
+            "user@host:1",
+            "host@",
+            "a b",
+            "a%20b",
+            "a_b~c",
+            "h\u{e9}te",
+            "a/b",
+        ] {
+            let parsed = text.parse::<Authority>().ok().map(|a| a.host().to_owned());
+            assert_eq!(with_host(text, str::to_owned), parsed, "{text:?}");
+        }
+    }
+
+    #[test]
     fn hosts_on_loopback() {
         let p = policy("127.0.0.1:3000", &[], &[]);
-        for ok in ["127.0.0.1:3000", "localhost", "LOCALHOST:1", "app.localhost:80", "127.1.2.3", "[::1]:3000"] {
+        for ok in [
+            "127.0.0.1:3000",
+            "localhost",
+            "LOCALHOST:1",
+            "localhost.:1",
+            "app.localhost:80",
+            "App.LocalHost.",
+            "127.1.2.3",
+            "[::1]:3000",
+            "[0:0:0:0:0:0:0:1]",
+        ] {
             assert!(host_ok(&p, ok), "{ok}");
         }
         for bad in ["evil.example:3000", "localhost.evil.example", "10.0.0.1", "[::2]:3000", "127.0.0.1.evil.example"] {
@@ -243,6 +320,7 @@ mod tests {
         }
         let extra = policy("127.0.0.1:3000", &[], &["dev.example:3000"]);
         assert!(host_ok(&extra, "dev.example"));
+        assert!(host_ok(&extra, "DEV.example.:3000"));
         assert!(host_ok(&extra, "localhost"));
         assert!(host_ok(&policy("127.0.0.1:3000", &[], &["*"]), "evil.example"));
         assert!(host_ok(&policy("0.0.0.0:3000", &[], &[]), "evil.example"), "no check off loopback");
