@@ -23,15 +23,18 @@ pub struct Accept {
 
 impl Accept {
     /// The `101 Switching Protocols` response completing the handshake.
-    pub fn response(&self) -> Response<Full<Bytes>> {
+    pub fn response(self) -> Response<Full<Bytes>> {
         let mut res = Response::new(Full::new(Bytes::new()));
         *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = res.headers_mut();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        // The key's own buffer becomes the header's (`from_str` would copy
+        // it into a second allocation).
+        let accept = Bytes::from(self.accept_key);
         h.insert(
             header::SEC_WEBSOCKET_ACCEPT,
-            HeaderValue::from_str(&self.accept_key).expect("base64 is a valid header value"),
+            HeaderValue::from_maybe_shared(accept).expect("base64 is a valid header value"),
         );
         res
     }
@@ -140,8 +143,11 @@ pub(crate) fn validate_parts(method: &Method, headers: &HeaderMap) -> Result<Acc
         return Err(Rejection::InvalidConnectionHeader);
     }
     let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or(Rejection::MissingKey)?;
-    match BASE64.decode(key.as_bytes()) {
-        Ok(raw) if raw.len() == 16 => {}
+    // Decoded on the stack: only its length matters. 18 bytes is the most
+    // the 24 characters of a 16-byte key could decode to; a key decoding to
+    // more does not fit (an error), and is malformed anyway.
+    match BASE64.decode_slice(key.as_bytes(), &mut [0u8; 18]) {
+        Ok(16) => {}
         _ => return Err(Rejection::MalformedKey),
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
@@ -161,12 +167,14 @@ pub fn accept_key(key: &[u8]) -> String {
 /// Whether a comma-separated header (possibly repeated) contains `token`,
 /// case-insensitively: `Connection: keep-alive, Upgrade` is a valid upgrade.
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    // Split as bytes, once `to_str` has vouched for them: a valid value is
+    // visible ASCII, spaces and tabs, whose only whitespace `trim_ascii`
+    // trims as `str::trim` would, without the UTF-8 decoding.
     headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .filter(|v| v.to_str().is_ok())
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
 }
 
 #[cfg(test)]
@@ -211,6 +219,16 @@ mod tests {
         assert_eq!(validate_upgrade(&with("sec-websocket-key", None)), Err(Rejection::MissingKey));
         assert_eq!(validate_upgrade(&with("sec-websocket-key", Some("c2hvcnQ="))), Err(Rejection::MalformedKey));
         assert_eq!(validate_upgrade(&with("sec-websocket-key", Some("not base64!!"))), Err(Rejection::MalformedKey));
+        for (key, len) in
+            [("AAAAAAAAAAAAAAAAAAAAAAA=", 17), ("AAAAAAAAAAAAAAAAAAAAAAAA", 18), ("AAAAAAAAAAAAAAAAAAAAAAAAAAA=", 20)]
+        {
+            assert_eq!(BASE64.decode(key).unwrap().len(), len);
+            assert_eq!(validate_upgrade(&with("sec-websocket-key", Some(key))), Err(Rejection::MalformedKey), "{key}");
+        }
+        assert_eq!(
+            validate_upgrade(&with("sec-websocket-key", Some("dGhlIHNhbXBsZSBub25jZQ"))),
+            Err(Rejection::MalformedKey)
+        );
         assert_eq!(validate_upgrade(&with("sec-websocket-version", Some("8"))), Err(Rejection::UnsupportedVersion));
         assert_eq!(validate_upgrade(&with("sec-websocket-version", None)), Err(Rejection::UnsupportedVersion));
         let post = Request::post("/_ws").body(()).unwrap();
