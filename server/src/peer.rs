@@ -82,7 +82,19 @@ impl<C> Peer<C> {
     /// Queues a protocol frame answering the peer (it may use the room
     /// reserved above the live-traffic limit).
     pub(crate) fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
-        self.inner.core.outbox.push_reserved(Frame::text(frame.encode()))
+        self.send_json(128, |buf| serde_json::to_writer(buf, frame))
+    }
+
+    /// Queues, as [`Self::send_frame`] does, a protocol frame whose JSON
+    /// `write` appends (about `capacity` bytes): serialized straight into the
+    /// frame, not into a `String` first that the frame then copies.
+    pub(crate) fn send_json(
+        &self,
+        capacity: usize,
+        write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+    ) -> Result<(), SendError> {
+        let frame = Frame::json_with(capacity, write).expect("server frames always serialize");
+        self.inner.core.outbox.push_reserved(frame)
     }
 
     /// Sends `message` verbatim to every other subscriber of `topic` (crossws
