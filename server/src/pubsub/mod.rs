@@ -275,6 +275,25 @@ impl PubSub {
     }
 }
 
+/// `ServerFrame::Welcome`'s JSON (a test holds them equal), written field by
+/// field straight into the frame, as the engine writes its `message` frames:
+/// one per connection, where the derived serializer took a copy of the peer
+/// id, a `String`, and escaped every constant key byte by byte.
+fn write_welcome(buf: &mut Vec<u8>, peer: &str, heartbeat_ms: u64, exp: Option<u64>) -> serde_json::Result<()> {
+    buf.extend_from_slice(br#"{"type":"welcome","peer":"#);
+    serde_json::to_writer(&mut *buf, peer)?;
+    buf.extend_from_slice(br#","heartbeat_ms":"#);
+    serde_json::to_writer(&mut *buf, &heartbeat_ms)?;
+    buf.extend_from_slice(br#","version":"#);
+    serde_json::to_writer(&mut *buf, &PROTOCOL_VERSION)?;
+    if let Some(exp) = exp {
+        buf.extend_from_slice(br#","exp":"#);
+        serde_json::to_writer(&mut *buf, &exp)?;
+    }
+    buf.push(b'}');
+    Ok(())
+}
+
 fn reply(peer: &Peer<PubSubContext>, frame: ServerFrame) {
     // A full queue already closes the peer (1013); nothing more to do here.
     let _ = peer.send_frame(&frame);
@@ -331,15 +350,10 @@ impl Hooks for PubSub {
         if let Some(user) = &peer.context().user {
             peer.set_user(Arc::clone(user));
         }
-        reply(
-            peer,
-            ServerFrame::Welcome {
-                peer: peer.id().to_owned(),
-                heartbeat_ms: self.heartbeat.as_millis() as u64,
-                version: PROTOCOL_VERSION,
-                exp: peer.context().claims().map(|c| c.exp),
-            },
-        );
+        let heartbeat_ms = self.heartbeat.as_millis() as u64;
+        let exp = peer.context().lock_claims().as_ref().map(|c| c.exp);
+        // A full queue already closes the peer (1013); nothing more to do here.
+        let _ = peer.send_json(96, |buf| write_welcome(buf, peer.id(), heartbeat_ms, exp));
         if let Some(claims) = peer.context().claims() {
             // A token stops being valid mid-connection too (unless refreshed).
             arm_expiry(peer, &claims);
@@ -367,6 +381,22 @@ impl Hooks for PubSub {
         if let PeerError::MessageTooBig { limit, .. } = err {
             let message = format!("message exceeds the limit of {limit} bytes; closing (1009)");
             error(peer, ErrorCode::TooLarge, message, None, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn welcome_is_the_derived_encoding() {
+        for (peer, heartbeat_ms, exp) in [("0123456789ab", 25_000, None), ("a\"b\\c\u{1}", 0, Some(u64::MAX))] {
+            let mut buf = Vec::new();
+            write_welcome(&mut buf, peer, heartbeat_ms, exp).unwrap();
+            let derived =
+                ServerFrame::Welcome { peer: peer.to_owned(), heartbeat_ms, version: PROTOCOL_VERSION, exp }.encode();
+            assert_eq!(String::from_utf8(buf).unwrap(), derived);
         }
     }
 }
