@@ -75,6 +75,7 @@ use crate::{
     outbox::{shrink_idle, FrameReceiver, OutboxReceiver, Queued, Wake},
     peer::Peer,
     state::ServerState,
+    topics::{self, PeerKey},
     write_timeout::WriteTimeout,
 };
 
@@ -156,7 +157,9 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
     mut rx: OutboxReceiver,
     held: G,
 ) -> impl Future<Output = ()> + Send {
-    async move {
+    // Corked: what the peer publishes to a topic in one poll (a whole read
+    // of messages) is queued for the subscribers once, as one run.
+    topics::corked(PeerKey::of(peer.id()), async move {
         let (hooks, peer) = (&*hooks, &peer);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -261,7 +264,7 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
             Box::pin(linger(&mut io)).await;
         }
         drop(held);
-    }
+    })
 }
 
 /// When the heartbeat ticks next after the tick due at `due` came at `now`:

@@ -29,8 +29,9 @@ const PONG: u8 = 0xa;
 /// The longest header an unmasked frame has: two bytes and a 64-bit length.
 const MAX_HEADER: usize = 10;
 
-/// A complete, final, unmasked WebSocket frame. Cloning it is a
-/// reference-count bump.
+/// A complete, final, unmasked WebSocket frame, or (made by
+/// [`Frame::concat`]) several back to back, which are only ever written.
+/// Cloning it is a reference-count bump.
 #[derive(Clone)]
 pub(crate) struct Frame {
     wire: Arc<[u8]>,
@@ -149,6 +150,47 @@ impl Frame {
         frame
     }
 
+    /// `frames` back to back in one allocation, `len` bytes in all: how
+    /// what a corked poll published to one topic reaches each subscriber,
+    /// as one queue entry and one `writev` slice (see `topics::Cork`). One
+    /// copy per run, however many subscribers share it. What it makes is a
+    /// run of frames, not a frame: only its wire bytes mean anything.
+    pub(crate) fn concat<'a>(frames: impl Iterator<Item = &'a Frame>, len: usize) -> Self {
+        let Ok(run) = build::<std::convert::Infallible>(len, |buf| {
+            for frame in frames {
+                buf.extend_from_slice(frame.as_wire());
+            }
+            Ok(0)
+        });
+        run
+    }
+
+    /// The frames a run (see [`Frame::concat`]) holds, in order; a frame
+    /// alone is a run of one.
+    #[cfg(test)]
+    pub(crate) fn split(&self) -> Vec<Frame> {
+        let mut out = Vec::new();
+        let mut rest = self.as_wire();
+        while !rest.is_empty() {
+            let one = Frame { wire: Arc::from(rest) };
+            let end = one.head_len() + one.len_declared();
+            out.push(Frame { wire: Arc::from(&rest[..end]) });
+            rest = &rest[end..];
+        }
+        out
+    }
+
+    /// The payload length the header declares (a run's first frame's).
+    #[cfg(test)]
+    fn len_declared(&self) -> usize {
+        let wire = self.as_wire();
+        match wire[1] & 0x7f {
+            126 => usize::from(u16::from_be_bytes([wire[2], wire[3]])),
+            127 => u64::from_be_bytes(wire[2..10].try_into().expect("eight bytes")) as usize,
+            n => usize::from(n),
+        }
+    }
+
     /// The frame as it goes on the wire.
     pub(crate) fn as_wire(&self) -> &[u8] {
         &self.wire
@@ -251,6 +293,16 @@ mod tests {
         assert!(copies.iter().all(|c| c.as_wire() == expected && c.as_wire().as_ptr() == frame.as_wire().as_ptr()));
         assert_eq!(frame.to_text(), Ok("{\"type\":\"message\"}"));
         assert_eq!(frame.len(), 18);
+    }
+
+    #[test]
+    fn a_run_is_its_frames_back_to_back() {
+        let frames: Vec<Frame> = [0, 1, 125, 126, 70_000].into_iter().map(|n| Frame::text("x".repeat(n))).collect();
+        let len = frames.iter().map(|f| f.as_wire().len()).sum();
+        let run = Frame::concat(frames.iter(), len);
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.as_wire().to_vec()).collect();
+        assert_eq!(run.as_wire(), expected);
+        assert_eq!(run.split(), frames);
     }
 
     #[test]

@@ -176,14 +176,17 @@ pub(crate) struct Queued {
     /// reads the frames themselves: a backlog's frames are long out of the
     /// cache, and reading each one's header was 9% of a chat room's CPU.
     counted: u32,
-    live: bool,
+    /// The live messages it counts for toward the bounds: one for a frame,
+    /// more for a run of them (see [`Outbox::push_run`]), none for what is
+    /// not live traffic. A live frame with an empty payload still counts.
+    messages: u32,
 }
 
 /// The write loop's own frames (a ping, pongs, the close or its echo):
 /// never live traffic.
 impl From<Frame> for Queued {
     fn from(frame: Frame) -> Self {
-        Self { frame, counted: 0, live: false }
+        Self { frame, counted: 0, messages: 0 }
     }
 }
 
@@ -223,7 +226,16 @@ impl Outbox {
     /// push over them closes the peer as a slow consumer.
     pub(crate) fn push(&self, frame: Frame) -> Result<(), SendError> {
         let counted = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-        self.enqueue(Queued { frame, counted, live: true })
+        self.enqueue(Queued { frame, counted, messages: 1 })
+    }
+
+    /// Queues `messages` live frames made one run by [`Frame::concat`],
+    /// `bytes` of payload in all: bounded as that many pushes would be, and
+    /// one entry to queue and to write.
+    pub(crate) fn push_run(&self, run: Frame, messages: usize, bytes: usize) -> Result<(), SendError> {
+        let counted = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let messages = u32::try_from(messages).unwrap_or(u32::MAX);
+        self.enqueue(Queued { frame: run, counted, messages })
     }
 
     /// Queues an answer (`subscribed`, an ack, an error) or a replayed
@@ -241,9 +253,10 @@ impl Outbox {
             return Err(SendError::Closed);
         }
         let len = queued.counted as usize;
-        if queued.live {
+        if queued.messages > 0 {
             let bounds = self.shared.bounds;
-            if st.live_frames >= bounds.frames || st.live_bytes + len > bounds.bytes {
+            let messages = queued.messages as usize;
+            if st.live_frames + messages > bounds.frames || st.live_bytes + len > bounds.bytes {
                 drop(st);
                 self.close_now(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
                 return Err(SendError::QueueFull);
@@ -258,7 +271,7 @@ impl Outbox {
                 }
                 st.reserved += chunk;
             }
-            st.live_frames += 1;
+            st.live_frames += messages;
             st.live_bytes += len;
         }
         let was_empty = st.frames.is_empty();
@@ -340,10 +353,8 @@ impl State {
             self.taken_bytes = self.live_bytes;
         } else {
             for q in self.frames.drain(..n) {
-                if q.live {
-                    self.taken_frames += 1;
-                    self.taken_bytes += q.counted as usize;
-                }
+                self.taken_frames += q.messages as usize;
+                self.taken_bytes += q.counted as usize;
                 into.push_back(q);
             }
         }

@@ -13,7 +13,7 @@ use crate::{
     message::Message,
     outbox::{Outbox, SendError},
     state::{PeerCore, ServerState},
-    topics::{lock_index, SubscribeOutcome, Subscriber},
+    topics::{self, lock_index, PeerKey, SubscribeOutcome, Subscriber},
 };
 
 /// One connected WebSocket peer, as the hooks see it. Cheap to clone.
@@ -57,6 +57,11 @@ impl<C> Peer<C> {
         &self.inner.core.id
     }
 
+    /// This peer as the registry tells peers apart.
+    fn key(&self) -> PeerKey {
+        PeerKey::of(&self.inner.core.id)
+    }
+
     /// The client's address.
     pub fn remote_addr(&self) -> SocketAddr {
         self.inner.core.remote
@@ -76,6 +81,7 @@ impl<C> Peer<C> {
     /// peer as a slow consumer and returns [`SendError::QueueFull`], after
     /// which nothing more is sent to it but its close frame.
     pub fn send(&self, message: impl Into<Message>) -> Result<(), SendError> {
+        topics::before_queue_to(self.key());
         self.inner.core.outbox.push(message.into().into_frame())
     }
 
@@ -94,6 +100,7 @@ impl<C> Peer<C> {
         write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
     ) -> Result<(), SendError> {
         let frame = Frame::json_with(capacity, write).expect("server frames always serialize");
+        topics::before_queue_to(self.key());
         self.inner.core.outbox.push_reserved(frame)
     }
 
@@ -180,6 +187,7 @@ impl<C> Peer<C> {
     /// Closes the connection with `code` and `reason`, after the frames
     /// already queued; nothing sent after this call goes out.
     pub fn close(&self, code: u16, reason: &str) {
+        topics::before_queue_to(self.key());
         self.inner.core.outbox.close(code, reason);
     }
 

@@ -19,13 +19,29 @@
 //! the buffered deliveries after it is every message exactly once, in
 //! order. The same holds on any node of a cluster, which is how a client
 //! comes back on another node and misses nothing.
+//!
+//! A connection's poll runs corked ([`corked`]), as uWebSockets drains its
+//! topics once per loop iteration: what it publishes to one topic, message
+//! after message, is held as the topic's open [`Run`] and queued when the
+//! poll ends, the whole run as one entry per subscriber (one lock, one
+//! reference count, one `writev` slice) where each message was one of each.
+//! Nothing observable changes but the cost, because a run is queued before
+//! anything else can come after it: before any other operation on the topic
+//! (a delivery from elsewhere, a subscribe, a presence event), before the
+//! same poll touches another topic, and before it queues anything for
+//! another peer. Every subscriber still gets exactly the messages published
+//! while it was subscribed, in seq order, and a publisher's messages and
+//! sends in the order it made them.
 
 use std::{
     collections::{hash_map::Entry, BTreeSet, HashMap},
+    future::Future,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, OnceLock, Weak,
     },
+    task::{Context, Poll},
 };
 
 use ahash::RandomState;
@@ -39,6 +55,12 @@ use crate::{
 };
 
 const SHARDS: usize = 32;
+
+/// Messages and wire bytes one [`Run`] holds at most; past either it is
+/// queued and the next message begins another. Bounds the copy a run makes
+/// and the slice a subscriber's write side is handed.
+const RUN_MESSAGES: usize = 64;
+const RUN_BYTES: usize = 64 * 1024;
 
 /// Presence events one topic may send per second, and in a burst. Past them
 /// the watchers get one snapshot of who is there instead of the events: a
@@ -76,6 +98,36 @@ struct TopicState {
     presence_budget: TokenBucket,
     /// Presence events were withheld: the watchers are owed a snapshot.
     presence_owed: bool,
+    /// What a corked poll delivered here and has not queued yet.
+    open: Option<Run>,
+}
+
+/// Messages a corked poll delivered to one topic, one after the other, held
+/// to be queued as one entry per subscriber when the poll ends (see the
+/// module documentation).
+struct Run {
+    /// The corked poll that holds it.
+    scope: u64,
+    /// The sender: every subscriber but it gets the run.
+    except: Option<PeerKey>,
+    /// In seq order (0 for raw messages).
+    messages: Vec<(u64, Frame)>,
+    /// Their wire bytes, and the payload bytes that queue bounds count.
+    wire: usize,
+    payload: usize,
+}
+
+/// A peer told apart by the address of its id: a subscriber map's key is
+/// the peer's own id (`Arc<str>`), as is the `from` of what it publishes,
+/// so comparing addresses is comparing peers, where comparing the strings
+/// was a string comparison per delivery.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerKey(usize);
+
+impl PeerKey {
+    pub(crate) fn of(id: &str) -> Self {
+        Self(id.as_ptr() as usize)
+    }
 }
 
 /// The topics one peer is subscribed to, as an index for that peer (its
@@ -105,6 +157,18 @@ impl Subscriber {
 
     fn presence_entry(&self, id: &str) -> PresenceEntry {
         PresenceEntry { peer: id.to_owned(), user: self.user.as_deref().map(str::to_owned) }
+    }
+
+    /// Queues a run of messages, one entry for all of them, or holds each
+    /// while the history is read.
+    fn push_run(&mut self, run: &Run, joined: &Frame) {
+        if self.pending.is_some() {
+            for (seq, frame) in &run.messages {
+                self.push(*seq, frame);
+            }
+        } else {
+            let _ = self.outbox.push_run(joined.clone(), run.messages.len(), run.payload);
+        }
     }
 
     /// Queues a live frame, or holds it while the history is read. Inlined
@@ -143,22 +207,62 @@ impl TopicState {
             position: None,
             presence_budget: TokenBucket::new(PRESENCE_RATE, PRESENCE_BURST),
             presence_owed: false,
+            open: None,
         }
     }
 
-    /// Queues `frame` (message `seq`, 0 for a raw one) for every subscriber
-    /// but `from`; returns for how many. The sender is looked up once and
-    /// then told apart by the address of its key: comparing its id with
-    /// every subscriber's was a string comparison per delivery.
-    fn fan_out(&mut self, from: Option<&str>, seq: u64, frame: &Frame) -> usize {
-        let except = from.and_then(|from| self.subscribers.get_key_value(from)).map(|(id, _)| id.as_ptr());
+    /// Delivers `frame` (message `seq`, 0 for a raw one) to every subscriber
+    /// but `from`; returns for how many. In a corked poll (`scope`) it joins
+    /// the topic's open run, or opens one; otherwise it is queued now.
+    fn deliver(&mut self, scope: Option<u64>, from: Option<&str>, seq: u64, frame: &Frame) -> usize {
+        // The sender is looked up once, then told apart by its key's address.
+        let except = from.and_then(|from| self.subscribers.get_key_value(from)).map(|(id, _)| PeerKey::of(id));
+        let Some(scope) = scope else {
+            self.settle();
+            return self.fan_out(except, seq, frame);
+        };
+        let wire = frame.as_wire().len();
+        if let Some(run) = &self.open {
+            let joins = run.scope == scope
+                && run.except == except
+                && run.messages.len() < RUN_MESSAGES
+                && run.wire + wire <= RUN_BYTES;
+            if !joins {
+                self.settle();
+            }
+        }
+        let run = self.open.get_or_insert_with(|| Run { scope, except, messages: Vec::new(), wire: 0, payload: 0 });
+        run.messages.push((seq, frame.clone()));
+        run.wire += wire;
+        run.payload += frame.len();
+        self.subscribers.len() - usize::from(except.is_some())
+    }
+
+    /// Queues `frame` for every subscriber but `except`; returns for how many.
+    fn fan_out(&mut self, except: Option<PeerKey>, seq: u64, frame: &Frame) -> usize {
         let mut delivered = 0;
         for (id, sub) in &mut self.subscribers {
-            if Some(id.as_ptr()) != except && sub.push(seq, frame) {
+            if Some(PeerKey::of(id)) != except && sub.push(seq, frame) {
                 delivered += 1;
             }
         }
         delivered
+    }
+
+    /// Queues the open run, if any: a run of one as the frame itself, a
+    /// longer one as one entry per subscriber.
+    fn settle(&mut self) {
+        let Some(run) = self.open.take() else { return };
+        if let [(seq, frame)] = &run.messages[..] {
+            self.fan_out(run.except, *seq, frame);
+            return;
+        }
+        let joined = Frame::concat(run.messages.iter().map(|(_, frame)| frame), run.wire);
+        for (id, sub) in &mut self.subscribers {
+            if Some(PeerKey::of(id)) != run.except {
+                sub.push_run(&run, &joined);
+            }
+        }
     }
 
     fn watchers<'a>(&'a self, except: &'a str) -> impl Iterator<Item = &'a Subscriber> + 'a {
@@ -222,8 +326,37 @@ impl Topics {
         &*self.engine
     }
 
+    /// The lock of `topic`'s shard, for anything but a delivery: what a
+    /// corked poll holds open (for this topic or another) is queued first.
     fn shard(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
+        let mut shard = self.shard_to_deliver(topic);
+        if let Some(state) = shard.get_mut(topic) {
+            state.settle();
+        }
+        shard
+    }
+
+    /// The lock of `topic`'s shard for a delivery, which may join the
+    /// topic's open run: only another topic's is queued first, so that a
+    /// poll's messages keep their order across topics.
+    fn shard_to_deliver(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
+        cork::settle_other(self, topic);
+        self.lock_shard(topic)
+    }
+
+    fn lock_shard(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
         lock(&self.shards[self.hasher.hash_one(topic.as_str()) as usize % SHARDS])
+    }
+
+    /// Queues `topic`'s open run if the corked poll `scope` holds it (it
+    /// may have been queued already, by whatever came next on the topic).
+    fn settle_run(&self, topic: &Topic, scope: u64) {
+        let mut shard = self.lock_shard(topic);
+        if let Some(state) = shard.get_mut(topic) {
+            if state.open.as_ref().is_some_and(|run| run.scope == scope) {
+                state.settle();
+            }
+        }
     }
 
     /// Publishes protocol data: the engine gives it the next seq and hands
@@ -240,9 +373,10 @@ impl Topics {
     }
 
     pub(crate) fn deliver_raw(&self, topic: &Topic, from: Option<&str>, frame: Frame) -> usize {
-        let mut shard = self.shard(topic);
+        let scope = cork::scope(self, topic, from);
+        let mut shard = self.shard_to_deliver(topic);
         let Some(state) = shard.get_mut(topic) else { return 0 };
-        let delivered = state.fan_out(from, 0, &frame);
+        let delivered = state.deliver(scope, from, 0, &frame);
         self.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
     }
@@ -508,7 +642,8 @@ impl Topics {
 
     fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         let Delivery { epoch, seq, from, frame, ack } = delivery;
-        let mut shard = self.shard(topic);
+        let scope = cork::scope(self, topic, Some(from));
+        let mut shard = self.shard_to_deliver(topic);
         let Some(state) = shard.get_mut(topic) else {
             ack_now(ack, seq);
             return Delivered::Nobody;
@@ -530,7 +665,7 @@ impl Topics {
         // publisher gets its ack before any message with a later seq, so a
         // seq it never sees live is always explained by an ack it already has.
         ack_now(ack, seq);
-        let delivered = state.fan_out(Some(from), seq, frame.frame());
+        let delivered = state.deliver(scope, Some(from), seq, frame.frame());
         self.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         Delivered::Queued(delivered)
     }
@@ -608,6 +743,169 @@ impl Hub for WeakHub {
     }
 }
 
+/// Runs `future` corked (see the module documentation): what it publishes
+/// as `owner` (a peer's id) to one topic in one poll is queued as one run
+/// when the poll ends.
+pub(crate) fn corked<F: Future>(owner: PeerKey, future: F) -> Corked<F> {
+    Corked { owner, future }
+}
+
+pin_project_lite::pin_project! {
+    /// A future whose every poll is corked (see [`corked`]). A struct, not
+    /// an `async` block: a block would keep room for the future it wraps
+    /// twice (rust-lang/rust#62958), and an idle peer holds this one for as
+    /// long as it is connected.
+    pub(crate) struct Corked<F> {
+        owner: PeerKey,
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for Corked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _poll = cork::enter(*this.owner);
+        this.future.poll(cx)
+    }
+}
+
+/// Queues what the corked poll running on this thread holds open before
+/// something is queued for the peer `target` (its id): unless `target` is
+/// the poll's own peer, which no open run goes to, the run must reach
+/// `target` first, as it would have uncorked.
+pub(crate) fn before_queue_to(target: PeerKey) {
+    cork::before_queue_to(target);
+}
+
+/// The corked poll running on each thread: whose it is, and the one topic
+/// whose run it holds open (a poll touching another topic queues the run
+/// first, so at most one is open). Only the registry reaches it.
+mod cork {
+    use std::{
+        cell::RefCell,
+        sync::{
+            atomic::{AtomicU64, Ordering},
+            Weak,
+        },
+    };
+
+    use crosswire_shared::Topic;
+
+    use super::{PeerKey, Topics};
+
+    /// Ids of the corked polls that opened a run: unique across threads,
+    /// since a run is told apart from another poll's by it. Taken once per
+    /// poll that publishes, not per poll.
+    static SCOPES: AtomicU64 = AtomicU64::new(1);
+
+    thread_local! {
+        static CORK: RefCell<Cork> = const { RefCell::new(Cork { depth: 0, owner: PeerKey(0), scope: 0, open: None }) };
+    }
+
+    struct Cork {
+        /// Corked polls running on this thread (nested: only the outermost counts).
+        depth: u32,
+        /// Its peer.
+        owner: PeerKey,
+        /// Its id once it opened a run; 0 before.
+        scope: u64,
+        /// The registry and topic whose run it may hold open.
+        open: Option<(Weak<Topics>, Topic)>,
+    }
+
+    /// A corked poll, for as long as it runs.
+    pub(super) struct Poll(());
+
+    pub(super) fn enter(owner: PeerKey) -> Poll {
+        CORK.with(|cork| {
+            let mut cork = cork.borrow_mut();
+            if cork.depth == 0 {
+                cork.owner = owner;
+            }
+            cork.depth += 1;
+        });
+        Poll(())
+    }
+
+    impl Drop for Poll {
+        fn drop(&mut self) {
+            let open = CORK.with(|cork| {
+                let mut cork = cork.borrow_mut();
+                cork.depth -= 1;
+                if cork.depth > 0 {
+                    return None;
+                }
+                let scope = std::mem::take(&mut cork.scope);
+                cork.open.take().map(|open| (open, scope))
+            });
+            if let Some(((topics, topic), scope)) = open {
+                if let Some(topics) = topics.upgrade() {
+                    topics.settle_run(&topic, scope);
+                }
+            }
+        }
+    }
+
+    /// The corked poll a delivery to `topic` from `from` joins a run of:
+    /// `None` outside one, or for a message not from its own peer (which
+    /// may be a recipient, and must then get it in order with its answers).
+    pub(super) fn scope(topics: &Topics, topic: &Topic, from: Option<&str>) -> Option<u64> {
+        let from = PeerKey::of(from?);
+        let weak = topics.me.get()?;
+        settle_other(topics, topic);
+        CORK.with(|cork| {
+            let mut cork = cork.try_borrow_mut().ok()?;
+            if cork.depth == 0 || cork.owner != from {
+                return None;
+            }
+            if cork.scope == 0 {
+                cork.scope = SCOPES.fetch_add(1, Ordering::Relaxed);
+            }
+            if cork.open.is_none() {
+                cork.open = Some((weak.clone(), topic.clone()));
+            }
+            Some(cork.scope)
+        })
+    }
+
+    /// Queues the open run if it is not `topic`'s (of this registry).
+    pub(super) fn settle_other(topics: &Topics, topic: &Topic) {
+        let stale = CORK.with(|cork| {
+            let mut cork = cork.try_borrow_mut().ok()?;
+            let (open_in, open_topic) = cork.open.as_ref()?;
+            if std::ptr::eq(open_in.as_ptr(), topics) && open_topic == topic {
+                return None;
+            }
+            let scope = cork.scope;
+            cork.open.take().map(|open| (open, scope))
+        });
+        settle(stale);
+    }
+
+    pub(super) fn before_queue_to(target: PeerKey) {
+        let stale = CORK.with(|cork| {
+            let mut cork = cork.try_borrow_mut().ok()?;
+            if cork.depth == 0 || cork.owner == target {
+                return None;
+            }
+            let scope = cork.scope;
+            cork.open.take().map(|open| (open, scope))
+        });
+        settle(stale);
+    }
+
+    fn settle(open: Option<((Weak<Topics>, Topic), u64)>) {
+        if let Some(((topics, topic), scope)) = open {
+            if let Some(topics) = topics.upgrade() {
+                topics.settle_run(&topic, scope);
+            }
+        }
+    }
+}
+
 pub(crate) fn lock_index(index: &Memberships) -> MutexGuard<'_, BTreeSet<Topic>> {
     // Only ever changed by one insert or remove at a time: consistent even
     // if a panic poisoned it.
@@ -663,11 +961,32 @@ mod tests {
     }
 
     fn texts(rx: &mut OutboxReceiver) -> Vec<String> {
+        entries(rx).into_iter().flatten().collect()
+    }
+
+    /// The entries queued now, each as the texts of the frames it holds
+    /// (more than one for a run).
+    fn entries(rx: &mut OutboxReceiver) -> Vec<Vec<String>> {
         let mut out = vec![];
-        while let Some(m) = rx.frames.try_recv() {
-            out.push(m.into_text().unwrap().to_string());
+        while let Some(run) = rx.frames.try_recv() {
+            out.push(run.split().into_iter().map(|m| m.into_text().unwrap()).collect());
         }
         out
+    }
+
+    /// `(topic, seq)` of each `message` frame among `texts`.
+    fn seqs(texts: &[String]) -> Vec<(String, u64)> {
+        texts
+            .iter()
+            .map(|t| match ServerFrame::decode(t).unwrap() {
+                ServerFrame::Message { topic, seq, .. } => (topic.to_string(), seq),
+                other => panic!("expected a message, got {other:?}"),
+            })
+            .collect()
+    }
+
+    async fn publish_from(topics: &Topics, t: &Topic, from: &str, n: u64) -> u64 {
+        topics.publish(t, Publication { from, data: &data(n), ack: None }).await.unwrap()
     }
 
     fn data(n: u64) -> Box<RawValue> {
@@ -902,5 +1221,149 @@ mod tests {
         let list = topics.presence(&t).await.unwrap();
         assert_eq!(list.len(), 10);
         assert_eq!(list[0].peer, "p00");
+    }
+
+    fn at(topic: &str, seq: u64) -> (String, u64) {
+        (topic.to_string(), seq)
+    }
+
+    #[tokio::test]
+    async fn a_corked_poll_queues_what_it_publishes_to_a_topic_as_one_run() {
+        let topics = topics(16);
+        let t = topic("t");
+        let (a, mut arx) = sub(1024);
+        let (b, mut brx) = sub(1024);
+        join(&topics, &t, "a", a, None).await;
+        join(&topics, &t, "b", b, None).await;
+        let p: Arc<str> = "p".into();
+        corked(PeerKey::of(&p), async {
+            for n in 1..=3 {
+                publish_from(&topics, &t, &p, n).await;
+            }
+            topics.publish_raw(&t, Some(&p), crate::Message::text("raw"));
+            assert!(entries(&mut arx).is_empty(), "held until the poll ends");
+        })
+        .await;
+        for rx in [&mut arx, &mut brx] {
+            let entries = entries(rx);
+            assert_eq!(entries.len(), 1, "one entry: {entries:?}");
+            assert_eq!(seqs(&entries[0][..3]), [at("t", 1), at("t", 2), at("t", 3)]);
+            assert_eq!(entries[0][3], "raw");
+        }
+        // Outside a corked poll, or from another peer than the poll's, a
+        // message is queued at once.
+        publish_from(&topics, &t, "q", 4).await;
+        corked(PeerKey::of(&p), async {
+            publish_from(&topics, &t, "q", 5).await;
+            assert_eq!(entries(&mut brx).len(), 2);
+        })
+        .await;
+        assert_eq!(entries(&mut arx).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_run_keeps_the_order_across_topics_and_with_sends_to_other_peers() {
+        let topics = topics(16);
+        let (t1, t2) = (topic("t1"), topic("t2"));
+        let a_id: Arc<str> = "a".into();
+        let (a, mut arx) = sub(1024);
+        let a_outbox = a.outbox.clone();
+        topics.subscribe(&t1, &a_id, a, None, |_| None).await.unwrap();
+        let also = Subscriber::new(a_outbox.clone(), None, false, Arc::clone(&sub(1).0.memberships));
+        topics.subscribe(&t2, &a_id, also, None, |_| None).await.unwrap();
+        let p: Arc<str> = "p".into();
+        let early = corked(PeerKey::of(&p), async {
+            publish_from(&topics, &t1, &p, 1).await;
+            publish_from(&topics, &t1, &p, 2).await;
+            publish_from(&topics, &t2, &p, 3).await;
+            publish_from(&topics, &t1, &p, 4).await;
+            // Something for the poll's own peer: no open run goes to it.
+            before_queue_to(PeerKey::of(&p));
+            let early = entries(&mut arx);
+            // Something for another peer: the open run goes first.
+            before_queue_to(PeerKey::of(&a_id));
+            a_outbox.push(Frame::text("direct")).unwrap();
+            publish_from(&topics, &t1, &p, 5).await;
+            early
+        })
+        .await;
+        assert_eq!(early.len(), 2, "t1's first run, then t2's: {early:?}");
+        assert_eq!(seqs(&early[0]), [at("t1", 1), at("t1", 2)]);
+        assert_eq!(seqs(&early[1]), [at("t2", 1)]);
+        let late = entries(&mut arx);
+        assert_eq!(late.len(), 3, "{late:?}");
+        assert_eq!(seqs(&late[0]), [at("t1", 3)]);
+        assert_eq!(late[1], ["direct"]);
+        assert_eq!(seqs(&late[2]), [at("t1", 4)]);
+    }
+
+    #[tokio::test]
+    async fn whatever_changes_a_topic_queues_its_open_run_first() {
+        let topics = topics(16);
+        let t = topic("t");
+        let (a, mut arx) = sub(1024);
+        join(&topics, &t, "a", a, None).await;
+        let (leaver, mut lrx) = sub(1024);
+        join(&topics, &t, "leaver", leaver, None).await;
+        let (late, mut late_rx) = sub(1024);
+        let p: Arc<str> = "p".into();
+        corked(PeerKey::of(&p), async {
+            publish_from(&topics, &t, &p, 1).await;
+            // A subscriber joining now gets what follows, not the open run.
+            join(&topics, &t, "late", late, None).await;
+            publish_from(&topics, &t, &p, 2).await;
+            // One leaving gets what was published while it was there.
+            topics.unsubscribe(&t, "leaver");
+            publish_from(&topics, &t, &p, 3).await;
+            // A delivery from elsewhere (another peer, a node) comes after it.
+            publish_from(&topics, &t, "q", 4).await;
+        })
+        .await;
+        let a = entries(&mut arx);
+        assert_eq!(a.len(), 4, "{a:?}");
+        assert_eq!(seqs(&a.concat()), [at("t", 1), at("t", 2), at("t", 3), at("t", 4)]);
+        assert_eq!(seqs(&texts(&mut lrx)), [at("t", 1), at("t", 2)]);
+        assert_eq!(seqs(&texts(&mut late_rx)), [at("t", 2), at("t", 3), at("t", 4)]);
+    }
+
+    #[tokio::test]
+    async fn a_run_counts_each_of_its_messages_toward_the_bounds() {
+        let topics = topics(16);
+        let t = topic("t");
+        let (fits, mut frx) = sub(4);
+        let fits_outbox = fits.outbox.clone();
+        let (over, _orx) = sub(3);
+        let over_outbox = over.outbox.clone();
+        join(&topics, &t, "fits", fits, None).await;
+        join(&topics, &t, "over", over, None).await;
+        let p: Arc<str> = "p".into();
+        corked(PeerKey::of(&p), async {
+            for n in 1..=4 {
+                publish_from(&topics, &t, &p, n).await;
+            }
+        })
+        .await;
+        assert!(!fits_outbox.is_closing());
+        assert_eq!(fits_outbox.backlog().frames, 4);
+        assert!(over_outbox.is_closing(), "four messages over a bound of three: a slow consumer");
+        assert_eq!(texts(&mut frx).len(), 4);
+    }
+
+    #[test]
+    fn a_subscriber_reading_its_history_holds_a_runs_messages_one_by_one() {
+        let (mut s, mut rx) = sub(16);
+        s.pending = Some(Vec::new());
+        let messages: Vec<(u64, Frame)> = (1..=3).map(|n| (n, Frame::text(n.to_string()))).collect();
+        let wire = messages.iter().map(|(_, f)| f.as_wire().len()).sum();
+        let run = Run { scope: 1, except: None, messages, wire, payload: 3 };
+        let joined = Frame::concat(run.messages.iter().map(|(_, f)| f), run.wire);
+        s.push_run(&run, &joined);
+        let held = s.pending.as_ref().unwrap();
+        assert_eq!(held.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(held.iter().map(|(_, f)| f.clone()).collect::<Vec<_>>(), joined.split());
+        assert!(texts(&mut rx).is_empty());
+        s.pending = None;
+        s.push_run(&run, &joined);
+        assert_eq!(entries(&mut rx), [["1", "2", "3"]]);
     }
 }
