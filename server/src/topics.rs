@@ -91,7 +91,9 @@ pub(crate) struct Topics {
 }
 
 struct TopicState {
-    subscribers: HashMap<Arc<str>, Subscriber>,
+    /// Keyed by peer id with ahash, as the shards are: the sender is looked
+    /// up once per delivery. The ids are the server's own random ones.
+    subscribers: HashMap<Arc<str>, Subscriber, RandomState>,
     /// The epoch and the last seq delivered here; `None` until a subscribe's
     /// read or a delivery tells.
     position: Option<(Arc<str>, u64)>,
@@ -203,7 +205,7 @@ pub(crate) struct SubscribeOutcome {
 impl TopicState {
     fn new() -> Self {
         Self {
-            subscribers: HashMap::new(),
+            subscribers: HashMap::default(),
             position: None,
             presence_budget: TokenBucket::new(PRESENCE_RATE, PRESENCE_BURST),
             presence_owed: false,
@@ -217,16 +219,13 @@ impl TopicState {
     fn deliver(&mut self, scope: Option<u64>, from: Option<&str>, seq: u64, frame: &Frame) -> usize {
         // The sender is looked up once, then told apart by its key's address.
         let except = from.and_then(|from| self.subscribers.get_key_value(from)).map(|(id, _)| PeerKey::of(id));
+        self.make_way(scope);
         let Some(scope) = scope else {
-            self.settle();
             return self.fan_out(except, seq, frame);
         };
         let wire = frame.as_wire().len();
         if let Some(run) = &self.open {
-            let joins = run.scope == scope
-                && run.except == except
-                && run.messages.len() < RUN_MESSAGES
-                && run.wire + wire <= RUN_BYTES;
+            let joins = run.except == except && run.messages.len() < RUN_MESSAGES && run.wire + wire <= RUN_BYTES;
             if !joins {
                 self.settle();
             }
@@ -236,6 +235,13 @@ impl TopicState {
         run.wire += wire;
         run.payload += frame.len();
         self.subscribers.len() - usize::from(except.is_some())
+    }
+
+    /// Queues the open run unless the corked poll `scope` holds it.
+    fn make_way(&mut self, scope: Option<u64>) {
+        if self.open.as_ref().is_some_and(|run| Some(run.scope) != scope) {
+            self.settle();
+        }
     }
 
     /// Queues `frame` for every subscriber but `except`; returns for how many.
@@ -648,6 +654,9 @@ impl Topics {
             ack_now(ack, seq);
             return Delivered::Nobody;
         };
+        // Another poll's run holds earlier messages the publisher may be
+        // owed: they go before its ack.
+        state.make_way(scope);
         if let Some((at, last)) = &state.position {
             let same_epoch = Arc::ptr_eq(at, &epoch) || **at == *epoch;
             if same_epoch && seq <= *last {
@@ -1324,6 +1333,29 @@ mod tests {
         assert_eq!(seqs(&a.concat()), [at("t", 1), at("t", 2), at("t", 3), at("t", 4)]);
         assert_eq!(seqs(&texts(&mut lrx)), [at("t", 1), at("t", 2)]);
         assert_eq!(seqs(&texts(&mut late_rx)), [at("t", 2), at("t", 3), at("t", 4)]);
+    }
+
+    /// A publisher's ack comes after every earlier message of the topic it
+    /// is owed, those in another poll's open run among them.
+    #[tokio::test]
+    async fn an_ack_comes_after_the_earlier_messages_of_another_polls_run() {
+        let topics = topics(16);
+        let t = topic("t");
+        let a_id: Arc<str> = "a".into();
+        let (a, mut arx) = sub(1024);
+        let a_outbox = a.outbox.clone();
+        topics.subscribe(&t, &a_id, a, None, |_| None).await.unwrap();
+        let p: Arc<str> = "p".into();
+        corked(PeerKey::of(&p), async {
+            publish_from(&topics, &t, &p, 1).await;
+            let ack = Some(AckTo { outbox: a_outbox.clone(), ack: 9, in_order: true });
+            topics.publish(&t, Publication { from: &a_id, data: &data(2), ack }).await.unwrap();
+        })
+        .await;
+        let texts = texts(&mut arx);
+        assert_eq!(seqs(&texts[..1]), [at("t", 1)]);
+        assert_eq!(texts[1], r#"{"type":"ack","ack":9,"seq":2}"#);
+        assert_eq!(texts.len(), 2);
     }
 
     #[tokio::test]
