@@ -157,9 +157,9 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
     mut rx: OutboxReceiver,
     held: G,
 ) -> impl Future<Output = ()> + Send {
-    // Corked: what the peer publishes to a topic in one poll (a whole read
+    // Gathered: what the peer publishes to a topic in one poll (a whole read
     // of messages) is queued for the subscribers once, as one run.
-    topics::corked(PeerKey::of(peer.id()), async move {
+    topics::gathered(PeerKey::of(peer.id()), async move {
         let (hooks, peer) = (&*hooks, &peer);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,

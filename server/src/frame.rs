@@ -151,8 +151,8 @@ impl Frame {
     }
 
     /// `frames` back to back in one allocation, `len` bytes in all: how
-    /// what a corked poll published to one topic reaches each subscriber,
-    /// as one queue entry and one `writev` slice (see `topics::Cork`). One
+    /// what a gathering poll published to one topic reaches each subscriber,
+    /// as one queue entry and one `writev` slice (see `topics::gathered`). One
     /// copy per run, however many subscribers share it. What it makes is a
     /// run of frames, not a frame: only its wire bytes mean anything.
     pub(crate) fn concat<'a>(frames: impl Iterator<Item = &'a Frame>, len: usize) -> Self {

@@ -34,8 +34,9 @@
 //! 8. **state**: what connections share (configuration, topics, peer list,
 //!    limits, shutdown handles).
 //! 9. **topics**: this node's subscribers and the fan-out: one encoded
-//!    frame per message shared by every subscriber, presence events, and the
-//!    merge of a history read with live deliveries that makes recovery exact.
+//!    frame per message shared by every subscriber, what a connection's poll
+//!    publishes to a topic queued as one run, presence events, and the merge
+//!    of a history read with live deliveries that makes recovery exact.
 //! 10. **engine** ([`Engine`]): the broker: each topic's seq, epoch and
 //!     bounded history, delivery to every node, cluster presence. The
 //!     embedded [`MemoryEngine`] is the default; [`RedisEngine`] (`redis` in

@@ -20,7 +20,7 @@
 //! order. The same holds on any node of a cluster, which is how a client
 //! comes back on another node and misses nothing.
 //!
-//! A connection's poll runs corked ([`corked`]), as uWebSockets drains its
+//! A connection's poll is a gathering one ([`gathered`]), as uWebSockets drains its
 //! topics once per loop iteration: what it publishes to one topic, message
 //! after message, is held as the topic's open [`Run`] and queued when the
 //! poll ends, the whole run as one entry per subscriber (one lock, one
@@ -100,15 +100,15 @@ struct TopicState {
     presence_budget: TokenBucket,
     /// Presence events were withheld: the watchers are owed a snapshot.
     presence_owed: bool,
-    /// What a corked poll delivered here and has not queued yet.
+    /// What a gathering poll delivered here and has not queued yet.
     open: Option<Run>,
 }
 
-/// Messages a corked poll delivered to one topic, one after the other, held
+/// Messages a gathering poll delivered to one topic, one after the other, held
 /// to be queued as one entry per subscriber when the poll ends (see the
 /// module documentation).
 struct Run {
-    /// The corked poll that holds it.
+    /// The gathering poll that holds it.
     scope: u64,
     /// The sender: every subscriber but it gets the run.
     except: Option<PeerKey>,
@@ -214,7 +214,7 @@ impl TopicState {
     }
 
     /// Delivers `frame` (message `seq`, 0 for a raw one) to every subscriber
-    /// but `from`; returns for how many. In a corked poll (`scope`) it joins
+    /// but `from`; returns for how many. In a gathering poll (`scope`) it joins
     /// the topic's open run, or opens one; otherwise it is queued now.
     fn deliver(&mut self, scope: Option<u64>, from: Option<&str>, seq: u64, frame: &Frame) -> usize {
         // The sender is looked up once, then told apart by its key's address.
@@ -237,7 +237,7 @@ impl TopicState {
         self.subscribers.len() - usize::from(except.is_some())
     }
 
-    /// Queues the open run unless the corked poll `scope` holds it.
+    /// Queues the open run unless the gathering poll `scope` holds it.
     fn make_way(&mut self, scope: Option<u64>) {
         if self.open.as_ref().is_some_and(|run| Some(run.scope) != scope) {
             self.settle();
@@ -333,7 +333,7 @@ impl Topics {
     }
 
     /// The lock of `topic`'s shard, for anything but a delivery: what a
-    /// corked poll holds open (for this topic or another) is queued first.
+    /// gathering poll holds open (for this topic or another) is queued first.
     fn shard(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
         let mut shard = self.shard_to_deliver(topic);
         if let Some(state) = shard.get_mut(topic) {
@@ -346,7 +346,7 @@ impl Topics {
     /// topic's open run: only another topic's is queued first, so that a
     /// poll's messages keep their order across topics.
     fn shard_to_deliver(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
-        cork::settle_other(self, topic);
+        gather::settle_other(self, topic);
         self.lock_shard(topic)
     }
 
@@ -354,7 +354,7 @@ impl Topics {
         lock(&self.shards[self.hasher.hash_one(topic.as_str()) as usize % SHARDS])
     }
 
-    /// Queues `topic`'s open run if the corked poll `scope` holds it (it
+    /// Queues `topic`'s open run if the gathering poll `scope` holds it (it
     /// may have been queued already, by whatever came next on the topic).
     fn settle_run(&self, topic: &Topic, scope: u64) {
         let mut shard = self.lock_shard(topic);
@@ -379,7 +379,7 @@ impl Topics {
     }
 
     pub(crate) fn deliver_raw(&self, topic: &Topic, from: Option<&str>, frame: Frame) -> usize {
-        let scope = cork::scope(self, topic, from);
+        let scope = gather::scope(self, topic, from);
         let mut shard = self.shard_to_deliver(topic);
         let Some(state) = shard.get_mut(topic) else { return 0 };
         let delivered = state.deliver(scope, from, 0, &frame);
@@ -648,7 +648,7 @@ impl Topics {
 
     fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         let Delivery { epoch, seq, from, frame, ack } = delivery;
-        let scope = cork::scope(self, topic, Some(from));
+        let scope = gather::scope(self, topic, Some(from));
         let mut shard = self.shard_to_deliver(topic);
         let Some(state) = shard.get_mut(topic) else {
             ack_now(ack, seq);
@@ -752,47 +752,47 @@ impl Hub for WeakHub {
     }
 }
 
-/// Runs `future` corked (see the module documentation): what it publishes
+/// Runs `future` gathering (see the module documentation): what it publishes
 /// as `owner` (a peer's id) to one topic in one poll is queued as one run
 /// when the poll ends.
-pub(crate) fn corked<F: Future>(owner: PeerKey, future: F) -> Corked<F> {
-    Corked { owner, future }
+pub(crate) fn gathered<F: Future>(owner: PeerKey, future: F) -> Gathered<F> {
+    Gathered { owner, future }
 }
 
 pin_project_lite::pin_project! {
-    /// A future whose every poll is corked (see [`corked`]). A struct, not
+    /// A future whose every poll gathers (see [`gathered`]). A struct, not
     /// an `async` block: a block would keep room for the future it wraps
     /// twice (rust-lang/rust#62958), and an idle peer holds this one for as
     /// long as it is connected.
-    pub(crate) struct Corked<F> {
+    pub(crate) struct Gathered<F> {
         owner: PeerKey,
         #[pin]
         future: F,
     }
 }
 
-impl<F: Future> Future for Corked<F> {
+impl<F: Future> Future for Gathered<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let _poll = cork::enter(*this.owner);
+        let _poll = gather::enter(*this.owner);
         this.future.poll(cx)
     }
 }
 
-/// Queues what the corked poll running on this thread holds open before
+/// Queues what the gathering poll running on this thread holds open before
 /// something is queued for the peer `target` (its id): unless `target` is
 /// the poll's own peer, which no open run goes to, the run must reach
-/// `target` first, as it would have uncorked.
+/// `target` first, as it would have without the gathering.
 pub(crate) fn before_queue_to(target: PeerKey) {
-    cork::before_queue_to(target);
+    gather::before_queue_to(target);
 }
 
-/// The corked poll running on each thread: whose it is, and the one topic
+/// The gathering poll running on each thread: whose it is, and the one topic
 /// whose run it holds open (a poll touching another topic queues the run
 /// first, so at most one is open). Only the registry reaches it.
-mod cork {
+mod gather {
     use std::{
         cell::RefCell,
         sync::{
@@ -805,17 +805,17 @@ mod cork {
 
     use super::{PeerKey, Topics};
 
-    /// Ids of the corked polls that opened a run: unique across threads,
+    /// Ids of the gathering polls that opened a run: unique across threads,
     /// since a run is told apart from another poll's by it. Taken once per
     /// poll that publishes, not per poll.
     static SCOPES: AtomicU64 = AtomicU64::new(1);
 
     thread_local! {
-        static CORK: RefCell<Cork> = const { RefCell::new(Cork { depth: 0, owner: PeerKey(0), scope: 0, open: None }) };
+        static GATHER: RefCell<Gather> = const { RefCell::new(Gather { depth: 0, owner: PeerKey(0), scope: 0, open: None }) };
     }
 
-    struct Cork {
-        /// Corked polls running on this thread (nested: only the outermost counts).
+    struct Gather {
+        /// Gathered polls running on this thread (nested: only the outermost counts).
         depth: u32,
         /// Its peer.
         owner: PeerKey,
@@ -825,30 +825,30 @@ mod cork {
         open: Option<(Weak<Topics>, Topic)>,
     }
 
-    /// A corked poll, for as long as it runs.
+    /// A gathering poll, for as long as it runs.
     pub(super) struct Poll(());
 
     pub(super) fn enter(owner: PeerKey) -> Poll {
-        CORK.with(|cork| {
-            let mut cork = cork.borrow_mut();
-            if cork.depth == 0 {
-                cork.owner = owner;
+        GATHER.with(|gather| {
+            let mut gather = gather.borrow_mut();
+            if gather.depth == 0 {
+                gather.owner = owner;
             }
-            cork.depth += 1;
+            gather.depth += 1;
         });
         Poll(())
     }
 
     impl Drop for Poll {
         fn drop(&mut self) {
-            let open = CORK.with(|cork| {
-                let mut cork = cork.borrow_mut();
-                cork.depth -= 1;
-                if cork.depth > 0 {
+            let open = GATHER.with(|gather| {
+                let mut gather = gather.borrow_mut();
+                gather.depth -= 1;
+                if gather.depth > 0 {
                     return None;
                 }
-                let scope = std::mem::take(&mut cork.scope);
-                cork.open.take().map(|open| (open, scope))
+                let scope = std::mem::take(&mut gather.scope);
+                gather.open.take().map(|open| (open, scope))
             });
             if let Some(((topics, topic), scope)) = open {
                 if let Some(topics) = topics.upgrade() {
@@ -858,50 +858,50 @@ mod cork {
         }
     }
 
-    /// The corked poll a delivery to `topic` from `from` joins a run of:
+    /// The gathering poll a delivery to `topic` from `from` joins a run of:
     /// `None` outside one, or for a message not from its own peer (which
     /// may be a recipient, and must then get it in order with its answers).
     pub(super) fn scope(topics: &Topics, topic: &Topic, from: Option<&str>) -> Option<u64> {
         let from = PeerKey::of(from?);
         let weak = topics.me.get()?;
         settle_other(topics, topic);
-        CORK.with(|cork| {
-            let mut cork = cork.try_borrow_mut().ok()?;
-            if cork.depth == 0 || cork.owner != from {
+        GATHER.with(|gather| {
+            let mut gather = gather.try_borrow_mut().ok()?;
+            if gather.depth == 0 || gather.owner != from {
                 return None;
             }
-            if cork.scope == 0 {
-                cork.scope = SCOPES.fetch_add(1, Ordering::Relaxed);
+            if gather.scope == 0 {
+                gather.scope = SCOPES.fetch_add(1, Ordering::Relaxed);
             }
-            if cork.open.is_none() {
-                cork.open = Some((weak.clone(), topic.clone()));
+            if gather.open.is_none() {
+                gather.open = Some((weak.clone(), topic.clone()));
             }
-            Some(cork.scope)
+            Some(gather.scope)
         })
     }
 
     /// Queues the open run if it is not `topic`'s (of this registry).
     pub(super) fn settle_other(topics: &Topics, topic: &Topic) {
-        let stale = CORK.with(|cork| {
-            let mut cork = cork.try_borrow_mut().ok()?;
-            let (open_in, open_topic) = cork.open.as_ref()?;
+        let stale = GATHER.with(|gather| {
+            let mut gather = gather.try_borrow_mut().ok()?;
+            let (open_in, open_topic) = gather.open.as_ref()?;
             if std::ptr::eq(open_in.as_ptr(), topics) && open_topic == topic {
                 return None;
             }
-            let scope = cork.scope;
-            cork.open.take().map(|open| (open, scope))
+            let scope = gather.scope;
+            gather.open.take().map(|open| (open, scope))
         });
         settle(stale);
     }
 
     pub(super) fn before_queue_to(target: PeerKey) {
-        let stale = CORK.with(|cork| {
-            let mut cork = cork.try_borrow_mut().ok()?;
-            if cork.depth == 0 || cork.owner == target {
+        let stale = GATHER.with(|gather| {
+            let mut gather = gather.try_borrow_mut().ok()?;
+            if gather.depth == 0 || gather.owner == target {
                 return None;
             }
-            let scope = cork.scope;
-            cork.open.take().map(|open| (open, scope))
+            let scope = gather.scope;
+            gather.open.take().map(|open| (open, scope))
         });
         settle(stale);
     }
@@ -1237,7 +1237,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_corked_poll_queues_what_it_publishes_to_a_topic_as_one_run() {
+    async fn a_gathering_poll_queues_what_it_publishes_to_a_topic_as_one_run() {
         let topics = topics(16);
         let t = topic("t");
         let (a, mut arx) = sub(1024);
@@ -1245,7 +1245,7 @@ mod tests {
         join(&topics, &t, "a", a, None).await;
         join(&topics, &t, "b", b, None).await;
         let p: Arc<str> = "p".into();
-        corked(PeerKey::of(&p), async {
+        gathered(PeerKey::of(&p), async {
             for n in 1..=3 {
                 publish_from(&topics, &t, &p, n).await;
             }
@@ -1259,10 +1259,10 @@ mod tests {
             assert_eq!(seqs(&entries[0][..3]), [at("t", 1), at("t", 2), at("t", 3)]);
             assert_eq!(entries[0][3], "raw");
         }
-        // Outside a corked poll, or from another peer than the poll's, a
+        // Outside a gathering poll, or from another peer than the poll's, a
         // message is queued at once.
         publish_from(&topics, &t, "q", 4).await;
-        corked(PeerKey::of(&p), async {
+        gathered(PeerKey::of(&p), async {
             publish_from(&topics, &t, "q", 5).await;
             assert_eq!(entries(&mut brx).len(), 2);
         })
@@ -1281,7 +1281,7 @@ mod tests {
         let also = Subscriber::new(a_outbox.clone(), None, false, Arc::clone(&sub(1).0.memberships));
         topics.subscribe(&t2, &a_id, also, None, |_| None).await.unwrap();
         let p: Arc<str> = "p".into();
-        let early = corked(PeerKey::of(&p), async {
+        let early = gathered(PeerKey::of(&p), async {
             publish_from(&topics, &t1, &p, 1).await;
             publish_from(&topics, &t1, &p, 2).await;
             publish_from(&topics, &t2, &p, 3).await;
@@ -1316,7 +1316,7 @@ mod tests {
         join(&topics, &t, "leaver", leaver, None).await;
         let (late, mut late_rx) = sub(1024);
         let p: Arc<str> = "p".into();
-        corked(PeerKey::of(&p), async {
+        gathered(PeerKey::of(&p), async {
             publish_from(&topics, &t, &p, 1).await;
             // A subscriber joining now gets what follows, not the open run.
             join(&topics, &t, "late", late, None).await;
@@ -1346,7 +1346,7 @@ mod tests {
         let a_outbox = a.outbox.clone();
         topics.subscribe(&t, &a_id, a, None, |_| None).await.unwrap();
         let p: Arc<str> = "p".into();
-        corked(PeerKey::of(&p), async {
+        gathered(PeerKey::of(&p), async {
             publish_from(&topics, &t, &p, 1).await;
             let ack = Some(AckTo { outbox: a_outbox.clone(), ack: 9, in_order: true });
             topics.publish(&t, Publication { from: &a_id, data: &data(2), ack }).await.unwrap();
@@ -1369,7 +1369,7 @@ mod tests {
         join(&topics, &t, "fits", fits, None).await;
         join(&topics, &t, "over", over, None).await;
         let p: Arc<str> = "p".into();
-        corked(PeerKey::of(&p), async {
+        gathered(PeerKey::of(&p), async {
             for n in 1..=4 {
                 publish_from(&topics, &t, &p, n).await;
             }

@@ -1,5 +1,5 @@
-//! A connection's poll is corked: what it publishes to one topic, message
-//! after message, reaches each subscriber as one run, written at once. Over
+//! A connection's poll gathers what it publishes to one topic, message
+//! after message, into one run that each subscriber gets written at once. Over
 //! real sockets nothing of that shows but the cost: every subscriber gets
 //! every message whole, once and in order, and a hook's sends to other
 //! peers keep their place among its publishes.
@@ -71,7 +71,7 @@ fn topic_seq_data(frame: &ServerFrame) -> (u64, String, serde_json::Value) {
 
 /// Raw hooks: every peer joins `room`; a peer saying "burst" publishes 20
 /// messages, sends "between" to every other peer, and publishes 20 more, all
-/// in one `message` hook, so in one corked poll.
+/// in one `message` hook, so in one gathering poll.
 #[derive(Default)]
 struct Room {
     peers: Mutex<Vec<Peer<()>>>,
