@@ -334,20 +334,15 @@ impl Topics {
 
     /// The lock of `topic`'s shard, for anything but a delivery: what a
     /// gathering poll holds open (for this topic or another) is queued first.
+    /// A delivery, which may join the topic's open run, takes the lock
+    /// itself once [`gather::scope`] has queued any other topic's.
     fn shard(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
-        let mut shard = self.shard_to_deliver(topic);
+        gather::settle_other(self, topic);
+        let mut shard = self.lock_shard(topic);
         if let Some(state) = shard.get_mut(topic) {
             state.settle();
         }
         shard
-    }
-
-    /// The lock of `topic`'s shard for a delivery, which may join the
-    /// topic's open run: only another topic's is queued first, so that a
-    /// poll's messages keep their order across topics.
-    fn shard_to_deliver(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
-        gather::settle_other(self, topic);
-        self.lock_shard(topic)
     }
 
     fn lock_shard(&self, topic: &Topic) -> MutexGuard<'_, Shard> {
@@ -380,7 +375,7 @@ impl Topics {
 
     pub(crate) fn deliver_raw(&self, topic: &Topic, from: Option<&str>, frame: Frame) -> usize {
         let scope = gather::scope(self, topic, from);
-        let mut shard = self.shard_to_deliver(topic);
+        let mut shard = self.lock_shard(topic);
         let Some(state) = shard.get_mut(topic) else { return 0 };
         let delivered = state.deliver(scope, from, 0, &frame);
         self.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
@@ -649,7 +644,7 @@ impl Topics {
     fn deliver(&self, topic: &Topic, delivery: Delivery<'_>) -> Delivered {
         let Delivery { epoch, seq, from, frame, ack } = delivery;
         let scope = gather::scope(self, topic, Some(from));
-        let mut shard = self.shard_to_deliver(topic);
+        let mut shard = self.lock_shard(topic);
         let Some(state) = shard.get_mut(topic) else {
             ack_now(ack, seq);
             return Delivered::Nobody;
@@ -850,21 +845,19 @@ mod gather {
                 let scope = std::mem::take(&mut gather.scope);
                 gather.open.take().map(|open| (open, scope))
             });
-            if let Some(((topics, topic), scope)) = open {
-                if let Some(topics) = topics.upgrade() {
-                    topics.settle_run(&topic, scope);
-                }
-            }
+            settle(open);
         }
     }
 
     /// The gathering poll a delivery to `topic` from `from` joins a run of:
     /// `None` outside one, or for a message not from its own peer (which
     /// may be a recipient, and must then get it in order with its answers).
+    /// Either way another topic's open run is queued first, so that a
+    /// poll's messages keep their order across topics.
     pub(super) fn scope(topics: &Topics, topic: &Topic, from: Option<&str>) -> Option<u64> {
+        settle_other(topics, topic);
         let from = PeerKey::of(from?);
         let weak = topics.me.get()?;
-        settle_other(topics, topic);
         GATHER.with(|gather| {
             let mut gather = gather.try_borrow_mut().ok()?;
             if gather.depth == 0 || gather.owner != from {
