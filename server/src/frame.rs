@@ -110,6 +110,37 @@ impl Frame {
         })
     }
 
+    /// A text frame whose payload is `parts` back to back: how the engine's
+    /// hand-written JSON frames are made, each part a constant or a value
+    /// already in JSON. The length is known before a byte is written, so the
+    /// header goes first and nothing is moved; a frame under 126 bytes (an
+    /// `ack`, a chat message) is put together on the stack, without the
+    /// build buffer.
+    pub(crate) fn text_parts(parts: &[&[u8]]) -> Self {
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        if len < 126 {
+            let mut wire = [0u8; 127];
+            wire[0] = 0x80 | TEXT;
+            wire[1] = len as u8;
+            let mut at = 2;
+            for part in parts {
+                wire[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            return Self { wire: Arc::from(&wire[..at]) };
+        }
+        let mut head = [0u8; MAX_HEADER];
+        let head_len = header(TEXT, len, &mut head);
+        let Ok(frame) = build::<std::convert::Infallible>(head_len + len, |buf| {
+            buf.extend_from_slice(&head[..head_len]);
+            for part in parts {
+                buf.extend_from_slice(part);
+            }
+            Ok(0)
+        });
+        frame
+    }
+
     /// A ping with an empty payload (the heartbeat's).
     pub(crate) fn ping() -> Self {
         Self::encode(PING, &[])
@@ -277,6 +308,14 @@ mod tests {
             let json = Frame::json_with(0, |buf| serde_json::to_writer(buf, &text)).unwrap();
             let encoded = serde_json::to_string(&text).unwrap();
             assert_eq!(json.as_wire(), tungstenite_bytes(Message::text(encoded)), "json of {len}");
+            // In parts, cut anywhere: on the stack below 126 bytes, through
+            // the build buffer from there on.
+            let bytes = text.as_bytes();
+            let (a, b) = bytes.split_at(len / 3);
+            let (b, c) = b.split_at(len / 3);
+            let expected = tungstenite_bytes(Message::text(text.clone()));
+            assert_eq!(Frame::text_parts(&[a, b, c]).as_wire(), expected, "parts of {len}");
+            assert_eq!(Frame::text_parts(&[bytes]).as_wire(), expected, "one part of {len}");
         }
         assert_eq!(Frame::ping().as_wire(), tungstenite_bytes(Message::Ping(Default::default())));
         assert_eq!(Frame::pong(b"hi").as_wire(), tungstenite_bytes(Message::Pong(bytes::Bytes::from_static(b"hi"))));

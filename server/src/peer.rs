@@ -118,15 +118,17 @@ impl<C> Peer<C> {
     /// returned, and is kept in the topic's history for recovery. With `ack`,
     /// the `ack` frame is queued to this peer by the step that delivers the
     /// message on this node, so it reaches the peer before any later message
-    /// of the topic: a client can tell its own seq from a gap.
+    /// of the topic: a client can tell its own seq from a gap. `subscribed`
+    /// says whether this peer is subscribed to `topic` (the caller has looked).
     pub(crate) async fn publish_data(
         &self,
         topic: &Topic,
+        subscribed: bool,
         data: &RawValue,
         ack: Option<u64>,
     ) -> Result<u64, EngineError> {
         let core = &self.inner.core;
-        let in_order = ack.is_some() && self.is_subscribed(topic);
+        let in_order = ack.is_some() && subscribed;
         let ack = ack.map(|ack| AckTo { outbox: core.outbox.clone(), ack, in_order });
         let state = &self.inner.state;
         let seq = state.topics.publish(topic, Publication { from: &core.id, data, ack }).await?;
@@ -177,6 +179,13 @@ impl<C> Peer<C> {
     /// Whether the peer is subscribed to `topic`.
     pub fn is_subscribed(&self, topic: &Topic) -> bool {
         lock_index(&self.inner.core.topics).contains(topic)
+    }
+
+    /// The topic named `name` when the peer is subscribed to it: the
+    /// subscription's own [`Topic`], so that a publish to a topic of one's
+    /// own takes no copy of its name.
+    pub(crate) fn subscription(&self, name: &str) -> Option<Topic> {
+        lock_index(&self.inner.core.topics).get(name).cloned()
     }
 
     /// The topics the peer is subscribed to, in name order.

@@ -23,7 +23,7 @@ mod frame;
 mod topic;
 
 pub use error::{DecodeError, ErrorCode};
-pub use frame::{ClientFrame, HistoryMessage, PeerId, PresenceEntry, ServerFrame, Since};
+pub use frame::{ClientFrame, HistoryMessage, PeerId, PresenceEntry, PublishRef, ServerFrame, Since};
 pub use serde_json::value::RawValue;
 pub use topic::{InvalidTopic, Topic, TopicPattern, MAX_TOPIC_LEN};
 

@@ -30,9 +30,18 @@ pub enum InvalidTopic {
     BadChar(char),
 }
 
-fn allowed(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '/' | '-')
-}
+/// The bytes a topic may hold, `[A-Za-z0-9_.:/-]`, as a table: a publish
+/// validates its topic name, so this is read once per byte per message.
+const ALLOWED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'/' | b'-');
+        b += 1;
+    }
+    table
+};
 
 impl Topic {
     /// Validates `name` as a topic.
@@ -53,15 +62,17 @@ impl Topic {
     }
 }
 
-fn validate(name: &str) -> Result<(), InvalidTopic> {
+pub(crate) fn validate(name: &str) -> Result<(), InvalidTopic> {
     if name.is_empty() {
         return Err(InvalidTopic::Empty);
     }
     if name.len() > MAX_TOPIC_LEN {
         return Err(InvalidTopic::TooLong(name.len()));
     }
-    match name.chars().find(|c| !allowed(*c)) {
-        Some(c) => Err(InvalidTopic::BadChar(c)),
+    match name.bytes().position(|b| !ALLOWED[usize::from(b)]) {
+        // Every allowed byte is ASCII, so the first refused one starts a
+        // character.
+        Some(at) => Err(InvalidTopic::BadChar(name[at..].chars().next().expect("a character starts there"))),
         None => Ok(()),
     }
 }
@@ -197,6 +208,18 @@ mod tests {
         assert_eq!(Topic::new("a b"), Err(InvalidTopic::BadChar(' ')));
         assert_eq!(Topic::new("é"), Err(InvalidTopic::BadChar('é')));
         assert!(Topic::new("A-z_0.9:/x").is_ok());
+    }
+
+    /// The table is `[A-Za-z0-9_.:/-]`, and a refused character after
+    /// allowed ones is named whole, however many bytes it has.
+    #[test]
+    fn every_character_is_judged_by_the_rule() {
+        let rule = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '/' | '-');
+        for c in (0..=0x2ffu32).chain([0xfffd, 0x1f600]).filter_map(char::from_u32) {
+            let name = format!("ok-{c}-ok");
+            let expected = if rule(c) { Ok(()) } else { Err(InvalidTopic::BadChar(c)) };
+            assert_eq!(Topic::new(&name).map(|_| ()), expected, "{c:?}");
+        }
     }
 
     #[test]

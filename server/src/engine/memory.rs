@@ -130,7 +130,11 @@ impl TopicState {
     }
 
     fn expire(&mut self, now: Instant, ttl: Duration, retained: &AtomicUsize) {
-        while self.history.front().is_some_and(|r| now.duration_since(r.at) > ttl) {
+        // Older than `ttl`: retained before `now - ttl` (one subtraction per
+        // publish, then comparisons). Before there was a `now - ttl`, nothing
+        // can be that old.
+        let Some(cutoff) = now.checked_sub(ttl) else { return };
+        while self.history.front().is_some_and(|r| r.at < cutoff) {
             self.pop_oldest(retained);
         }
     }
@@ -242,8 +246,39 @@ impl MemoryEngine {
 
     fn publish_now(&self, topic: &Topic, publication: Publication<'_>) -> Result<u64, EngineError> {
         let now = Instant::now();
-        let mut shard = self.lock_creating(topic, now)?;
-        let state = shard.get_mut(topic).expect("lock_creating leaves it there");
+        // One lookup when the topic exists (nearly always): `lock_creating`
+        // would look it up once to make sure of it and once more to take it.
+        let mut shard = self.shard(topic);
+        let (seq, retained, dead) = match shard.get_mut(topic) {
+            Some(state) => self.append(state, topic, now, publication),
+            None => {
+                drop(shard);
+                shard = self.lock_creating(topic, now)?;
+                let state = shard.get_mut(topic).expect("lock_creating leaves it there");
+                self.append(state, topic, now, publication)
+            }
+        };
+        if dead {
+            self.forget_dead(&mut shard, topic);
+        }
+        drop(shard);
+        if retained > 0 && self.retained.load(Ordering::Relaxed) > self.limits.history_bytes {
+            self.evict_history();
+        }
+        Ok(seq)
+    }
+
+    /// Gives `publication` the topic's next seq, retains it, and delivers
+    /// it on this node; returns the seq, the bytes retained, and whether
+    /// the topic is dead after it (found in the state at hand, not by a
+    /// second lookup).
+    fn append(
+        &self,
+        state: &mut TopicState,
+        topic: &Topic,
+        now: Instant,
+        publication: Publication<'_>,
+    ) -> (u64, usize, bool) {
         state.touched = now;
         state.seq += 1;
         let seq = state.seq;
@@ -266,14 +301,7 @@ impl MemoryEngine {
         if let Some(node) = self.node.get() {
             node.deliver(topic, delivery);
         }
-        if state.is_dead(now, &self.limits) {
-            self.forget_dead(&mut shard, topic);
-        }
-        drop(shard);
-        if retained > 0 && self.retained.load(Ordering::Relaxed) > self.limits.history_bytes {
-            self.evict_history();
-        }
-        Ok(seq)
+        (seq, retained, state.is_dead(now, &self.limits))
     }
 
     /// Brings retained history back under its budget, oldest messages first

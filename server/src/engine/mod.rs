@@ -121,28 +121,35 @@ impl Eq for MessageText {}
 impl MessageText {
     /// The frame publishing `data` from `from` as `topic`'s message `seq`.
     pub fn encode(topic: &Topic, seq: u64, from: &str, data: &RawValue) -> Self {
-        // `ServerFrame::Message`'s JSON, written field by field straight
+        // `ServerFrame::Message`'s JSON, put together from its parts straight
         // into the WebSocket frame: the data goes from the received frame
-        // verbatim, and only the values go through serde_json. Derived,
-        // every constant key was escaped byte by byte too (5% of the typed
-        // chat room's instructions).
-        let capacity = 64 + topic.as_str().len() + from.len() + data.get().len();
-        let frame = Frame::json_with(capacity, |buf| {
-            // A topic is only ever `[A-Za-z0-9_.:/-]` (`Topic` validates it
-            // where it enters): its JSON string is the name in quotes, with
-            // nothing to escape, so it is not scanned for escapes again.
-            buf.extend_from_slice(br#"{"type":"message","topic":""#);
-            buf.extend_from_slice(topic.as_str().as_bytes());
-            buf.extend_from_slice(br#"","seq":"#);
-            serde_json::to_writer(&mut *buf, &seq)?;
-            buf.extend_from_slice(br#","from":"#);
-            write_str(buf, from)?;
-            buf.extend_from_slice(br#","data":"#);
-            buf.extend_from_slice(data.get().as_bytes());
-            buf.push(b'}');
-            Ok(())
-        });
-        Self(frame.expect("a message frame always serializes"))
+        // verbatim, and nothing goes through serde_json. Derived, every
+        // constant key was escaped byte by byte too (5% of the typed chat
+        // room's instructions). A topic is only ever `[A-Za-z0-9_.:/-]`
+        // (`Topic` validates it where it enters): its JSON string is the name
+        // in quotes, with nothing to escape. A peer id (the usual `from`)
+        // needs no escaping either; any other `from` is escaped by serde_json.
+        let mut digits = itoa::Buffer::new();
+        let seq = digits.format(seq).as_bytes();
+        let escaped;
+        let from = if needs_no_escape(from) {
+            from.as_bytes()
+        } else {
+            escaped = serde_json::to_string(from).expect("a string serializes");
+            // Without its quotes: the parts around it have them.
+            &escaped.as_bytes()[1..escaped.len() - 1]
+        };
+        Self(Frame::text_parts(&[
+            br#"{"type":"message","topic":""#,
+            topic.as_str().as_bytes(),
+            br#"","seq":"#,
+            seq,
+            br#","from":""#,
+            from,
+            br#"","data":"#,
+            data.get().as_bytes(),
+            b"}",
+        ]))
     }
 
     /// Text a broker carried; it must be UTF-8.
@@ -177,19 +184,10 @@ impl fmt::Debug for MessageText {
     }
 }
 
-/// `text` as a JSON string. A peer id (the usual `from`) never needs
-/// escaping: one pass checks that and copies it, where serde_json looks each
-/// byte up in its escape table and writes the runs between escapes.
-fn write_str(buf: &mut Vec<u8>, text: &str) -> serde_json::Result<()> {
-    // What serde_json escapes: control characters, the quote, the backslash.
-    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        buf.push(b'"');
-        buf.extend_from_slice(text.as_bytes());
-        buf.push(b'"');
-        Ok(())
-    } else {
-        serde_json::to_writer(buf, text)
-    }
+/// Whether `text` is its own JSON string body: no control character, quote
+/// or backslash (what serde_json escapes).
+fn needs_no_escape(text: &str) -> bool {
+    text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
 /// Where a publisher's `ack` goes: queued by the node that delivers the
@@ -213,19 +211,19 @@ impl AckTo {
     }
 }
 
-/// `ServerFrame::Ack`'s JSON, written straight into the WebSocket frame:
-/// one per acked publish, where the derived serializer took a `String`, a
-/// copy into the frame, and escaped every constant key byte by byte.
+/// `ServerFrame::Ack`'s JSON, put together straight into the WebSocket
+/// frame: one per acked publish, where the derived serializer took a
+/// `String`, a copy into the frame, and escaped every constant key byte by
+/// byte.
 fn ack_frame(ack: u64, seq: u64) -> Frame {
-    let frame = Frame::json_with(48, |buf| {
-        buf.extend_from_slice(br#"{"type":"ack","ack":"#);
-        serde_json::to_writer(&mut *buf, &ack)?;
-        buf.extend_from_slice(br#","seq":"#);
-        serde_json::to_writer(&mut *buf, &seq)?;
-        buf.push(b'}');
-        Ok(())
-    });
-    frame.expect("an ack frame always serializes")
+    let (mut ack_digits, mut seq_digits) = (itoa::Buffer::new(), itoa::Buffer::new());
+    Frame::text_parts(&[
+        br#"{"type":"ack","ack":"#,
+        ack_digits.format(ack).as_bytes(),
+        br#","seq":"#,
+        seq_digits.format(seq).as_bytes(),
+        b"}",
+    ])
 }
 
 impl fmt::Debug for AckTo {
