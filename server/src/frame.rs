@@ -110,35 +110,21 @@ impl Frame {
         })
     }
 
-    /// A text frame whose payload is `parts` back to back: how the engine's
-    /// hand-written JSON frames are made, each part a constant or a value
-    /// already in JSON. The length is known before a byte is written, so the
-    /// header goes first and nothing is moved; a frame under 126 bytes (an
-    /// `ack`, a chat message) is put together on the stack, without the
-    /// build buffer.
-    pub(crate) fn text_parts(parts: &[&[u8]]) -> Self {
-        let len: usize = parts.iter().map(|part| part.len()).sum();
-        if len < 126 {
-            let mut wire = [0u8; 127];
-            wire[0] = 0x80 | TEXT;
-            wire[1] = len as u8;
-            let mut at = 2;
-            for part in parts {
-                wire[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
-            }
-            return Self { wire: Arc::from(&wire[..at]) };
-        }
+    /// A text frame of a `len`-byte payload that `write` puts in place, the
+    /// way the engine's hand-written JSON frames are made: the length is
+    /// known before a byte is written, so the frame is allocated once at its
+    /// size, the header goes first, and nothing is copied twice (no build
+    /// buffer). `write` must put exactly `len` bytes.
+    pub(crate) fn text_in_place(len: usize, write: impl FnOnce(&mut Payload<'_>)) -> Self {
         let mut head = [0u8; MAX_HEADER];
         let head_len = header(TEXT, len, &mut head);
-        let Ok(frame) = build::<std::convert::Infallible>(head_len + len, |buf| {
-            buf.extend_from_slice(&head[..head_len]);
-            for part in parts {
-                buf.extend_from_slice(part);
-            }
-            Ok(0)
-        });
-        frame
+        let mut wire: Arc<[u8]> = std::iter::repeat_n(0, head_len + len).collect();
+        let buf = Arc::get_mut(&mut wire).expect("a new Arc is not shared");
+        buf[..head_len].copy_from_slice(&head[..head_len]);
+        let mut payload = Payload { rest: &mut buf[head_len..] };
+        write(&mut payload);
+        assert!(payload.rest.is_empty(), "a payload shorter than announced");
+        Self { wire }
     }
 
     /// A ping with an empty payload (the heartbeat's).
@@ -261,6 +247,22 @@ impl Frame {
     }
 }
 
+/// What is left to write of a payload (see [`Frame::text_in_place`]).
+pub(crate) struct Payload<'a> {
+    rest: &'a mut [u8],
+}
+
+impl Payload<'_> {
+    /// Appends `bytes`. Inlined, so that a constant part is copied by a few
+    /// moves, not a `memcpy` call; past the announced length it panics.
+    #[inline(always)]
+    pub(crate) fn put(&mut self, bytes: &[u8]) {
+        let (head, rest) = std::mem::take(&mut self.rest).split_at_mut(bytes.len());
+        head.copy_from_slice(bytes);
+        self.rest = rest;
+    }
+}
+
 /// Writes the header of a final, unmasked frame into `out`; returns its length.
 fn header(opcode: u8, len: usize, out: &mut [u8; MAX_HEADER]) -> usize {
     out[0] = 0x80 | opcode;
@@ -308,14 +310,19 @@ mod tests {
             let json = Frame::json_with(0, |buf| serde_json::to_writer(buf, &text)).unwrap();
             let encoded = serde_json::to_string(&text).unwrap();
             assert_eq!(json.as_wire(), tungstenite_bytes(Message::text(encoded)), "json of {len}");
-            // In parts, cut anywhere: on the stack below 126 bytes, through
-            // the build buffer from there on.
+            // Written in place in parts, cut anywhere.
             let bytes = text.as_bytes();
             let (a, b) = bytes.split_at(len / 3);
             let (b, c) = b.split_at(len / 3);
             let expected = tungstenite_bytes(Message::text(text.clone()));
-            assert_eq!(Frame::text_parts(&[a, b, c]).as_wire(), expected, "parts of {len}");
-            assert_eq!(Frame::text_parts(&[bytes]).as_wire(), expected, "one part of {len}");
+            let in_parts =
+                Frame::text_in_place(len, |payload| [a, b, c].into_iter().for_each(|part| payload.put(part)));
+            assert_eq!(in_parts.as_wire(), expected, "parts of {len}");
+            assert_eq!(
+                Frame::text_in_place(len, |payload| payload.put(bytes)).as_wire(),
+                expected,
+                "one part of {len}"
+            );
         }
         assert_eq!(Frame::ping().as_wire(), tungstenite_bytes(Message::Ping(Default::default())));
         assert_eq!(Frame::pong(b"hi").as_wire(), tungstenite_bytes(Message::Pong(bytes::Bytes::from_static(b"hi"))));

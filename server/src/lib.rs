@@ -396,7 +396,11 @@ impl ServerHandle {
 
     /// Like [`publish_data`](Self::publish_data), for data that is already JSON text.
     pub async fn publish_json(&self, topic: &Topic, data: &RawValue) -> Result<u64, EngineError> {
-        let seq = self.state.topics.publish(topic, Publication { from: "server", data, ack: None }).await?;
+        let seq = self
+            .state
+            .topics
+            .publish(topic, Publication { from: "server", data, ack: None, at: tokio::time::Instant::now() })
+            .await?;
         self.state.metrics.published();
         Ok(seq)
     }

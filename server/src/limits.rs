@@ -266,7 +266,11 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub(crate) fn try_take(&mut self) -> bool {
-        let now = Instant::now();
+        self.try_take_at(Instant::now())
+    }
+
+    /// [`Self::try_take`] at `now`, for a caller that has read the clock.
+    pub(crate) fn try_take_at(&mut self, now: Instant) -> bool {
         let elapsed = now.duration_since(self.last);
         self.last = now;
         self.tokens = (self.tokens + elapsed.as_secs_f64() * self.rate).min(self.burst);

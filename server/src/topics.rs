@@ -926,6 +926,7 @@ mod tests {
     use std::time::Duration;
 
     use crosswire_shared::RawValue;
+    use tokio::time::Instant;
 
     use super::*;
     use crate::{
@@ -988,7 +989,7 @@ mod tests {
     }
 
     async fn publish_from(topics: &Topics, t: &Topic, from: &str, n: u64) -> u64 {
-        topics.publish(t, Publication { from, data: &data(n), ack: None }).await.unwrap()
+        topics.publish(t, Publication { from, data: &data(n), ack: None, at: Instant::now() }).await.unwrap()
     }
 
     fn data(n: u64) -> Box<RawValue> {
@@ -996,7 +997,7 @@ mod tests {
     }
 
     async fn publish(topics: &Topics, t: &Topic, n: u64) -> Result<u64, EngineError> {
-        topics.publish(t, Publication { from: "x", data: &data(n), ack: None }).await
+        topics.publish(t, Publication { from: "x", data: &data(n), ack: None, at: Instant::now() }).await
     }
 
     async fn join(topics: &Topics, t: &Topic, id: &str, s: Subscriber, since: Option<&Since>) -> SubscribeOutcome {
@@ -1013,7 +1014,7 @@ mod tests {
         join(&topics, &t, "a", a, None).await;
         join(&topics, &t, "b", b, None).await;
         let ack = Some(AckTo { outbox: a_outbox, ack: 9, in_order: true });
-        assert_eq!(topics.publish(&t, Publication { from: "a", data: &data(1), ack }).await, Ok(1));
+        assert_eq!(topics.publish(&t, Publication { from: "a", data: &data(1), ack, at: Instant::now() }).await, Ok(1));
         assert_eq!(
             texts(&mut arx),
             [r#"{"type":"ack","ack":9,"seq":1}"#],
@@ -1173,10 +1174,10 @@ mod tests {
         let new_epoch = join(&topics, &new, "a", sub(1 << 20).0, None).await.epoch;
         let blob = RawValue::from_string(format!("\"{}\"", "x".repeat(1000))).unwrap();
         for _ in 0..50 {
-            topics.publish(&old, Publication { from: "x", data: &blob, ack: None }).await.unwrap();
+            topics.publish(&old, Publication { from: "x", data: &blob, ack: None, at: Instant::now() }).await.unwrap();
         }
         for _ in 0..500 {
-            topics.publish(&new, Publication { from: "x", data: &blob, ack: None }).await.unwrap();
+            topics.publish(&new, Publication { from: "x", data: &blob, ack: None, at: Instant::now() }).await.unwrap();
             assert!(topics.retained_bytes() <= budget, "{} > {budget}", topics.retained_bytes());
         }
         assert!(topics.retained_bytes() > budget / 2, "eviction keeps most of the budget in use");
@@ -1342,7 +1343,7 @@ mod tests {
         gathered(PeerKey::of(&p), async {
             publish_from(&topics, &t, &p, 1).await;
             let ack = Some(AckTo { outbox: a_outbox.clone(), ack: 9, in_order: true });
-            topics.publish(&t, Publication { from: &a_id, data: &data(2), ack }).await.unwrap();
+            topics.publish(&t, Publication { from: &a_id, data: &data(2), ack, at: Instant::now() }).await.unwrap();
         })
         .await;
         let texts = texts(&mut arx);

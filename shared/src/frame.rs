@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{DecodeError, ErrorCode, Topic};
+use crate::{DecodeError, ErrorCode, Topic, MAX_TOPIC_LEN};
 
 /// A peer's id as the server assigned it: opaque, unique within one server run.
 pub type PeerId = String;
@@ -461,12 +461,15 @@ pub struct PublishRef<'a> {
 impl<'a> PublishRef<'a> {
     /// The publish `text` is, when it is written the plain way (see above).
     pub fn read(text: &'a str) -> Option<Self> {
-        let rest = text.strip_prefix(r#"{"type":"publish","topic":""#)?;
-        let (topic, rest) = rest.split_at(rest.find('"')?);
-        // Without an escape or a control character the JSON string is its
-        // text; and a valid topic has neither.
-        crate::topic::validate(topic).ok()?;
-        let rest = rest.strip_prefix(r#"","data":"#)?;
+        let rest = after(text, br#"{"type":"publish","topic":""#)?;
+        // A valid topic has no escape and no control character, so its JSON
+        // string is its text, up to the closing quote.
+        let len = crate::topic::allowed_prefix(rest.as_bytes());
+        if len == 0 || len > MAX_TOPIC_LEN {
+            return None;
+        }
+        let (topic, rest) = rest.split_at(len);
+        let rest = after(rest, br#"","data":"#)?;
         let data = <&RawValue>::deserialize(&mut serde_json::Deserializer::from_str(rest)).ok()?;
         // The value must start right there (no whitespace): then it is the
         // first `len` bytes, and what follows it is the rest.
@@ -474,7 +477,7 @@ impl<'a> PublishRef<'a> {
             return None;
         }
         let rest = &rest[data.get().len()..];
-        let ack = match rest.strip_prefix(r#","ack":"#) {
+        let ack = match after(rest, br#","ack":"#) {
             Some(number) => Some(plain_u64(number.strip_suffix('}')?)?),
             None if rest == "}" => None,
             None => return None,
@@ -498,12 +501,24 @@ impl<'a> PublishRef<'a> {
     }
 }
 
+/// `text` after `prefix`, if it starts with it. The prefix is an array, so
+/// the comparison is a few inlined word compares, not a `memcmp` call.
+fn after<'a, const N: usize>(text: &'a str, prefix: &[u8; N]) -> Option<&'a str> {
+    let head: &[u8; N] = text.as_bytes().get(..N)?.try_into().ok()?;
+    // `prefix` is ASCII, so `N` is a character boundary when it matches.
+    (head == prefix).then(|| &text[N..])
+}
+
 /// A JSON integer that fits a `u64`, as serde reads one: digits, no
 /// leading zero, no sign, fraction or exponent.
 fn plain_u64(digits: &str) -> Option<u64> {
     let bytes = digits.as_bytes();
     if bytes.is_empty() || (bytes[0] == b'0' && bytes.len() > 1) {
         return None;
+    }
+    if bytes.len() < 20 {
+        // Nineteen digits never overflow a `u64`: no checked arithmetic.
+        return bytes.iter().try_fold(0u64, |n, &d| d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0')));
     }
     bytes.iter().try_fold(0u64, |n, &d| {
         if !d.is_ascii_digit() {
@@ -663,7 +678,7 @@ mod tests {
         let topic = Topic::new("room/1").unwrap();
         let datas = [r#""m1.2.3""#, "42", "-1.5e3", "null", r#"{"a":[1,{"b":"\"q\" é"}]}"#, r#""\u00e9\n""#, "[]"];
         for data in datas {
-            for ack in [None, Some(0), Some(7), Some(u64::MAX)] {
+            for ack in [None, Some(0), Some(7), Some(9_999_999_999_999_999_999), Some(u64::MAX)] {
                 let frame = ClientFrame::Publish {
                     topic: topic.clone(),
                     data: RawValue::from_string(data.into()).unwrap(),

@@ -62,6 +62,12 @@ impl Topic {
     }
 }
 
+/// How many bytes at the start of `text` a topic may hold: where a topic
+/// name written in place (a publish read without its envelope) ends.
+pub(crate) fn allowed_prefix(text: &[u8]) -> usize {
+    text.iter().position(|&b| !ALLOWED[usize::from(b)]).unwrap_or(text.len())
+}
+
 pub(crate) fn validate(name: &str) -> Result<(), InvalidTopic> {
     if name.is_empty() {
         return Err(InvalidTopic::Empty);

@@ -245,7 +245,7 @@ impl MemoryEngine {
     }
 
     fn publish_now(&self, topic: &Topic, publication: Publication<'_>) -> Result<u64, EngineError> {
-        let now = Instant::now();
+        let now = publication.at;
         // One lookup when the topic exists (nearly always): `lock_creating`
         // would look it up once to make sure of it and once more to take it.
         let mut shard = self.shard(topic);

@@ -34,6 +34,7 @@ use std::{
 };
 
 use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
+use tokio::time::Instant;
 
 use crate::{frame::Frame, outbox::Outbox};
 
@@ -139,17 +140,22 @@ impl MessageText {
             // Without its quotes: the parts around it have them.
             &escaped.as_bytes()[1..escaped.len() - 1]
         };
-        Self(Frame::text_parts(&[
-            br#"{"type":"message","topic":""#,
-            topic.as_str().as_bytes(),
-            br#"","seq":"#,
-            seq,
-            br#","from":""#,
-            from,
-            br#"","data":"#,
-            data.get().as_bytes(),
-            b"}",
-        ]))
+        const PARTS: [&[u8]; 5] =
+            [br#"{"type":"message","topic":""#, br#"","seq":"#, br#","from":""#, br#"","data":"#, b"}"];
+        let (topic, data) = (topic.as_str().as_bytes(), data.get().as_bytes());
+        let len =
+            PARTS.iter().map(|part| part.len()).sum::<usize>() + topic.len() + seq.len() + from.len() + data.len();
+        Self(Frame::text_in_place(len, |payload| {
+            payload.put(PARTS[0]);
+            payload.put(topic);
+            payload.put(PARTS[1]);
+            payload.put(seq);
+            payload.put(PARTS[2]);
+            payload.put(from);
+            payload.put(PARTS[3]);
+            payload.put(data);
+            payload.put(PARTS[4]);
+        }))
     }
 
     /// Text a broker carried; it must be UTF-8.
@@ -185,9 +191,21 @@ impl fmt::Debug for MessageText {
 }
 
 /// Whether `text` is its own JSON string body: no control character, quote
-/// or backslash (what serde_json escapes).
+/// or backslash (what serde_json escapes). A table, read once per byte of
+/// every message's `from`.
 fn needs_no_escape(text: &str) -> bool {
-    text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+    const PLAIN: [bool; 256] = {
+        let mut table = [true; 256];
+        let mut b = 0;
+        while b < 0x20 {
+            table[b] = false;
+            b += 1;
+        }
+        table[b'"' as usize] = false;
+        table[b'\\' as usize] = false;
+        table
+    };
+    text.bytes().all(|b| PLAIN[usize::from(b)])
 }
 
 /// Where a publisher's `ack` goes: queued by the node that delivers the
@@ -216,14 +234,17 @@ impl AckTo {
 /// `String`, a copy into the frame, and escaped every constant key byte by
 /// byte.
 fn ack_frame(ack: u64, seq: u64) -> Frame {
+    const PARTS: [&[u8]; 3] = [br#"{"type":"ack","ack":"#, br#","seq":"#, b"}"];
     let (mut ack_digits, mut seq_digits) = (itoa::Buffer::new(), itoa::Buffer::new());
-    Frame::text_parts(&[
-        br#"{"type":"ack","ack":"#,
-        ack_digits.format(ack).as_bytes(),
-        br#","seq":"#,
-        seq_digits.format(seq).as_bytes(),
-        b"}",
-    ])
+    let (ack, seq) = (ack_digits.format(ack).as_bytes(), seq_digits.format(seq).as_bytes());
+    let len = PARTS.iter().map(|part| part.len()).sum::<usize>() + ack.len() + seq.len();
+    Frame::text_in_place(len, |payload| {
+        payload.put(PARTS[0]);
+        payload.put(ack);
+        payload.put(PARTS[1]);
+        payload.put(seq);
+        payload.put(PARTS[2]);
+    })
 }
 
 impl fmt::Debug for AckTo {
@@ -242,6 +263,9 @@ pub struct Publication<'a> {
     pub data: &'a RawValue,
     /// Its ack, if it asked for one.
     pub ack: Option<AckTo>,
+    /// When it was published: where its history entry's age starts. Read
+    /// by the publisher, which reads the clock for its rate limit anyway.
+    pub at: Instant,
 }
 
 /// One message of a topic as it reaches a node.

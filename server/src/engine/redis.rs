@@ -816,7 +816,7 @@ impl Engine for RedisEngine {
     }
 
     fn publish<'a>(&'a self, topic: &'a Topic, publication: Publication<'a>) -> Pending<'a, u64> {
-        let Publication { from, data, ack } = publication;
+        let Publication { from, data, ack, .. } = publication;
         Pending::later(self.shared.publish(topic, from, data, ack))
     }
 
