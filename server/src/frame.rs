@@ -15,7 +15,9 @@
 //! and the bytes are one allocation, so a frame's length and header are read
 //! from the cache line its clone just touched, not through a second pointer
 //! (and a publish allocates once, not twice). A frame is encoded in the
-//! worker's build buffer and copied out once, at its final size.
+//! worker's build buffer and copied out once, at its final size; the
+//! engine's `message` and `ack` frames, whose length is known before they
+//! are written, are written in place ([`Frame::text_in_place`]).
 
 use std::{cell::RefCell, str::Utf8Error, sync::Arc};
 
