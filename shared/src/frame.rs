@@ -516,10 +516,6 @@ fn plain_u64(digits: &str) -> Option<u64> {
     if bytes.is_empty() || (bytes[0] == b'0' && bytes.len() > 1) {
         return None;
     }
-    if bytes.len() < 20 {
-        // Nineteen digits never overflow a `u64`: no checked arithmetic.
-        return bytes.iter().try_fold(0u64, |n, &d| d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0')));
-    }
     bytes.iter().try_fold(0u64, |n, &d| {
         if !d.is_ascii_digit() {
             return None;

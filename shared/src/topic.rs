@@ -68,17 +68,16 @@ pub(crate) fn allowed_prefix(text: &[u8]) -> usize {
     text.iter().position(|&b| !ALLOWED[usize::from(b)]).unwrap_or(text.len())
 }
 
-pub(crate) fn validate(name: &str) -> Result<(), InvalidTopic> {
+fn validate(name: &str) -> Result<(), InvalidTopic> {
     if name.is_empty() {
         return Err(InvalidTopic::Empty);
     }
     if name.len() > MAX_TOPIC_LEN {
         return Err(InvalidTopic::TooLong(name.len()));
     }
-    match name.bytes().position(|b| !ALLOWED[usize::from(b)]) {
-        // Every allowed byte is ASCII, so the first refused one starts a
-        // character.
-        Some(at) => Err(InvalidTopic::BadChar(name[at..].chars().next().expect("a character starts there"))),
+    // Every allowed byte is ASCII, so the first refused one starts a character.
+    match name[allowed_prefix(name.as_bytes())..].chars().next() {
+        Some(c) => Err(InvalidTopic::BadChar(c)),
         None => Ok(()),
     }
 }
