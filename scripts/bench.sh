@@ -11,7 +11,8 @@
 #   BENCH_PIN=1 scripts/bench.sh          # server on CPU 0, load generator on CPU 1
 #   BENCH_SCENARIOS=cluster scripts/bench.sh   # only the two-node runs over Redis
 #   BENCH_PERF=1 scripts/bench.sh         # also sample each server with `perf record`: where its
-#                                         # CPU goes, kernel vs user space (<run>.perf.txt)
+#                                         # CPU goes, kernel vs user space (<run>.perf.txt); and
+#                                         # count its send system calls (<run>.syscalls.csv)
 #
 # Raw results (one JSON file per run, the servers' logs, a table) go to
 # test-output/bench/<UTC time>/. Nothing system-wide is changed.
@@ -109,17 +110,37 @@ TARGET=${CARGO_TARGET_DIR:-target}
 # With BENCH_PERF=1, `perf record` samples the server (software clock: no
 # hardware counters needed) for the whole run; <run>.perf.txt gets the share of
 # its samples in the kernel and in each binary, and its hottest functions.
-PERF_PID=""
+# `perf stat` counts the server's system calls that send (write, writev,
+# sendto, sendmsg: Bun sends with sendto, crosswire with writev) where the
+# kernel lets it (syscall tracepoints); <run>.syscalls.csv has the counts.
+# Most of both servers' CPU is the kernel's work per call, so deliveries per
+# call says much of who does less work.
+PERF_PID="" STAT_PID=""
+SEND_CALLS=syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg
 perf_start() { # <run prefix>
   [[ $PERF == 1 ]] || return 0
   perf record -q -e cpu-clock -F 999 -p "$SERVER_PID" -o "$1.perf.data" 2>/dev/null &
   PERF_PID=$!
+  if perf stat -x, -e "$SEND_CALLS" true >/dev/null 2>&1; then
+    perf stat -x, -e "$SEND_CALLS" -p "$SERVER_PID" -o "$1.syscalls.csv" 2>/dev/null &
+    STAT_PID=$!
+  fi
 }
 perf_stop() { # <run prefix>
   [[ -n $PERF_PID ]] || return 0
   kill -INT "$PERF_PID" 2>/dev/null || true
   wait "$PERF_PID" 2>/dev/null || true
   PERF_PID=""
+  if [[ -n $STAT_PID ]]; then
+    kill -INT "$STAT_PID" 2>/dev/null || true
+    wait "$STAT_PID" 2>/dev/null || true
+    STAT_PID=""
+    local calls
+    calls=$(awk -F, '/syscalls:sys_enter_/ && $1 ~ /^[0-9]+$/ { n += $1 } END { if (NR) print n + 0 }' "$1.syscalls.csv" 2>/dev/null || true)
+    if [[ -n $calls && -f $1.json ]]; then
+      jq --argjson c "$calls" '.send_calls = $c' "$1.json" >"$1.json.tmp" && mv "$1.json.tmp" "$1.json"
+    fi
+  fi
   {
     echo "# share of the server's CPU samples by binary ([kernel.kallsyms] is the kernel)"
     perf report -i "$1.perf.data" --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 8
@@ -348,14 +369,18 @@ jq -s -r '
                    + ([.errors.subscriber_error_frames[], .errors.publisher_error_frames[], .errors.closed_connections[]] | add // 0) end) | add),
       load: (map(.loadavg_at_start[0]) | median),
       kernel: (map(.perf_kernel_pct) | map(select(. != null)) | median),
+      per_call: (map(if (.send_calls // 0) > 0
+                     then (.delivered // ((.deliveries_per_s // 0) * (.seconds // 0))) / .send_calls else null end)
+                 | map(select(. != null)) | median),
       busy: (map(.meta.cpu_busy_before // "0" | tonumber) | max)
     })
   | (["scenario/server", "runs", "deliveries/s", "publishes/s", "p50 ms", "p99 ms", "max ms",
-      "server CPU %", "loadgen CPU %", "deliveries per server CPU-s", "errors", "load (1 min)", "max busy before %", "server CPU in kernel %"] | join(" | ")),
-    ([range(14) | "---"] | join(" | ")),
+      "server CPU %", "loadgen CPU %", "deliveries per server CPU-s", "errors", "load (1 min)", "max busy before %", "server CPU in kernel %",
+      "deliveries per send call"] | join(" | ")),
+    ([range(15) | "---"] | join(" | ")),
     (.[] | [.label, (.runs | tostring), (.dps | m), (.pps | if . == null then "-" else round | tostring end),
             (.p50 | ms | r(2)), (.p99 | ms | r(2)), (.max | ms | r(2)), (.scpu | r(0)), (.lcpu | r(0)), (.per_cpu | m),
-            (.errors | tostring), (.load | r(2)), (.busy | tostring), (.kernel | r(0))]
+            (.errors | tostring), (.load | r(2)), (.busy | tostring), (.kernel | r(0)), (.per_call | r(2))]
           | join(" | "))
 ' "$OUT"/*.json | sed 's/^/| /; s/$/ |/' | tee "$OUT/table.md"
 
