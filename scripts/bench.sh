@@ -115,13 +115,13 @@ TARGET=${CARGO_TARGET_DIR:-target}
 # kernel lets it (syscall tracepoints); <run>.syscalls.csv has the counts.
 # Most of both servers' CPU is the kernel's work per call, so deliveries per
 # call says much of who does less work.
-PERF_PID="" STAT_PID=""
+PERF_PID="" STAT_PID="" COUNT_SENDS=0
 SEND_CALLS=syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg
 perf_start() { # <run prefix>
   [[ $PERF == 1 ]] || return 0
   perf record -q -e cpu-clock -F 999 -p "$SERVER_PID" -o "$1.perf.data" 2>/dev/null &
   PERF_PID=$!
-  if perf stat -x, -e "$SEND_CALLS" true >/dev/null 2>&1; then
+  if [[ $COUNT_SENDS == 1 ]]; then
     perf stat -x, -e "$SEND_CALLS" -p "$SERVER_PID" -o "$1.syscalls.csv" 2>/dev/null &
     STAT_PID=$!
   fi
@@ -163,6 +163,8 @@ if [[ $PERF == 1 ]] && ! command -v perf >/dev/null; then
   echo "BENCH_PERF=1 needs perf (Debian: linux-perf)" >&2
   exit 2
 fi
+# Whether this kernel lets perf count the send calls (tracepoints), asked once.
+if [[ $PERF == 1 ]] && perf stat -x, -e "$SEND_CALLS" true >/dev/null 2>&1; then COUNT_SENDS=1; fi
 if [[ $PIN == 1 ]] && ! command -v taskset >/dev/null; then
   echo "BENCH_PIN=1 needs taskset (util-linux)" >&2
   exit 2
