@@ -138,7 +138,7 @@ pub use config_file::{parse_cli, try_parse_cli_from, ConfigFileError};
 pub use crosswire_shared as protocol;
 pub use engine::{
     AckTo, Delivered, Delivery, Engine, EngineError, History, MemoryEngine, MemoryLimits, MessageText, Node, Pending,
-    Publication, RedisEngine,
+    Publication, ReadLimit, RedisEngine,
 };
 pub use hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest};
 pub use message::{Message, Utf8Bytes};

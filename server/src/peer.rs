@@ -9,7 +9,7 @@ use crosswire_shared::{PresenceEntry, RawValue, ServerFrame, Since, Topic};
 use tokio::time::Instant;
 
 use crate::{
-    engine::{AckTo, EngineError, History, Pending, Publication},
+    engine::{AckTo, EngineError, History, Pending, Publication, ReadLimit},
     frame::Frame,
     message::Message,
     outbox::{Outbox, SendError},
@@ -238,7 +238,7 @@ impl<C> Peer<C> {
         &self,
         topic: &Topic,
         since: Option<&Since>,
-        limit: usize,
+        limit: ReadLimit,
     ) -> Result<Option<History>, EngineError> {
         self.inner.state.topics.history(topic, since, limit).await
     }

@@ -48,7 +48,7 @@ use ahash::RandomState;
 use crosswire_shared::{PresenceEntry, ServerFrame, Since, Topic};
 
 use crate::{
-    engine::{AckTo, Delivered, Delivery, Engine, EngineError, History, Hub, Node, Pending, Publication},
+    engine::{AckTo, Delivered, Delivery, Engine, EngineError, History, Hub, Node, Pending, Publication, ReadLimit},
     frame::Frame,
     limits::TokenBucket,
     outbox::Outbox,
@@ -443,7 +443,8 @@ impl Topics {
             }
         }
         // Registered first, read second: see the module documentation.
-        let read = self.engine.read(topic, since, self.replay_limit, true).await;
+        let read =
+            self.engine.read(topic, since, ReadLimit { messages: self.replay_limit, bytes: usize::MAX }, true).await;
         let mut shard = self.shard(topic);
         let Some(state) = shard.get_mut(topic) else {
             // Unsubscribed meanwhile: nothing to complete.
@@ -634,7 +635,7 @@ impl Topics {
         &self,
         topic: &Topic,
         since: Option<&Since>,
-        limit: usize,
+        limit: ReadLimit,
     ) -> Result<Option<History>, EngineError> {
         let history = self.engine.read(topic, since, limit, false).await?;
         let reaches = since.is_none_or(|s| history.complete && *s.epoch == *history.epoch);
@@ -1072,7 +1073,16 @@ mod tests {
         s.pending = Some(Vec::new());
         topics.shard(&t).get_mut(&t).unwrap().subscribers.insert("late".into(), s);
         publish(&topics, &t, 2).await.unwrap();
-        let read = topics.engine.read(&t, Some(&Since { epoch: epoch.to_string(), seq: 0 }), 8, true).await.unwrap();
+        let read = topics
+            .engine
+            .read(
+                &t,
+                Some(&Since { epoch: epoch.to_string(), seq: 0 }),
+                ReadLimit { messages: 8, bytes: usize::MAX },
+                true,
+            )
+            .await
+            .unwrap();
         publish(&topics, &t, 3).await.unwrap();
         assert_eq!(read.seq, 2);
         // Completing by hand what `subscribe` does after its read.

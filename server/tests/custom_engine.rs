@@ -12,7 +12,7 @@ use std::sync::{
 use common::*;
 use crosswire_server::{
     protocol::{PresenceEntry, ServerFrame, Since, Topic},
-    Engine, EngineError, History, MemoryEngine, MemoryLimits, Node, Pending, PubSub, Publication, Server,
+    Engine, EngineError, History, MemoryEngine, MemoryLimits, Node, Pending, PubSub, Publication, ReadLimit, Server,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +42,7 @@ impl Engine for Counting {
         &'a self,
         topic: &'a Topic,
         since: Option<&'a Since>,
-        limit: usize,
+        limit: ReadLimit,
         create: bool,
     ) -> Pending<'a, History> {
         self.reads.fetch_add(1, Ordering::Relaxed);

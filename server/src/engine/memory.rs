@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::config::ServerConfig;
 
-use super::{Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication};
+use super::{Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication, ReadLimit};
 
 const SHARDS: usize = 32;
 
@@ -333,7 +333,7 @@ impl MemoryEngine {
         &self,
         topic: &Topic,
         since: Option<&Since>,
-        limit: usize,
+        limit: ReadLimit,
         create: bool,
     ) -> Result<History, EngineError> {
         let now = Instant::now();
@@ -351,10 +351,17 @@ impl MemoryEngine {
         let pick = |r: &Retained| (r.seq, r.frame.clone());
         let (complete, messages) = match since {
             Some(since) if !state.can_recover(since) => (false, Vec::new()),
-            Some(since) => (true, state.history.iter().filter(|r| r.seq > since.seq).take(limit).map(pick).collect()),
+            Some(since) => {
+                // Retained seqs are consecutive: the first after `since` is
+                // found, not searched for (a page deep into a long history
+                // costs its own length, not the history's).
+                let skip = state.history.front().map_or(0, |r| (since.seq + 1).saturating_sub(r.seq) as usize);
+                let after = state.history.iter().skip(skip).skip_while(|r| r.seq <= since.seq);
+                (true, limit.take(after.map(pick), |(_, f)| f.len()))
+            }
             None => {
-                let skip = state.history.len().saturating_sub(limit);
-                (true, state.history.iter().skip(skip).map(pick).collect())
+                let skip = state.history.len().saturating_sub(limit.messages);
+                (true, limit.take(state.history.iter().skip(skip).map(pick), |(_, f)| f.len()))
             }
         };
         Ok(History { epoch: state.epoch.clone(), seq: state.seq, complete, messages })
@@ -378,7 +385,7 @@ impl Engine for MemoryEngine {
         &'a self,
         topic: &'a Topic,
         since: Option<&'a Since>,
-        limit: usize,
+        limit: ReadLimit,
         create: bool,
     ) -> Pending<'a, History> {
         Pending::ready(self.read_now(topic, since, limit, create))

@@ -303,6 +303,39 @@ pub enum Delivered {
     Nobody,
 }
 
+/// How much one [`Engine::read`] returns at most: of the messages asked for,
+/// the oldest that fit both bounds, and always at least one (so a reader
+/// paging through a topic moves on whatever the size of a message). A
+/// bounded read is how a large history is answered, and carried from a
+/// broker, a page at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// Messages.
+    pub messages: usize,
+    /// Their payload bytes (the encoded `message` frames', as [`MessageText::len`]).
+    pub bytes: usize,
+}
+
+impl ReadLimit {
+    /// No bound: everything retained.
+    pub const ALL: Self = Self { messages: usize::MAX >> 1, bytes: usize::MAX };
+
+    /// The first messages of `candidates` (oldest first) within the bound.
+    pub fn take<T>(self, candidates: impl IntoIterator<Item = T>, len: impl Fn(&T) -> usize) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in candidates.into_iter().take(self.messages) {
+            let n = len(&item);
+            if !out.is_empty() && bytes.saturating_add(n) > self.bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(n);
+            out.push(item);
+        }
+        out
+    }
+}
+
 /// A topic's position and retained messages, as [`Engine::read`] returns them.
 #[derive(Debug, Clone)]
 pub struct History {
@@ -314,8 +347,19 @@ pub struct History {
     /// when no `since` was given).
     pub complete: bool,
     /// Retained messages after `since` (or the latest ones), oldest first,
-    /// at most the limit asked for, with their seqs.
+    /// within the [`ReadLimit`] asked for, with their seqs. When the last
+    /// one's seq is below [`seq`](Self::seq), more is retained after it
+    /// (or was, when the read was made).
     pub messages: Vec<(u64, MessageText)>,
+}
+
+impl History {
+    /// The seq after which the rest of the topic's retained messages follow,
+    /// when this read stopped short of the topic's last seq (a bound cut it).
+    pub fn next(&self) -> Option<u64> {
+        let last = self.messages.last()?.0;
+        (self.complete && last < self.seq).then_some(last)
+    }
 }
 
 /// What a node does with what its engine hands it: implemented by the
@@ -394,14 +438,15 @@ pub trait Engine: fmt::Debug + Send + Sync + 'static {
     fn broadcast(&self, topic: &Topic, from: &str, message: &crate::Message);
 
     /// The topic's epoch and last seq, with the retained messages after
-    /// `since` (or the latest ones), at most `limit`. With `create`, a topic
-    /// without an epoch gets one (a subscriber will hold it); without, an
-    /// unknown topic reads as empty in epoch `""`.
+    /// `since` (or the latest `limit.messages`), the oldest of them within
+    /// `limit` (see [`ReadLimit`]). With `create`, a topic without an epoch
+    /// gets one (a subscriber will hold it); without, an unknown topic reads
+    /// as empty in epoch `""`.
     fn read<'a>(
         &'a self,
         topic: &'a Topic,
         since: Option<&'a Since>,
-        limit: usize,
+        limit: ReadLimit,
         create: bool,
     ) -> Pending<'a, History>;
 

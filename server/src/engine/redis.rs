@@ -53,7 +53,9 @@ use redis::{aio::ConnectionManager, AsyncCommands, Client, Script};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{AckTo, Delivered, Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication};
+use super::{
+    AckTo, Delivered, Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication, ReadLimit,
+};
 use crate::{config::ServerConfig, message::Message};
 
 /// Channels carrying the topics between nodes.
@@ -118,7 +120,7 @@ return seq
 
 /// A topic's position and the history after `since` (or the latest).
 /// KEYS: meta, history. ARGV: since epoch ('' for none), since seq, limit,
-/// create ('1'/'0'), epoch if new, now (ms), ttl (ms).
+/// create ('1'/'0'), epoch if new, now (ms), ttl (ms), max bytes.
 /// Returns {epoch, top seq, complete (0/1), seq of the first entry, entries}.
 const READ: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -148,9 +150,28 @@ while len > 0 do
 end
 local first = top - len + 1
 local limit = tonumber(ARGV[3])
+local max_bytes = tonumber(ARGV[8])
+-- Entries from index `from`, at most `limit` and `max_bytes` of them (always
+-- one, so a reader paging through moves on), read a few at a time: a large
+-- history never crosses to the client, or sits in a reply, whole.
+local function window(from, to)
+  local out, bytes = {}, 0
+  while from <= to do
+    local chunk = redis.call('LRANGE', KEYS[2], from, math.min(from + 31, to))
+    for _, entry in ipairs(chunk) do
+      if #out > 0 and bytes + #entry > max_bytes then
+        return out
+      end
+      bytes = bytes + #entry
+      out[#out + 1] = entry
+    end
+    from = from + 32
+  end
+  return out
+end
 if ARGV[1] == '' then
   local from = math.max(0, len - limit)
-  return {epoch, top, 1, first + from, redis.call('LRANGE', KEYS[2], from, len - 1)}
+  return {epoch, top, 1, first + from, window(from, len - 1)}
 end
 local since = tonumber(ARGV[2])
 if ARGV[1] ~= epoch or since > top or since < first - 1 then
@@ -158,7 +179,7 @@ if ARGV[1] ~= epoch or since > top or since < first - 1 then
 end
 local from = since + 1 - first
 local to = math.min(from + limit - 1, len - 1)
-return {epoch, top, 1, since + 1, redis.call('LRANGE', KEYS[2], from, to)}
+return {epoch, top, 1, since + 1, window(from, to)}
 "#;
 
 /// A node's peers in a topic: HSET with expiry, or HDEL; then PUBLISH the
@@ -450,7 +471,7 @@ impl Shared {
         &self,
         topic: &Topic,
         since: Option<&Since>,
-        limit: usize,
+        limit: ReadLimit,
         create: bool,
     ) -> Result<Entries, EngineError> {
         let (epoch, seq, complete, first, entries): (String, u64, u8, u64, Vec<Bytes>) = self
@@ -460,16 +481,18 @@ impl Shared {
                     .key(history_key(topic))
                     .arg(since.map_or("", |s| &*s.epoch))
                     .arg(since.map_or(0, |s| s.seq))
-                    .arg(limit.max(1))
+                    .arg(limit.messages.max(1))
                     .arg(if create { "1" } else { "0" })
                     .arg(fresh_epoch())
                     .arg(now_ms())
                     .arg(self.history_ttl.as_millis() as u64)
+                    // Lua numbers are doubles: past 2^53 a bound means "no bound".
+                    .arg(limit.bytes.min(1 << 53))
                     .invoke_async(&mut conn)
                     .await
             })
             .await?;
-        let entries = if limit == 0 { Vec::new() } else { entries };
+        let entries = if limit.messages == 0 { Vec::new() } else { entries };
         Ok(Entries { epoch: epoch.into(), seq, complete: complete == 1, first, entries })
     }
 
@@ -477,7 +500,7 @@ impl Shared {
         &self,
         topic: &Topic,
         since: Option<&Since>,
-        limit: usize,
+        limit: ReadLimit,
         create: bool,
     ) -> Result<History, EngineError> {
         let Entries { epoch, seq, complete, first, entries } = self.read_entries(topic, since, limit, create).await?;
@@ -513,7 +536,7 @@ impl Shared {
     /// subscribers are reset to the new epoch: at its start when all of it
     /// is retained, so they miss nothing of it, else at its last seq.
     async fn catch_up(&self, node: &Node, topic: &Topic, epoch: &Arc<str>, after: u64) {
-        let all = usize::MAX >> 1;
+        let all = ReadLimit::ALL;
         let since = Since { epoch: epoch.to_string(), seq: after };
         let mut read = match self.read_entries(topic, Some(&since), all, true).await {
             Ok(read) => read,
@@ -834,7 +857,7 @@ impl Engine for RedisEngine {
         &'a self,
         topic: &'a Topic,
         since: Option<&'a Since>,
-        limit: usize,
+        limit: ReadLimit,
         create: bool,
     ) -> Pending<'a, History> {
         Pending::later(self.shared.read(topic, since, limit, create))

@@ -19,7 +19,7 @@ use tokio::{task::AbortHandle, time::Instant};
 
 use crate::{
     config::ServerConfig,
-    engine::{EngineError, History, Pending},
+    engine::{EngineError, History, Pending, ReadLimit},
     hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest},
     limits::TokenBucket,
     message::Message,
@@ -188,6 +188,7 @@ impl PubSub {
                     );
                 }
                 let limit = limit.map_or(MAX_HISTORY_LIMIT, |l| (l as usize).min(MAX_HISTORY_LIMIT));
+                let limit = ReadLimit { messages: limit, bytes: usize::MAX };
                 match peer.history(&topic, since.as_ref(), limit).await {
                     Err(e) => {
                         let code = engine_code(&e);
