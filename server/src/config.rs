@@ -59,14 +59,19 @@ pub struct ServerConfig {
     /// messages are evicted first (a `since` they no longer reach gets
     /// `recovered:false`). Default 64 MiB.
     pub history_memory_bytes: usize,
+    /// Payload bytes one `history` answer carries at most (never more than
+    /// the asker's queue has room for, and always at least one message); an
+    /// answer that stops short says where to ask from next. Default 1 MiB.
+    pub max_history_answer_bytes: usize,
     /// Topics that may exist at once, server-wide; at the cap an idle topic
     /// is forgotten to make room, and only when none is idle is a new one
     /// refused (`topic_limit`). Default 100 000.
     pub max_topics: usize,
     /// Entries a presence list holds at most (in peer-id order). Default 1000.
     pub max_presence_list: usize,
-    /// Subscribe, unsubscribe and presence requests per second one peer may
-    /// make, sustained (past them: `rate_limited`). Default 50.
+    /// Subscribe, unsubscribe, presence, history and refresh requests per
+    /// second one peer may make, sustained, one budget for all (past them:
+    /// `rate_limited`). Default 50.
     pub subscribe_rate: u32,
     /// Those requests one peer may make in a burst. Default 200: a client
     /// resubscribing its topics on reconnect fits.
@@ -149,6 +154,7 @@ impl Default for ServerConfig {
             history_size: 8192,
             history_ttl: Duration::from_secs(300),
             history_memory_bytes: 64 * 1024 * 1024,
+            max_history_answer_bytes: 1024 * 1024,
             max_topics: 100_000,
             max_presence_list: 1000,
             subscribe_rate: 50,
@@ -219,6 +225,7 @@ impl ServerConfig {
             ("publish_burst", self.publish_burst == 0),
             ("subscribe_burst", self.subscribe_burst == 0),
             ("max_topics", self.max_topics == 0),
+            ("max_history_answer_bytes", self.max_history_answer_bytes == 0),
             ("presence_ttl", self.presence_ttl.is_zero()),
         ] {
             if zero {
@@ -303,16 +310,19 @@ pub struct Args {
     /// Bytes of history retained server-wide (the oldest go first past it).
     #[arg(long, env = "CROSSWIRE_HISTORY_MEMORY_BYTES", default_value_t = d().history_memory_bytes)]
     pub history_memory_bytes: usize,
+    /// Bytes one `history` answer carries at most (the rest is paged).
+    #[arg(long, env = "CROSSWIRE_MAX_HISTORY_ANSWER_BYTES", default_value_t = d().max_history_answer_bytes)]
+    pub max_history_answer_bytes: usize,
     /// Topics that may exist at once, server-wide.
     #[arg(long, env = "CROSSWIRE_MAX_TOPICS", default_value_t = d().max_topics)]
     pub max_topics: usize,
     /// Entries a presence list holds at most.
     #[arg(long, env = "CROSSWIRE_MAX_PRESENCE_LIST", default_value_t = d().max_presence_list)]
     pub max_presence_list: usize,
-    /// Sustained subscribe/unsubscribe/presence requests per second per peer.
+    /// Sustained subscribe/unsubscribe/presence/history/refresh requests per second per peer.
     #[arg(long, env = "CROSSWIRE_SUBSCRIBE_RATE", default_value_t = d().subscribe_rate)]
     pub subscribe_rate: u32,
-    /// Burst of subscribe/unsubscribe/presence requests per peer.
+    /// Burst of subscribe/unsubscribe/presence/history/refresh requests per peer.
     #[arg(long, env = "CROSSWIRE_SUBSCRIBE_BURST", default_value_t = d().subscribe_burst)]
     pub subscribe_burst: u32,
     /// HS256 secret for JWT authentication (at least 16 bytes); unset means no auth.
@@ -403,6 +413,7 @@ impl Args {
             history_size: self.history_size,
             history_ttl: Duration::from_secs(self.history_ttl_secs),
             history_memory_bytes: self.history_memory_bytes,
+            max_history_answer_bytes: self.max_history_answer_bytes,
             max_topics: self.max_topics,
             max_presence_list: self.max_presence_list,
             subscribe_rate: self.subscribe_rate,
