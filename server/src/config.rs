@@ -31,17 +31,21 @@ pub struct ServerConfig {
     /// burst the publish limits allow must fit, so that only a peer that is
     /// really behind is cut. Kept below `history_size`, so that a slow
     /// consumer's lag stays recoverable. Answers and recovery replays do not
-    /// count against it.
+    /// count against it (they count in `max_queue_bytes`).
     pub outbound_queue: usize,
-    /// Live payload bytes that may wait in one peer's outbound queue (counted
-    /// as `outbound_queue` counts frames); past them the peer is closed with
-    /// 1013. Default 4 MiB (Bun's backpressure
+    /// Payload bytes that may wait in one peer's outbound queue (counted as
+    /// `outbound_queue` counts frames), live traffic and answers together: a
+    /// live push past them closes the peer with 1013 (an answer is never
+    /// refused; a peer whose answers back up is not read until they drain).
+    /// Default 4 MiB (Bun's backpressure
     /// limit is 16 MiB): a peer is slow when its backlog is large, not when a
     /// burst sits in its queue for a millisecond.
     pub max_queue_bytes: usize,
-    /// Live bytes queued across every peer; a push that would pass it cuts
-    /// its peer as a slow consumer (1013). Counted per queue, so a frame
-    /// queued for many peers counts for each. Default 1 GiB.
+    /// Bytes queued across every peer, answers included; a live push that
+    /// would pass it cuts its peer as a slow consumer (1013), an answer takes
+    /// its credit anyway (each peer's answers are bounded by its turn: about
+    /// 64 KiB and one answer). Counted per queue, so a frame queued for many
+    /// peers counts for each. Default 1 GiB.
     pub max_total_queue_bytes: usize,
     /// A connection (WebSocket or plain HTTP) whose socket accepts no bytes
     /// for this long while the server has something to write is dropped,

@@ -91,8 +91,7 @@ async fn a_ping_flood_that_does_not_read_holds_the_answer_limit() {
     });
     let bound = ANSWER_LIMIT + 64;
     // The server fills the socket with pongs, then stops reading.
-    let max =
-        sample_until(&handle, &peer, bound, "the pongs back up", |h| answers(h, &peer) >= ANSWER_LIMIT).await;
+    let max = sample_until(&handle, &peer, bound, "the pongs back up", |h| answers(h, &peer) >= ANSWER_LIMIT).await;
     assert!(max >= ANSWER_LIMIT);
     // And stays there, however much more the client has written.
     for _ in 0..200 {
