@@ -267,7 +267,15 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
                 Event::Deadline => break,
                 // Handed to the hooks at the top of the loop.
                 Event::Read | Event::Resumed => {}
-                Event::Written(result) => write.after_batch(result, &mut rx.frames),
+                Event::Written(result) => {
+                    write.after_batch(result, &mut rx.frames);
+                    if write.exit.is_some() {
+                        // Nothing more will be written: a hook waiting for the
+                        // peer's answers to drain (a replay's next page) must
+                        // not wait for ever, and nothing more is queued.
+                        peer.outbox().close_now(close_code::GOING_AWAY, "connection closed");
+                    }
+                }
             }
         }
 

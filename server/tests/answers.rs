@@ -175,6 +175,31 @@ async fn a_resubscribe_flood_holds_one_page_of_one_replay() {
     running.abort();
 }
 
+/// A replay to a peer that never reads: the write timeout drops it even
+/// while its replay waits for the socket, and everything it held goes back.
+#[tokio::test]
+async fn a_replay_to_a_peer_that_never_reads_ends_with_the_write_timeout() {
+    let config = ServerConfig { write_timeout: Duration::from_millis(500), ..config() };
+    let server = start_pubsub(config).await;
+    let handle = server.handle();
+    let addr = server.local_addr();
+    let running = tokio::spawn(server.run_until(std::future::pending()));
+    let mut publisher = Client::connect(addr).await;
+    publisher.subscribe("big").await;
+    flood(&mut publisher, "big", 70, 60_000).await;
+    let ServerFrame::Subscribed { epoch, .. } = publisher.subscribe("big").await else { unreachable!() };
+
+    let mut client = connect_small_buffer(addr).await;
+    let peer = client.peer.clone();
+    client.send(json!({"type": "subscribe", "topic": "big", "since": {"epoch": epoch, "seq": 0}})).await;
+    wait_until("the replay backs up", || answers(&handle, &peer) >= ANSWER_LIMIT).await;
+    wait_until("the stalled peer is dropped", || handle.peers().iter().all(|p| p.id != peer)).await;
+    publisher.assert_quiet().await;
+    wait_until("its credit is given back", || handle.queued_bytes() == 0).await;
+    drop(client);
+    running.abort();
+}
+
 /// `history` on a topic of 100 × 60 KB, reading promptly: the asker is
 /// never cut, each answer is within `--max-history-answer-bytes` and says
 /// where the rest follows, and following `next` gives all 100 once, in order.
