@@ -1148,6 +1148,92 @@ mod tests {
         assert!(!join(&topics, &t, "u", sub(16).0, Some(&wrong)).await.recovered);
     }
 
+    async fn publish_big(topics: &Topics, t: &Topic, n: u64) -> u64 {
+        let data = RawValue::from_string(format!(r#"["{}",{n}]"#, "x".repeat(100_000))).unwrap();
+        topics.publish(t, Publication { from: "x", data: &data, ack: None, at: Instant::now() }).await.unwrap()
+    }
+
+    /// What the write loop does while a replay waits: takes what is queued,
+    /// writes it, and comes back (which settles it); until `done`.
+    async fn write_until(rx: &mut OutboxReceiver, done: impl Fn() -> bool) -> Vec<Vec<String>> {
+        let mut batches = Vec::new();
+        while !done() {
+            let batch = texts(rx);
+            if !batch.is_empty() {
+                batches.push(batch);
+            }
+            tokio::task::yield_now().await;
+        }
+        batches.push(texts(rx));
+        batches
+    }
+
+    /// A replay longer than a page is queued a page at a time, each once
+    /// the last is taken; what is published meanwhile follows the last page.
+    #[tokio::test]
+    async fn a_long_replay_goes_a_page_at_a_time_and_live_messages_follow_it() {
+        let topics = topics(100);
+        let t = topic("t");
+        let epoch = join(&topics, &t, "probe", sub(16).0, None).await.epoch;
+        for n in 1..=10 {
+            publish_big(&topics, &t, n).await;
+        }
+        let (s, mut rx) = sub(1 << 10);
+        let since = Since { epoch: epoch.to_string(), seq: 0 };
+        let replaying = tokio::spawn({
+            let topics = Arc::clone(&topics);
+            let t = t.clone();
+            async move { join(&topics, &t, "p", s, Some(&since)).await }
+        });
+        // The first page is queued, and the replay waits for it to be taken.
+        while rx.frames.try_recv().is_none() && !replaying.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!replaying.is_finished(), "the next page waits for the first to be written");
+        let mut first = 1 + texts(&mut rx).len();
+        assert!(first * 100_000 <= REPLAY_PAGE, "{first} messages in the first page");
+        publish_big(&topics, &t, 11).await;
+        let batches = write_until(&mut rx, || replaying.is_finished()).await;
+        assert!(replaying.await.unwrap().recovered);
+        let rest: Vec<String> = batches.into_iter().flatten().collect();
+        first += seqs(&rest).len();
+        assert_eq!(first, 11);
+        let order: Vec<u64> = seqs(&rest).into_iter().map(|(_, s)| s).collect();
+        assert_eq!(order, ((11 - order.len() as u64 + 1)..=11).collect::<Vec<_>>(), "in order, the live one last");
+    }
+
+    /// A later page that no longer reaches (the history moved on meanwhile)
+    /// cannot complete the replay: the peer is closed, never given a gap.
+    #[tokio::test]
+    async fn a_replay_whose_history_is_lost_meanwhile_closes_the_peer() {
+        let topics = topics(5);
+        let t = topic("t");
+        let epoch = join(&topics, &t, "probe", sub(16).0, None).await.epoch;
+        for n in 1..=5 {
+            publish_big(&topics, &t, n).await;
+        }
+        let (s, mut rx) = sub(1 << 10);
+        let since = Since { epoch: epoch.to_string(), seq: 0 };
+        let replaying = tokio::spawn({
+            let topics = Arc::clone(&topics);
+            let t = t.clone();
+            async move { join(&topics, &t, "p", s, Some(&since)).await }
+        });
+        let mut taken = std::collections::VecDeque::new();
+        while rx.frames.take(&mut taken, usize::MAX) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for n in 6..=10 {
+            publish_big(&topics, &t, n).await;
+        }
+        write_until(&mut rx, || replaying.is_finished()).await;
+        replaying.await.unwrap();
+        assert_eq!(rx.closing().map(|c| u16::from(c.frame.code)), Some(crosswire_shared::close_code::SLOW_CONSUMER));
+    }
+
     #[tokio::test]
     async fn deliveries_while_the_history_is_read_follow_the_replay_once() {
         // What a broker's delay looks like: the registry is handed seq 2 and
