@@ -28,17 +28,22 @@
 //! peer run one at a time, in order.
 //!
 //! Reading also pauses while the peer's answers back up: once the answers
-//! queued for it and not yet written reach [`crate::outbox::ANSWER_LIMIT`], the connection
-//! neither reads its socket nor hands what it already read to the hooks,
-//! until the write side has written them below it (the write side settles
-//! them in the same poll, and the loop looks again right after: no wake-up
-//! to lose). A peer that asks without reading holds that much and its
-//! socket buffers, not a queue as long as its asking; a peer that reads
-//! slowly is read slowly; one that does not read at all is dropped by the
-//! write timeout, and one paused for two heartbeats by the heartbeat. Every step's progress is kept in plain
-//! fields (the batch and its offset, the reader's state), never in a future
-//! dropped at the next event: a write interrupted by a close request resumes
-//! where the socket stopped taking bytes.
+//! queued for it and not yet written reach
+//! [`ANSWER_LIMIT`](crate::outbox::ANSWER_LIMIT), the connection neither
+//! reads its socket nor hands what it already read to the hooks, until the
+//! write side has written them below it (the write side settles them in the
+//! same poll, and the loop looks again right after: no wake-up to lose). A
+//! peer that asks without reading holds that much and its socket buffers,
+//! not a queue as long as its asking; a peer that reads slowly is read
+//! slowly; one that does not read at all is dropped by the write timeout,
+//! and one paused for two heartbeats by the heartbeat. Once the write side
+//! has ended, the queue is closed, so that a hook waiting for it to drain
+//! (a replay's next page) ends too.
+//!
+//! Every step's progress is kept in plain fields (the batch and its offset,
+//! the reader's state), never in a future dropped at the next event: a
+//! write interrupted by a close request resumes where the socket stopped
+//! taking bytes.
 //!
 //! A socket that takes no byte for the write timeout fails its write with
 //! `TimedOut` (the standalone listener wraps every connection in
