@@ -24,7 +24,7 @@
 //! the bounds cuts the peer (below). An answer is never refused for its
 //! size; instead, once a peer's answers queued and unwritten reach
 //! [`ANSWER_LIMIT`], its connection stops reading it and stops handing its
-//! messages to the hooks until they drain ([`Outbox::answers_full`],
+//! messages to the hooks until they drain ([`OutboxReceiver::answers_full`],
 //! [`Outbox::drained`]): a peer that asks faster than it reads is slowed
 //! down, and holds about that limit plus one answer (a hook's worth: what
 //! one request causes), not a queue as long as its asking.
