@@ -295,3 +295,28 @@ async fn a_history_flood_is_rate_limited_and_bounded() {
     drop(writer.await.unwrap());
     running.abort();
 }
+
+/// `refresh` (a token's verification) takes from the churn budget, as
+/// `history` does; `ping` takes from none (its answer is all it costs, and
+/// answers are bounded by the peer's turn).
+#[tokio::test]
+async fn refresh_is_rate_limited_and_ping_is_not() {
+    let config = ServerConfig { subscribe_rate: 0, subscribe_burst: 2, ..config() };
+    let (server, _handle) = server(config).await;
+    let addr = server.local_addr();
+    let running = tokio::spawn(server.run_until(std::future::pending()));
+    let mut client = Client::connect(addr).await;
+    for id in 1..=3 {
+        client.send(json!({"type": "refresh", "token": "t.k.n", "id": id})).await;
+    }
+    assert!(matches!(client.recv().await, ServerFrame::Refreshed { id: Some(1), .. }));
+    assert!(matches!(client.recv().await, ServerFrame::Refreshed { id: Some(2), .. }));
+    match client.recv().await {
+        ServerFrame::Error { code: ErrorCode::RateLimited, id: Some(3), .. } => {}
+        other => panic!("expected rate_limited for request 3, got {other:?}"),
+    }
+    for id in 1..=500 {
+        client.ping(id).await;
+    }
+    running.abort();
+}
