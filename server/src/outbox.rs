@@ -439,7 +439,10 @@ impl State {
     fn take(&mut self, into: &mut VecDeque<Queued>, max: usize, budget: &QueueBudget) -> usize {
         self.live_frames -= std::mem::take(&mut self.taken_frames);
         self.bytes -= std::mem::take(&mut self.taken_bytes);
-        self.answer_bytes -= std::mem::take(&mut self.taken_answers);
+        let answers = std::mem::take(&mut self.taken_answers);
+        if answers > 0 {
+            self.answer_bytes -= answers;
+        }
         let n = self.frames.len().min(max);
         if n > 0 && n == self.frames.len() && into.is_empty() {
             // The usual case: all of it. The two deques trade places, so no
@@ -472,7 +475,7 @@ impl State {
 
     /// Whether the last take handed out anything counted, not yet settled.
     fn is_unsettled(&self) -> bool {
-        self.taken_frames > 0 || self.taken_bytes > 0
+        (self.taken_frames | self.taken_bytes) != 0
     }
 
     /// Drops everything queued and gives back its credit.
@@ -506,7 +509,7 @@ impl Shared {
         if st.frames.is_empty() {
             self.has_frames.store(false, Ordering::Release);
         }
-        if st.answers_drained() {
+        if st.answers_full && st.answers_drained() {
             self.wake_drained();
         }
         n
@@ -520,6 +523,8 @@ impl Shared {
         }
     }
 
+    #[cold]
+    #[inline(never)]
     fn wake_drained(&self) {
         self.answers_full.store(false, Ordering::Release);
         self.drained.wake();
