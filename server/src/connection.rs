@@ -216,7 +216,7 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
             // until they drain (see the module documentation). Only while
             // the write side takes the queue: once closing, what is read is
             // not acted on anyway, and the peer's close must be heard.
-            let paused = write.is_open() && rx.answers_full();
+            let paused = rx.answers_full() && write.is_open();
             if hook.is_none() {
                 // Between hooks: what ended the write side, then what was read,
                 // one hook at a time and in order.
