@@ -218,7 +218,14 @@ impl Crosswire {
     /// (the oldest `limit` of them), or the latest `limit` without `since`.
     /// Needs the subscribe permission; fails with `history_unavailable` when
     /// the server's history no longer reaches back to `since`. Asked (again)
-    /// once connected; resolves within [`ClientConfig::ack_timeout_ms`].
+    /// once connected. The server answers a large window in pages (each
+    /// within its `--max-history-answer-bytes`, saying where the rest
+    /// follows); this asks for page after page and resolves with all of
+    /// them once it has `limit` messages or the server has no more, or fails
+    /// if a page does not come within [`ClientConfig::ack_timeout_ms`] or
+    /// the history no longer reaches back to where the next page starts.
+    /// Without `limit`, that is every message the server retains after
+    /// where the first page started.
     pub fn history(&self, topic: &Topic, since: Option<Since>, limit: Option<u32>) -> HistoryFuture {
         let id = self.inner.session.borrow_mut().next_id();
         let (tx, rx) = ack::channel();

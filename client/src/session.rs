@@ -147,12 +147,29 @@ struct Inflight {
 
 struct HistoryRequest {
     topic: Topic,
+    /// Where the next page starts: what the app asked for, then the `next`
+    /// of the last page answered.
     since: Option<Since>,
+    /// The messages the app asked for (`None`: as many as the server
+    /// gives); each page asks for what is still missing.
     limit: Option<u32>,
+    /// The pages answered so far, in order.
+    collected: Vec<TopicMessage>,
+    /// When the request fails unanswered: renewed by each page.
     deadline: Millis,
     /// Sent on the current connection; otherwise sent once welcomed (asking
     /// twice is harmless, so a request lost with a connection is asked again).
     sent: bool,
+}
+
+/// One `history` frame, as [`Session::on_history`] takes it.
+struct HistoryPage {
+    topic: Topic,
+    id: Option<u64>,
+    epoch: String,
+    seq: u64,
+    messages: Vec<HistoryMessage>,
+    next: Option<u64>,
 }
 
 struct TopicEntry {
@@ -445,7 +462,8 @@ impl Session {
             }
             Input::History { id, topic, since, limit } => {
                 let deadline = now + self.config.ack_timeout_ms;
-                self.history.insert(id, HistoryRequest { topic, since, limit, deadline, sent: false });
+                let collected = Vec::new();
+                self.history.insert(id, HistoryRequest { topic, since, limit, collected, deadline, sent: false });
                 match &self.ended {
                     Some(error) => {
                         let error = error.clone();
@@ -859,8 +877,9 @@ impl Session {
         for id in unsent {
             let Some(h) = self.history.get_mut(&id) else { continue };
             h.sent = true;
-            let frame =
-                ClientFrame::History { topic: h.topic.clone(), since: h.since.clone(), limit: h.limit, id: Some(id) };
+            let got = u32::try_from(h.collected.len()).unwrap_or(u32::MAX);
+            let limit = h.limit.map(|limit| limit.saturating_sub(got));
+            let frame = ClientFrame::History { topic: h.topic.clone(), since: h.since.clone(), limit, id: Some(id) };
             self.send(&frame);
         }
     }
@@ -900,8 +919,8 @@ impl Session {
             ServerFrame::Ack { ack, seq } => self.on_ack(ack, seq),
             ServerFrame::Pong { id } => self.on_pong(id),
             ServerFrame::Refreshed { id, exp } => self.on_refreshed(id, exp, now),
-            ServerFrame::History { topic, id, epoch, seq, messages } => {
-                self.on_history(topic, id, epoch, seq, messages)
+            ServerFrame::History { topic, id, epoch, seq, messages, next } => {
+                self.on_history(HistoryPage { topic, id, epoch, seq, messages, next }, now)
             }
             ServerFrame::Error { code, message, ack, topic, id } => self.on_error(code, message, topic, ack, id),
             ServerFrame::Presence { topic, peers, .. } => self.on_presence(topic, peers),
@@ -983,13 +1002,28 @@ impl Session {
         }
     }
 
-    fn on_history(&mut self, topic: Topic, id: Option<u64>, epoch: String, seq: u64, messages: Vec<HistoryMessage>) {
+    /// A page of a `history` answer: the next page is asked for while the
+    /// server says more is retained (`next`) and the app wants more, and
+    /// the app gets all of them as one [`History`].
+    fn on_history(&mut self, page: HistoryPage, now: Millis) {
+        let HistoryPage { topic, id, epoch, seq, messages, next } = page;
         let Some(id) = id else { return };
-        if self.history.remove(&id).is_none() {
+        let Some(request) = self.history.get_mut(&id) else { return };
+        request
+            .collected
+            .extend(messages.into_iter().map(|m| TopicMessage::new(topic.clone(), m.seq, m.from, Rc::from(m.data))));
+        let got = u32::try_from(request.collected.len()).unwrap_or(u32::MAX);
+        let wants_more = request.limit.is_none_or(|limit| got < limit);
+        if let (Some(next), true) = (next, wants_more) {
+            request.since = Some(Since { epoch, seq: next });
+            request.deadline = now + self.config.ack_timeout_ms;
+            request.sent = false;
+            if self.is_ready() {
+                self.send_history();
+            }
             return;
         }
-        let messages =
-            messages.into_iter().map(|m| TopicMessage::new(topic.clone(), m.seq, m.from, Rc::from(m.data))).collect();
+        let messages = self.history.remove(&id).map(|r| r.collected).unwrap_or_default();
         self.notify(Event::History { id, result: Ok(History { topic, epoch, seq, messages }) });
     }
 

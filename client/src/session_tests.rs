@@ -1227,6 +1227,48 @@ fn history_requests_wait_for_the_connection_and_are_answered() {
     assert_eq!((page.messages[0].seq, page.messages[0].data.get()), (3, r#""x""#));
 }
 
+/// A large history comes in pages: each `next` is asked for, with what is
+/// still missing, until the limit is reached or the server has no more; the
+/// app gets one answer, every page in order. Each page renews the deadline.
+#[test]
+fn history_pages_are_followed_until_the_limit_or_the_end() {
+    let mut h = Harness::default();
+    h.open("p1");
+    let id = h.s.next_id();
+    let cmds = h.input(Input::History { id, topic: t("a"), since: None, limit: Some(5) });
+    assert_eq!(sent(&cmds), vec![format!(r#"{{"type":"history","topic":"a","limit":5,"id":{id}}}"#)]);
+    let page = |seqs: &[u64], next: Option<u64>| {
+        let messages: Vec<String> = seqs.iter().map(|s| format!(r#"{{"seq":{s},"from":"p9","data":{s}}}"#)).collect();
+        let next = next.map(|n| format!(r#","next":{n}"#)).unwrap_or_default();
+        format!(
+            r#"{{"type":"history","topic":"a","id":{id},"epoch":"E","seq":9,"messages":[{}]{next}}}"#,
+            messages.join(",")
+        )
+    };
+    // 10 s into a 15 s timeout: the next page gets 15 s of its own.
+    let cmds = h.at(h.now + 10_000, Input::Frame(page(&[5, 6], Some(6))));
+    assert!(histories(&cmds).is_empty(), "not all of it yet");
+    let ask = format!(r#"{{"type":"history","topic":"a","since":{{"epoch":"E","seq":6}},"limit":3,"id":{id}}}"#);
+    assert_eq!(sent(&cmds), vec![ask]);
+    assert!(histories(&h.at(h.now + 10_000, Input::Tick)).is_empty(), "the deadline moved");
+    let cmds = h.frame(&page(&[7], Some(7)));
+    assert!(sent(&cmds)[0].contains(r#""seq":7},"limit":2"#), "{cmds:?}");
+    let cmds = h.frame(&page(&[8, 9], None));
+    let [(got, Ok(all))] = &histories(&cmds)[..] else { panic!("{cmds:?}") };
+    assert_eq!(*got, id);
+    assert_eq!(all.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [5, 6, 7, 8, 9]);
+    assert!(sent(&cmds).is_empty());
+
+    // With its limit reached, a `next` is not followed.
+    let id = h.s.next_id();
+    h.input(Input::History { id, topic: t("a"), since: None, limit: Some(1) });
+    let cmds = h.frame(&format!(
+        r#"{{"type":"history","topic":"a","id":{id},"epoch":"E","seq":9,"messages":[{{"seq":9,"from":"p","data":1}}],"next":9}}"#
+    ));
+    assert_eq!(histories(&cmds).len(), 1);
+    assert!(sent(&cmds).is_empty());
+}
+
 #[test]
 fn history_errors_timeouts_and_final_closes_end_the_request() {
     let mut h = Harness::default();

@@ -31,17 +31,21 @@ pub struct ServerConfig {
     /// burst the publish limits allow must fit, so that only a peer that is
     /// really behind is cut. Kept below `history_size`, so that a slow
     /// consumer's lag stays recoverable. Answers and recovery replays do not
-    /// count against it.
+    /// count against it (they count in `max_queue_bytes`).
     pub outbound_queue: usize,
-    /// Live payload bytes that may wait in one peer's outbound queue (counted
-    /// as `outbound_queue` counts frames); past them the peer is closed with
-    /// 1013. Default 4 MiB (Bun's backpressure
+    /// Payload bytes that may wait in one peer's outbound queue (counted as
+    /// `outbound_queue` counts frames), live traffic and answers together: a
+    /// live push past them closes the peer with 1013 (an answer is never
+    /// refused; a peer whose answers back up is not read until they drain).
+    /// Default 4 MiB (Bun's backpressure
     /// limit is 16 MiB): a peer is slow when its backlog is large, not when a
     /// burst sits in its queue for a millisecond.
     pub max_queue_bytes: usize,
-    /// Live bytes queued across every peer; a push that would pass it cuts
-    /// its peer as a slow consumer (1013). Counted per queue, so a frame
-    /// queued for many peers counts for each. Default 1 GiB.
+    /// Bytes queued across every peer, answers included; a live push that
+    /// would pass it cuts its peer as a slow consumer (1013), an answer takes
+    /// its credit anyway (each peer's answers are bounded by its turn: about
+    /// 64 KiB and one answer). Counted per queue, so a frame queued for many
+    /// peers counts for each. Default 1 GiB.
     pub max_total_queue_bytes: usize,
     /// A connection (WebSocket or plain HTTP) whose socket accepts no bytes
     /// for this long while the server has something to write is dropped,
@@ -59,14 +63,19 @@ pub struct ServerConfig {
     /// messages are evicted first (a `since` they no longer reach gets
     /// `recovered:false`). Default 64 MiB.
     pub history_memory_bytes: usize,
+    /// Payload bytes one `history` answer carries at most (never more than
+    /// the asker's queue has room for, and always at least one message); an
+    /// answer that stops short says where to ask from next. Default 1 MiB.
+    pub max_history_answer_bytes: usize,
     /// Topics that may exist at once, server-wide; at the cap an idle topic
     /// is forgotten to make room, and only when none is idle is a new one
     /// refused (`topic_limit`). Default 100 000.
     pub max_topics: usize,
     /// Entries a presence list holds at most (in peer-id order). Default 1000.
     pub max_presence_list: usize,
-    /// Subscribe, unsubscribe and presence requests per second one peer may
-    /// make, sustained (past them: `rate_limited`). Default 50.
+    /// Subscribe, unsubscribe, presence, history and refresh requests per
+    /// second one peer may make, sustained, one budget for all (past them:
+    /// `rate_limited`). Default 50.
     pub subscribe_rate: u32,
     /// Those requests one peer may make in a burst. Default 200: a client
     /// resubscribing its topics on reconnect fits.
@@ -149,6 +158,7 @@ impl Default for ServerConfig {
             history_size: 8192,
             history_ttl: Duration::from_secs(300),
             history_memory_bytes: 64 * 1024 * 1024,
+            max_history_answer_bytes: 1024 * 1024,
             max_topics: 100_000,
             max_presence_list: 1000,
             subscribe_rate: 50,
@@ -219,6 +229,7 @@ impl ServerConfig {
             ("publish_burst", self.publish_burst == 0),
             ("subscribe_burst", self.subscribe_burst == 0),
             ("max_topics", self.max_topics == 0),
+            ("max_history_answer_bytes", self.max_history_answer_bytes == 0),
             ("presence_ttl", self.presence_ttl.is_zero()),
         ] {
             if zero {
@@ -303,16 +314,19 @@ pub struct Args {
     /// Bytes of history retained server-wide (the oldest go first past it).
     #[arg(long, env = "CROSSWIRE_HISTORY_MEMORY_BYTES", default_value_t = d().history_memory_bytes)]
     pub history_memory_bytes: usize,
+    /// Bytes one `history` answer carries at most (the rest is paged).
+    #[arg(long, env = "CROSSWIRE_MAX_HISTORY_ANSWER_BYTES", default_value_t = d().max_history_answer_bytes)]
+    pub max_history_answer_bytes: usize,
     /// Topics that may exist at once, server-wide.
     #[arg(long, env = "CROSSWIRE_MAX_TOPICS", default_value_t = d().max_topics)]
     pub max_topics: usize,
     /// Entries a presence list holds at most.
     #[arg(long, env = "CROSSWIRE_MAX_PRESENCE_LIST", default_value_t = d().max_presence_list)]
     pub max_presence_list: usize,
-    /// Sustained subscribe/unsubscribe/presence requests per second per peer.
+    /// Sustained subscribe/unsubscribe/presence/history/refresh requests per second per peer.
     #[arg(long, env = "CROSSWIRE_SUBSCRIBE_RATE", default_value_t = d().subscribe_rate)]
     pub subscribe_rate: u32,
-    /// Burst of subscribe/unsubscribe/presence requests per peer.
+    /// Burst of subscribe/unsubscribe/presence/history/refresh requests per peer.
     #[arg(long, env = "CROSSWIRE_SUBSCRIBE_BURST", default_value_t = d().subscribe_burst)]
     pub subscribe_burst: u32,
     /// HS256 secret for JWT authentication (at least 16 bytes); unset means no auth.
@@ -403,6 +417,7 @@ impl Args {
             history_size: self.history_size,
             history_ttl: Duration::from_secs(self.history_ttl_secs),
             history_memory_bytes: self.history_memory_bytes,
+            max_history_answer_bytes: self.max_history_answer_bytes,
             max_topics: self.max_topics,
             max_presence_list: self.max_presence_list,
             subscribe_rate: self.subscribe_rate,

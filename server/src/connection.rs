@@ -25,10 +25,25 @@
 //! future is polled together with the write side (and the queue, the close
 //! requests, the heartbeat), so a slow `message` hook does not make its own
 //! peer a slow consumer. Reading pauses while a hook runs: hooks for one
-//! peer run one at a time, in order. Every step's progress is kept in plain
-//! fields (the batch and its offset, the reader's state), never in a future
-//! dropped at the next event: a write interrupted by a close request resumes
-//! where the socket stopped taking bytes.
+//! peer run one at a time, in order.
+//!
+//! Reading also pauses while the peer's answers back up: once the answers
+//! queued for it and not yet written reach
+//! [`ANSWER_LIMIT`](crate::outbox::ANSWER_LIMIT), the connection neither
+//! reads its socket nor hands what it already read to the hooks, until the
+//! write side has written them below it (the write side settles them in the
+//! same poll, and the loop looks again right after: no wake-up to lose). A
+//! peer that asks without reading holds that much and its socket buffers,
+//! not a queue as long as its asking; a peer that reads slowly is read
+//! slowly; one that does not read at all is dropped by the write timeout,
+//! and one paused for two heartbeats by the heartbeat. Once the write side
+//! has ended, the queue is closed, so that a hook waiting for it to drain
+//! (a replay's next page) ends too.
+//!
+//! Every step's progress is kept in plain fields (the batch and its offset,
+//! the reader's state), never in a future dropped at the next event: a
+//! write interrupted by a close request resumes where the socket stopped
+//! taking bytes.
 //!
 //! A socket that takes no byte for the write timeout fails its write with
 //! `TimedOut` (the standalone listener wraps every connection in
@@ -197,6 +212,11 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
         let mut hook: Option<HookFuture<'_>> = Some(Box::pin(hooks.open(peer)));
 
         loop {
+            // The peer's answers back up: nothing more is read or acted on
+            // until they drain (see the module documentation). Only while
+            // the write side takes the queue: once closing, what is read is
+            // not acted on anyway, and the peer's close must be heard.
+            let paused = rx.answers_full() && write.is_open();
             if hook.is_none() {
                 // Between hooks: what ended the write side, then what was read,
                 // one hook at a time and in order.
@@ -205,7 +225,7 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
                         break;
                     }
                 }
-                let next = if read.is_drained() { Next::Wait } else { run.next_hook(&mut read, &mut write) };
+                let next = if read.is_drained() || paused { Next::Wait } else { run.next_hook(&mut read, &mut write) };
                 match next {
                     Next::Hook(h) => hook = Some(h),
                     // Nothing more can come: the server's close is out and the
@@ -217,7 +237,7 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
             }
             let hook_running = hook.is_some();
             let open = write.is_open();
-            let reading = run.reading && !hook_running && read.is_drained();
+            let reading = run.reading && !hook_running && read.is_drained() && !paused;
             if let Some(deadline) = run.deadline {
                 if timer.deadline() != deadline {
                     timer.as_mut().reset(deadline);
@@ -228,7 +248,7 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
                 biased;
                 () = async { if let Some(h) = hook.as_mut() { h.await } }, if hook_running => Event::HookDone,
                 () = timer.as_mut(), if timed => if open { Event::Tick } else { Event::Deadline },
-                event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, &mut rx, reading)) => event,
+                event = poll_fn(|cx| poll_io(cx, &mut io, &mut read, &mut write, &mut rx, reading, paused)) => event,
             };
             match event {
                 Event::HookDone => hook = None,
@@ -250,8 +270,17 @@ pub(crate) fn serve<H: Hooks, G: Send + 'static>(
                     }
                 }
                 Event::Deadline => break,
-                Event::Read => {} // handed to the hooks at the top of the loop
-                Event::Written(result) => write.after_batch(result, &mut rx.frames),
+                // Handed to the hooks at the top of the loop.
+                Event::Read | Event::Resumed => {}
+                Event::Written(result) => {
+                    write.after_batch(result, &mut rx.frames);
+                    if write.exit.is_some() {
+                        // Nothing more will be written: a hook waiting for the
+                        // peer's answers to drain (a replay's next page) must
+                        // not wait for ever, and nothing more is queued.
+                        peer.outbox().close_now(close_code::GOING_AWAY, "connection closed");
+                    }
+                }
             }
         }
 
@@ -288,13 +317,17 @@ enum Event {
     Deadline,
     /// The reader has something for the hooks, or the reading ended.
     Read,
+    /// The peer's answers drained below the limit: reading goes on.
+    Resumed,
     /// A batch was written (or its write failed) that the loop acts on:
     /// one of the close, the pongs the reading waits for, or a pause.
     Written(io::Result<()>),
 }
 
 /// One poll of the socket, both ways: the queue into the socket, then (when
-/// the connection wants input) a read.
+/// the connection wants input) a read. `paused`: the loop found the peer's
+/// answers backed up; once the write side has drained them (in this very
+/// poll: it settles what it wrote), the loop is told.
 fn poll_io(
     cx: &mut Context<'_>,
     io: &mut Io,
@@ -302,9 +335,13 @@ fn poll_io(
     write: &mut WriteSide,
     rx: &mut OutboxReceiver,
     reading: bool,
+    paused: bool,
 ) -> Poll<Event> {
     if let Poll::Ready(event) = write.poll_send(cx, io, rx) {
         return Poll::Ready(event);
+    }
+    if paused && !rx.answers_full() {
+        return Poll::Ready(Event::Resumed);
     }
     if reading {
         if let Poll::Ready(()) = read.poll_read(cx, io) {

@@ -371,10 +371,17 @@ pub struct PeerInfo {
     pub topics: Vec<Topic>,
     /// Whether the server has started closing it (slow consumer, shutdown, …).
     pub closing: bool,
-    /// Live frames waiting in its outbound queue (answers and replays not counted).
+    /// Live frames waiting in its outbound queue (answers and replays not
+    /// counted): what the `outbound_queue` bound applies to.
     pub queued_frames: usize,
-    /// Their payload bytes: what the `max_queue_bytes` bound applies to.
+    /// Payload bytes waiting in its outbound queue (or taken and not yet
+    /// written), live traffic and answers together: what the
+    /// `max_queue_bytes` bound applies to.
     pub queued_bytes: usize,
+    /// The answers' part of `queued_bytes` (`subscribed`, `pong`, acks,
+    /// errors, `history`, replayed messages): past 64 KiB the server stops
+    /// reading the peer until they drain.
+    pub answer_bytes: usize,
 }
 
 impl ServerHandle {
@@ -421,6 +428,7 @@ impl ServerHandle {
                     closing: p.outbox.is_closing(),
                     queued_frames: backlog.frames,
                     queued_bytes: backlog.bytes,
+                    answer_bytes: p.outbox.answer_bytes(),
                 }
             })
             .collect();
@@ -440,8 +448,11 @@ impl ServerHandle {
         self.state.topics.len()
     }
 
-    /// Live bytes queued for peers now, server-wide, as the queues reserved
-    /// them (bounded by [`ServerConfig::max_total_queue_bytes`]).
+    /// Bytes queued for peers now (live traffic and answers), server-wide,
+    /// as the queues reserved them (bounded by
+    /// [`ServerConfig::max_total_queue_bytes`] for live traffic; answers
+    /// are never refused, so they may pass it by what each peer's answers
+    /// hold: 64 KiB and one answer).
     pub fn queued_bytes(&self) -> usize {
         self.state.queue_budget.reserved()
     }

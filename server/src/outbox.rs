@@ -18,6 +18,17 @@
 //! the lock for is a few instructions (a push, a swap of two deques), so a
 //! waiter yields rarely and briefly; it is never held across an `.await`.
 //!
+//! Every byte queued counts: live traffic, and the answers (`subscribed`,
+//! `pong`, acks, errors, `history`) and replayed messages a peer asked for.
+//! They differ in what happens when there are too many. A live push over
+//! the bounds cuts the peer (below). An answer is never refused for its
+//! size; instead, once a peer's answers queued and unwritten reach
+//! [`ANSWER_LIMIT`], its connection stops reading it and stops handing its
+//! messages to the hooks until they drain ([`OutboxReceiver::answers_full`],
+//! [`Outbox::drained`]): a peer that asks faster than it reads is slowed
+//! down, and holds about that limit plus one answer (a hook's worth: what
+//! one request causes), not a queue as long as its asking.
+//!
 //! The one rule recovery depends on: **once a push has been refused, the peer
 //! receives no further message frame.** A refused push closes the queue for
 //! good, drops what it still holds and asks for the close frame (1013) to go
@@ -56,21 +67,30 @@ pub enum SendError {
     Closed,
 }
 
-/// How much live traffic one queue may hold before its peer counts as slow.
+/// How much one queue may hold before its peer counts as slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Bounds {
     /// Live frames.
     pub(crate) frames: usize,
-    /// Live payload bytes.
+    /// Payload bytes, live and answers together: a live push that would
+    /// pass it cuts the peer.
     pub(crate) bytes: usize,
 }
 
-/// Live bytes queued across every peer of a server, as credit each queue
+/// Answer bytes (queued, or taken and not yet written) at which a peer's
+/// connection stops reading it, until they drain below: what a peer that
+/// asks without reading holds, plus the one answer that crossed it.
+pub(crate) const ANSWER_LIMIT: usize = 64 * 1024;
+
+/// Bytes queued across every peer of a server, as credit each queue
 /// reserves in chunks: the per-peer bound alone would let ten thousand
 /// backed-up peers hold ten thousand times it. A chunk at a time keeps the
 /// shared counter off the per-frame path. It counts what each queue holds,
 /// so a frame queued for many peers counts for each (it is stored once):
-/// the budget errs on the safe side.
+/// the budget errs on the safe side. Answers reserve from it too, but are
+/// never refused: past the limit they take their credit anyway, so the
+/// budget can be overshot by what peers' answers may hold each (about
+/// [`ANSWER_LIMIT`] plus one answer), while every live push is refused.
 #[derive(Debug)]
 pub(crate) struct QueueBudget {
     reserved: AtomicUsize,
@@ -85,7 +105,7 @@ impl QueueBudget {
         Arc::new(Self { reserved: AtomicUsize::new(0), limit })
     }
 
-    /// Bytes reserved by every queue now (at most the limit).
+    /// Bytes reserved by every queue now (at most the limit, but for answers).
     pub(crate) fn reserved(&self) -> usize {
         self.reserved.load(Ordering::Relaxed)
     }
@@ -94,6 +114,11 @@ impl QueueBudget {
         self.reserved
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |r| r.checked_add(bytes).filter(|&n| n <= self.limit))
             .is_ok()
+    }
+
+    /// Reserves `bytes` whatever the limit (for answers, which are never refused).
+    fn force(&self, bytes: usize) {
+        self.reserved.fetch_add(bytes, Ordering::AcqRel);
     }
 
     fn release(&self, bytes: usize) {
@@ -136,6 +161,13 @@ struct Shared {
     /// queue still empty at the cost of a load, not of the lock (a frame
     /// pushed after the load wakes it, as into any empty queue).
     has_frames: AtomicBool,
+    /// The answers queued and unwritten are at [`ANSWER_LIMIT`] or above
+    /// (what [`State::answers_full`] says, readable without the lock).
+    answers_full: AtomicBool,
+    /// Whoever waits for the answers to drain ([`Outbox::drained`]: a replay
+    /// about to queue its next page), woken when they go below the limit or
+    /// the queue closes.
+    drained: AtomicWaker,
     bounds: Bounds,
     budget: Arc<QueueBudget>,
     /// Live `Outbox` clones.
@@ -145,10 +177,13 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Queued>,
-    /// Frames and bytes of live traffic (not answers or replays) queued, or
-    /// taken by the write loop and not yet written: what the bounds hold.
+    /// Frames of live traffic, and payload bytes of everything (live and
+    /// answers), queued or taken by the write loop and not yet written:
+    /// what the bounds hold.
     live_frames: usize,
-    live_bytes: usize,
+    bytes: usize,
+    /// The answers' part of `bytes`.
+    answer_bytes: usize,
     /// The part of those the last take handed to the write loop. The loop
     /// takes again only once all of it is written, so the next take (or
     /// [`OutboxReceiver::poll_take`] finding nothing) settles it. Counting
@@ -156,6 +191,9 @@ struct State {
     /// without a peer that stops reading holding twice its bound.
     taken_frames: usize,
     taken_bytes: usize,
+    taken_answers: usize,
+    /// `answer_bytes` is at [`ANSWER_LIMIT`] or above.
+    answers_full: bool,
     /// Credit this queue holds from the server-wide budget (whole chunks).
     reserved: usize,
     /// Set by the first refused push, a close request or the write loop's
@@ -171,19 +209,20 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Queued {
     pub(crate) frame: Frame,
-    /// The payload bytes it counts for while queued (4 GiB at most; it is
+    /// The payload bytes it counts for while queued, live or answer (4 GiB at most; it is
     /// the same figure both ways), kept here so that taking a batch never
     /// reads the frames themselves: a backlog's frames are long out of the
     /// cache, and reading each one's header was 9% of a chat room's CPU.
     counted: u32,
     /// The live messages it counts for toward the bounds: one for a frame,
     /// more for a run of them (see [`Outbox::push_run`]), none for what is
-    /// not live traffic. A live frame with an empty payload still counts.
+    /// not live traffic (an answer counts its bytes only). A live frame with
+    /// an empty payload still counts.
     messages: u32,
 }
 
 /// The write loop's own frames (a ping, pongs, the close or its echo):
-/// never live traffic.
+/// counted nowhere (the connection bounds them itself).
 impl From<Frame> for Queued {
     fn from(frame: Frame) -> Self {
         Self { frame, counted: 0, messages: 0 }
@@ -214,6 +253,8 @@ impl Outbox {
             waker: AtomicWaker::new(),
             closing: AtomicBool::new(false),
             has_frames: AtomicBool::new(false),
+            answers_full: AtomicBool::new(false),
+            drained: AtomicWaker::new(),
             bounds,
             budget,
             senders: AtomicUsize::new(1),
@@ -238,13 +279,16 @@ impl Outbox {
         self.enqueue(Queued { frame: run, counted, messages })
     }
 
-    /// Queues an answer (`subscribed`, an ack, an error) or a replayed
-    /// message. These do not count as live backlog: a replay is what the peer
-    /// asked for, as long as the history it comes from, and its frames are the
-    /// history's own (shared, not copied). They are bounded by what causes
-    /// them: the history's size times the topics a peer may hold.
+    /// Queues an answer (`subscribed`, an ack, an error, `history`) or a
+    /// replayed message: counted in the queue's bytes and the server's
+    /// budget like live traffic, but never refused for its size, and never
+    /// a reason to cut the peer. What bounds them is the peer's turn: once
+    /// its answers reach [`ANSWER_LIMIT`] its connection asks nothing more
+    /// of it until they drain, and a replay waits for them to drain between
+    /// pages.
     pub(crate) fn push_reserved(&self, frame: Frame) -> Result<(), SendError> {
-        self.enqueue(Queued::from(frame))
+        let counted = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        self.enqueue(Queued { frame, counted, messages: 0 })
     }
 
     fn enqueue(&self, queued: Queued) -> Result<(), SendError> {
@@ -256,12 +300,12 @@ impl Outbox {
         if queued.messages > 0 {
             let bounds = self.shared.bounds;
             let messages = queued.messages as usize;
-            if st.live_frames + messages > bounds.frames || st.live_bytes + len > bounds.bytes {
+            if st.live_frames + messages > bounds.frames || st.bytes + len > bounds.bytes {
                 drop(st);
                 self.close_now(close_code::SLOW_CONSUMER, "slow consumer: outbound queue full");
                 return Err(SendError::QueueFull);
             }
-            let short = (st.live_bytes + len).saturating_sub(st.reserved);
+            let short = (st.bytes + len).saturating_sub(st.reserved);
             if short > 0 {
                 let chunk = short.div_ceil(CHUNK) * CHUNK;
                 if !self.shared.budget.reserve(chunk) {
@@ -272,7 +316,23 @@ impl Outbox {
                 st.reserved += chunk;
             }
             st.live_frames += messages;
-            st.live_bytes += len;
+            st.bytes += len;
+        } else if len > 0 {
+            // An answer: counted, never refused (see `push_reserved`).
+            let short = (st.bytes + len).saturating_sub(st.reserved);
+            if short > 0 {
+                let chunk = short.div_ceil(CHUNK) * CHUNK;
+                if !self.shared.budget.reserve(chunk) {
+                    self.shared.budget.force(chunk);
+                }
+                st.reserved += chunk;
+            }
+            st.bytes += len;
+            st.answer_bytes += len;
+            if !st.answers_full && st.answer_bytes >= ANSWER_LIMIT {
+                st.answers_full = true;
+                self.shared.answers_full.store(true, Ordering::Release);
+            }
         }
         let was_empty = st.frames.is_empty();
         st.frames.push_back(queued);
@@ -309,7 +369,7 @@ impl Outbox {
             let mut st = self.shared.lock();
             st.refusing = true;
             if !flush {
-                st.clear(&self.shared.budget);
+                self.shared.clear(&mut st);
             }
             match &mut st.closing {
                 None => {
@@ -330,10 +390,46 @@ impl Outbox {
         }
     }
 
-    /// Live traffic queued now, in frames and bytes.
+    /// What is queued now (or taken and not yet written): live frames, and
+    /// bytes of live traffic and answers together.
     pub(crate) fn backlog(&self) -> Bounds {
         let st = self.shared.lock();
-        Bounds { frames: st.live_frames, bytes: st.live_bytes }
+        Bounds { frames: st.live_frames, bytes: st.bytes }
+    }
+
+    /// The answers' part of [`Self::backlog`]'s bytes.
+    pub(crate) fn answer_bytes(&self) -> usize {
+        self.shared.lock().answer_bytes
+    }
+
+    /// Payload bytes the queue can still take before a live push would cut
+    /// the peer: what an answer the peer asks for should stay within.
+    pub(crate) fn room(&self) -> usize {
+        self.shared.bounds.bytes.saturating_sub(self.shared.lock().bytes)
+    }
+
+    /// Whether the answers queued and unwritten are at [`ANSWER_LIMIT`] or
+    /// above: the connection asks nothing more of the peer until they drain.
+    #[cfg(test)]
+    pub(crate) fn answers_full(&self) -> bool {
+        self.shared.answers_full.load(Ordering::Acquire)
+    }
+
+    /// Waits until the answers queued and unwritten are below
+    /// [`ANSWER_LIMIT`], or the queue is closing. Woken by the write loop's
+    /// take that settles them (or by the close): the task is registered
+    /// before the flag is read, and the flag is cleared before the wake-up.
+    pub(crate) async fn drained(&self) {
+        std::future::poll_fn(|cx| {
+            let shared = &*self.shared;
+            shared.drained.register(cx.waker());
+            if !shared.answers_full.load(Ordering::Acquire) || shared.closing.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 }
 
@@ -342,7 +438,11 @@ impl State {
     /// what the last take handed out is settled as written.
     fn take(&mut self, into: &mut VecDeque<Queued>, max: usize, budget: &QueueBudget) -> usize {
         self.live_frames -= std::mem::take(&mut self.taken_frames);
-        self.live_bytes -= std::mem::take(&mut self.taken_bytes);
+        self.bytes -= std::mem::take(&mut self.taken_bytes);
+        let answers = std::mem::take(&mut self.taken_answers);
+        if answers > 0 {
+            self.answer_bytes -= answers;
+        }
         let n = self.frames.len().min(max);
         if n > 0 && n == self.frames.len() && into.is_empty() {
             // The usual case: all of it. The two deques trade places, so no
@@ -350,18 +450,22 @@ impl State {
             // was 8% of a chat room's CPU) and neither side allocates.
             std::mem::swap(into, &mut self.frames);
             self.taken_frames = self.live_frames;
-            self.taken_bytes = self.live_bytes;
+            self.taken_bytes = self.bytes;
+            self.taken_answers = self.answer_bytes;
         } else {
             for q in self.frames.drain(..n) {
                 self.taken_frames += q.messages as usize;
                 self.taken_bytes += q.counted as usize;
+                if q.messages == 0 {
+                    self.taken_answers += q.counted as usize;
+                }
                 into.push_back(q);
             }
         }
         // Credit goes back once two chunks are idle (not at every batch),
         // and all of it once nothing is queued or unwritten: idle peers
         // hold none (the write loop settles its last batch as it goes idle).
-        let keep = self.live_bytes.div_ceil(CHUNK) * CHUNK;
+        let keep = self.bytes.div_ceil(CHUNK) * CHUNK;
         if self.reserved >= keep + 2 * CHUNK || (keep == 0 && self.reserved > 0) {
             budget.release(self.reserved - keep);
             self.reserved = keep;
@@ -369,25 +473,61 @@ impl State {
         n
     }
 
+    /// Whether the last take handed out anything counted, not yet settled.
+    fn is_unsettled(&self) -> bool {
+        (self.taken_frames | self.taken_bytes) != 0
+    }
+
     /// Drops everything queued and gives back its credit.
     fn clear(&mut self, budget: &QueueBudget) {
         self.frames.clear();
         self.live_frames = 0;
-        self.live_bytes = 0;
+        self.bytes = 0;
+        self.answer_bytes = 0;
         self.taken_frames = 0;
         self.taken_bytes = 0;
+        self.taken_answers = 0;
         budget.release(std::mem::take(&mut self.reserved));
+    }
+
+    /// Whether settling has just brought the answers below [`ANSWER_LIMIT`]
+    /// (clearing the mark; the caller publishes it and wakes the waiter).
+    fn answers_drained(&mut self) -> bool {
+        let drained = self.answers_full && self.answer_bytes < ANSWER_LIMIT;
+        if drained {
+            self.answers_full = false;
+        }
+        drained
     }
 }
 
 impl Shared {
     /// [`State::take`], and `has_frames` cleared when it empties the queue.
+    /// Also publishes the answers' draining and wakes whoever waits for it.
     fn take(&self, st: &mut State, into: &mut VecDeque<Queued>, max: usize) -> usize {
         let n = st.take(into, max, &self.budget);
         if st.frames.is_empty() {
             self.has_frames.store(false, Ordering::Release);
         }
+        if st.answers_full && st.answers_drained() {
+            self.wake_drained();
+        }
         n
+    }
+
+    /// [`State::clear`], and the answers' waiter told.
+    fn clear(&self, st: &mut State) {
+        st.clear(&self.budget);
+        if std::mem::take(&mut st.answers_full) {
+            self.wake_drained();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wake_drained(&self) {
+        self.answers_full.store(false, Ordering::Release);
+        self.drained.wake();
     }
 
     fn lock(&self) -> SpinMutexGuard<'_, State> {
@@ -414,6 +554,11 @@ pub(crate) enum Wake {
 }
 
 impl OutboxReceiver {
+    /// [`Outbox::answers_full`], from the connection's side.
+    pub(crate) fn answers_full(&self) -> bool {
+        self.frames.shared.answers_full.load(Ordering::Acquire)
+    }
+
     /// How the server wants the connection to end, if it has asked yet.
     pub(crate) fn closing(&self) -> Option<Closing> {
         self.frames.shared.lock().closing.clone()
@@ -454,7 +599,7 @@ impl OutboxReceiver {
             return Poll::Ready(Wake::Close);
         }
         let n = shared.take(&mut st, into, max);
-        self.frames.unsettled = st.taken_frames > 0;
+        self.frames.unsettled = st.is_unsettled();
         if n > 0 {
             return Poll::Ready(Wake::Frames);
         }
@@ -468,9 +613,10 @@ impl OutboxReceiver {
 /// The queue's receiving end.
 pub(crate) struct FrameReceiver {
     shared: Arc<Shared>,
-    /// Whether the last take handed out live frames the queue still counts
-    /// (see [`State::taken_frames`]): then finding the queue empty takes
-    /// the lock once more, to settle them and give back their credit.
+    /// Whether the last take handed out frames the queue still counts (see
+    /// [`State::taken_frames`]): then finding the queue empty takes the lock
+    /// once more, to settle them, give back their credit, and (answers) let
+    /// a paused peer be read again.
     unsettled: bool,
 }
 
@@ -478,7 +624,7 @@ impl Drop for FrameReceiver {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.refusing = true;
-        st.clear(&self.shared.budget);
+        self.shared.clear(&mut st);
     }
 }
 
@@ -489,7 +635,7 @@ impl FrameReceiver {
     pub(crate) fn take(&mut self, into: &mut VecDeque<Queued>, max: usize) -> usize {
         let mut st = self.shared.lock();
         let n = self.shared.take(&mut st, into, max);
-        self.unsettled = st.taken_frames > 0;
+        self.unsettled = st.is_unsettled();
         n
     }
 
@@ -606,20 +752,78 @@ mod tests {
         assert_eq!(outbox.push(Frame::text("1")), Err(SendError::QueueFull));
     }
 
+    /// Answers and replays count in the queue's bytes and the server's
+    /// budget, are never refused for it, and past [`ANSWER_LIMIT`] mark the
+    /// queue full of answers until the write loop has written them.
     #[test]
-    fn answers_and_replays_do_not_count_as_live_backlog() {
-        let (outbox, mut rx) = Outbox::new(bounds(2), unlimited());
+    fn answers_and_replays_count_but_are_never_refused() {
+        let budget = QueueBudget::new(2 * CHUNK);
+        let (outbox, mut rx) = Outbox::new(Bounds { frames: 2, bytes: 100 }, Arc::clone(&budget));
         for n in 0..1000 {
-            assert!(outbox.push_reserved(text(n)).is_ok(), "a replay of any length fits");
+            assert!(outbox.push_reserved(text(n)).is_ok(), "an answer is never refused");
         }
-        assert!(outbox.push(text(1000)).is_ok());
-        assert!(outbox.push(text(1001)).is_ok());
-        let mut first = VecDeque::new();
-        assert_eq!(rx.frames.take(&mut first, 1), 1);
-        assert_eq!(first[0].frame.to_text(), Ok("0"), "in order, replay first");
-        assert_eq!(outbox.backlog().frames, 2);
-        assert_eq!(drain(&mut rx).len(), 1001);
-        assert_eq!(outbox.backlog().frames, 0);
+        // "0".."999": 10 + 180 + 2700 bytes.
+        let answers = 2890;
+        assert_eq!(outbox.backlog(), Bounds { frames: 0, bytes: answers }, "counted, not as live frames");
+        assert_eq!(outbox.answer_bytes(), answers);
+        assert_eq!(budget.reserved(), CHUNK);
+        assert_eq!(outbox.room(), 0);
+        // Every byte counts: a live push past the bytes bound cuts the peer.
+        assert_eq!(outbox.push(text(1000)), Err(SendError::QueueFull));
+        assert_eq!(budget.reserved(), 0, "its credit went back");
+
+        // Past the server-wide budget an answer takes its credit anyway.
+        let (outbox, mut rx2) = Outbox::new(bounds(2), Arc::clone(&budget));
+        let big = Frame::text("x".repeat(5 * CHUNK));
+        assert!(outbox.push_reserved(big.clone()).is_ok());
+        assert_eq!(budget.reserved(), 5 * CHUNK, "over the budget of two chunks");
+        assert!(outbox.answers_full(), "past the answer limit");
+        assert_eq!(outbox.push(text(1)), Err(SendError::QueueFull), "a live push is refused");
+        assert_eq!(budget.reserved(), 0);
+        assert!(!outbox.answers_full(), "a cut queue holds nothing");
+        drain(&mut rx);
+        drain(&mut rx2);
+
+        // In order with live traffic, and marked full until written.
+        let (outbox, mut rx) = Outbox::new(bounds(4), unlimited());
+        outbox.push_reserved(big.clone()).unwrap();
+        outbox.push(text(1)).unwrap();
+        assert!(outbox.answers_full() && rx.answers_full());
+        let mut taken = VecDeque::new();
+        assert_eq!(rx.frames.take(&mut taken, usize::MAX), 2);
+        assert_eq!(taken[1].frame.to_text(), Ok("1"), "in order, answer first");
+        assert!(outbox.answers_full(), "taken is not written");
+        assert_eq!(outbox.answer_bytes(), 5 * CHUNK);
+        assert_eq!(rx.frames.take(&mut VecDeque::new(), usize::MAX), 0);
+        assert!(!outbox.answers_full(), "written: settled by the next take");
+        assert_eq!(outbox.backlog(), Bounds { frames: 0, bytes: 0 });
+        assert_eq!(outbox.answer_bytes(), 0);
+    }
+
+    /// A replay waiting for the answers to drain is woken by the take that
+    /// settles them, and by a close.
+    #[tokio::test]
+    async fn a_waiter_for_the_answers_is_woken_when_they_drain() {
+        let (outbox, mut rx) = Outbox::new(bounds(4), unlimited());
+        outbox.drained().await; // nothing queued: at once
+        outbox.push_reserved(Frame::text("x".repeat(ANSWER_LIMIT))).unwrap();
+        let waiter = outbox.clone();
+        let waiting = tokio::spawn(async move { waiter.drained().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let mut taken = VecDeque::new();
+        rx.frames.take(&mut taken, usize::MAX);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "taken, not yet written");
+        rx.frames.take(&mut VecDeque::new(), usize::MAX);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+
+        outbox.push_reserved(Frame::text("x".repeat(ANSWER_LIMIT))).unwrap();
+        let waiter = outbox.clone();
+        let waiting = tokio::spawn(async move { waiter.drained().await });
+        tokio::task::yield_now().await;
+        outbox.close_now(close_code::SLOW_CONSUMER, "cut");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
     }
 
     #[test]

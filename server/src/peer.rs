@@ -86,8 +86,8 @@ impl<C> Peer<C> {
         self.inner.core.outbox.push(message.into().into_frame())
     }
 
-    /// Queues a protocol frame answering the peer (it may use the room
-    /// reserved above the live-traffic limit).
+    /// Queues a protocol frame answering the peer: counted in its queue,
+    /// never refused for its size (see `outbox`).
     pub(crate) fn send_frame(&self, frame: &ServerFrame) -> Result<(), SendError> {
         self.send_json(128, |buf| serde_json::to_writer(buf, frame))
     }
@@ -101,6 +101,13 @@ impl<C> Peer<C> {
         write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
     ) -> Result<(), SendError> {
         let frame = Frame::json_with(capacity, write).expect("server frames always serialize");
+        topics::before_queue_to(self.key());
+        self.inner.core.outbox.push_reserved(frame)
+    }
+
+    /// Queues an answer the protocol built itself (a `history` answer): as
+    /// [`Self::send_frame`], counted, never refused for its size.
+    pub(crate) fn send_answer(&self, frame: Frame) -> Result<(), SendError> {
         topics::before_queue_to(self.key());
         self.inner.core.outbox.push_reserved(frame)
     }

@@ -20,6 +20,19 @@
 //! order. The same holds on any node of a cluster, which is how a client
 //! comes back on another node and misses nothing.
 //!
+//! A replay is read and queued a page at a time ([`REPLAY_PAGE`] bytes of
+//! retained frames, shared, not copied): the first page with the
+//! `subscribed` answer, each next one once the peer's answers have drained
+//! below [`crate::outbox::ANSWER_LIMIT`], read from the last seq replayed.
+//! The subscriber stays pending the whole time, so the invariant holds
+//! page after page: every page is a read started after the registration,
+//! and the held deliveries go out after the last one. A later page that no
+//! longer reaches (the history was evicted or expired meanwhile, or its
+//! epoch changed) cannot complete the replay honestly: the peer is closed
+//! (1013), resubscribes, and is told `recovered: false`. Hooks run one at a
+//! time per peer, so a peer has one replay in flight at most, however
+//! often it resubscribes.
+//!
 //! A connection's poll is a gathering one ([`gathered`]), as uWebSockets drains its
 //! topics once per loop iteration: what it publishes to one topic, message
 //! after message, is held as the topic's open [`Run`] and queued when the
@@ -71,6 +84,10 @@ const PRESENCE_BURST: u32 = 40;
 /// Live deliveries one subscriber may have held while its history is read;
 /// past them it is cut as a slow consumer (the read is that slow).
 const PENDING_LIMIT: usize = 16_384;
+
+/// Bytes of retained frames a replay queues at a time (at least one
+/// message; less when the peer's queue has less room).
+const REPLAY_PAGE: usize = 256 * 1024;
 
 type Shard = HashMap<Topic, TopicState, RandomState>;
 
@@ -170,6 +187,15 @@ impl Subscriber {
             }
         } else {
             let _ = self.outbox.push_run(joined.clone(), run.messages.len(), run.payload);
+        }
+    }
+
+    /// Ends the wait of a subscribe whose replay went up to `seq`: the
+    /// deliveries held meanwhile that came after it are queued, raw
+    /// messages (seq 0) too, in their place.
+    fn flush_pending(&mut self, seq: u64) {
+        for (_, frame) in self.pending.take().unwrap_or_default().into_iter().filter(|(s, _)| *s == 0 || *s > seq) {
+            let _ = self.outbox.push(frame);
         }
     }
 
@@ -411,8 +437,9 @@ impl Topics {
     /// Subscribes `peer` as the protocol does (again, if it already is: then
     /// only its presence wish changes and `since` replays again): queues the
     /// reply `reply` makes of the outcome, then the messages after `since`
-    /// when they are all retained, then the live ones. The bool says whether
-    /// it was not subscribed before.
+    /// when they are all retained (a page at a time, as the peer's answers
+    /// drain: see the module documentation), then the live ones. The bool
+    /// says whether it was not subscribed before.
     pub(crate) async fn subscribe(
         &self,
         topic: &Topic,
@@ -422,6 +449,7 @@ impl Topics {
         reply: impl FnOnce(&SubscribeOutcome) -> Option<ServerFrame>,
     ) -> Result<(SubscribeOutcome, bool), EngineError> {
         let memberships = Arc::clone(&sub.memberships);
+        let outbox = sub.outbox.clone();
         let is_new = !lock_index(&memberships).contains(topic);
         if is_new {
             self.engine.hold(topic)?;
@@ -443,59 +471,99 @@ impl Topics {
             }
         }
         // Registered first, read second: see the module documentation.
-        let read =
-            self.engine.read(topic, since, ReadLimit { messages: self.replay_limit, bytes: usize::MAX }, true).await;
-        let mut shard = self.shard(topic);
-        let Some(state) = shard.get_mut(topic) else {
-            // Unsubscribed meanwhile: nothing to complete.
-            return read.map(|h| (SubscribeOutcome { epoch: h.epoch, seq: h.seq, recovered: false }, false));
-        };
-        let history = match read {
-            Ok(history) => history,
-            Err(e) => {
-                // Nothing was promised: a new subscriber goes again, one that
-                // was subscribed gets its held deliveries and stays.
-                if is_new {
-                    if state.subscribers.remove(&**peer).is_some() {
-                        lock_index(&memberships).remove(topic);
+        // Without a `since` nothing is replayed: one message tells the position.
+        let messages = if since.is_some() { self.replay_limit } else { 1 };
+        let read = self.engine.read(topic, since, replay_page(messages, &outbox), true).await;
+        // (A block: the shard lock must be seen to end before the awaits.)
+        let (outcome, mut replayed) = {
+            let mut shard = self.shard(topic);
+            let Some(state) = shard.get_mut(topic) else {
+                // Unsubscribed meanwhile: nothing to complete.
+                return read.map(|h| (SubscribeOutcome { epoch: h.epoch, seq: h.seq, recovered: false }, false));
+            };
+            let history = match read {
+                Ok(history) => history,
+                Err(e) => {
+                    // Nothing was promised: a new subscriber goes again, one that
+                    // was subscribed gets its held deliveries and stays.
+                    if is_new {
+                        if state.subscribers.remove(&**peer).is_some() {
+                            lock_index(&memberships).remove(topic);
+                        }
+                        self.remove_if_empty(&mut shard, topic);
+                        drop(shard);
+                        self.engine.release(topic);
+                    } else if let Some(sub) = state.subscribers.get_mut(&**peer) {
+                        for (_, frame) in sub.pending.take().unwrap_or_default() {
+                            let _ = sub.outbox.push(frame);
+                        }
                     }
-                    self.remove_if_empty(&mut shard, topic);
-                    drop(shard);
-                    self.engine.release(topic);
-                } else if let Some(sub) = state.subscribers.get_mut(&**peer) {
-                    for (_, frame) in sub.pending.take().unwrap_or_default() {
-                        let _ = sub.outbox.push(frame);
-                    }
+                    return Err(e);
                 }
-                return Err(e);
+            };
+            let Some(sub) = state.subscribers.get_mut(&**peer) else {
+                return Ok((SubscribeOutcome { epoch: history.epoch, seq: history.seq, recovered: false }, false));
+            };
+            let History { epoch, seq, complete, messages } = history;
+            let recovered = since.is_some_and(|s| complete && *s.epoch == *epoch);
+            let outcome = SubscribeOutcome { epoch: epoch.clone(), seq, recovered };
+            if let Some(frame) = reply(&outcome) {
+                let _ = sub.outbox.push_reserved(Frame::text(frame.encode()));
             }
+            let replayed = match (recovered, since) {
+                (true, Some(since)) => replay(sub, since.seq, seq, &messages),
+                _ => seq,
+            };
+            if replayed >= seq {
+                sub.flush_pending(seq);
+            }
+            match &mut state.position {
+                Some((at, last)) if **at == *epoch => *last = (*last).max(seq),
+                Some(_) => {}
+                None => state.position = Some((epoch.clone(), seq)),
+            }
+            let joined = if is_new { self.announced(state, topic, peer) } else { None };
+            drop(shard);
+            self.after_join(topic, joined);
+            (outcome, replayed)
         };
-        let Some(sub) = state.subscribers.get_mut(&**peer) else {
-            return Ok((SubscribeOutcome { epoch: history.epoch, seq: history.seq, recovered: false }, false));
-        };
-        let History { epoch, seq, complete, messages } = history;
-        let recovered = since.is_some_and(|s| complete && *s.epoch == *epoch);
-        let outcome = SubscribeOutcome { epoch: epoch.clone(), seq, recovered };
-        if let Some(frame) = reply(&outcome) {
-            let _ = sub.outbox.push_reserved(Frame::text(frame.encode()));
-        }
-        if let (true, Some(since)) = (recovered, since) {
-            for (_, frame) in messages.iter().filter(|(s, _)| *s > since.seq && *s <= seq) {
-                let _ = sub.outbox.push_reserved(frame.frame().clone());
+        let (epoch, seq) = (outcome.epoch.clone(), outcome.seq);
+        // The rest of the replay, a page at a time as the peer takes them;
+        // its live deliveries are held meanwhile.
+        while replayed < seq {
+            outbox.drained().await;
+            let from = Since { epoch: epoch.to_string(), seq: replayed };
+            let page = if outbox.is_closing() {
+                None
+            } else {
+                self.engine.read(topic, Some(&from), replay_page(self.replay_limit, &outbox), false).await.ok()
+            };
+            let mut shard = self.shard(topic);
+            let Some(sub) = shard.get_mut(topic).and_then(|state| state.subscribers.get_mut(&**peer)) else {
+                // Unsubscribed meanwhile (the peer is gone): nothing to complete.
+                return Ok((outcome, is_new));
+            };
+            let reaches = page.as_ref().is_some_and(|page| {
+                page.complete && *page.epoch == *epoch && page.messages.first().is_some_and(|(s, _)| *s == replayed + 1)
+            });
+            match page {
+                Some(page) if reaches => replayed = replay(sub, replayed, seq, &page.messages),
+                _ => {
+                    // The history no longer reaches (or cannot be read):
+                    // the replay cannot be completed, and a gap would go
+                    // unseen. The peer resubscribes and is told.
+                    sub.pending = None;
+                    sub.outbox.close_now(
+                        crosswire_shared::close_code::SLOW_CONSUMER,
+                        "the history was lost during the replay; subscribe again",
+                    );
+                    return Ok((outcome, is_new));
+                }
+            }
+            if replayed >= seq {
+                sub.flush_pending(seq);
             }
         }
-        // Raw messages (seq 0) held meanwhile go out too, in their place.
-        for (_, frame) in sub.pending.take().unwrap_or_default().into_iter().filter(|(s, _)| *s == 0 || *s > seq) {
-            let _ = sub.outbox.push(frame);
-        }
-        match &mut state.position {
-            Some((at, last)) if **at == *epoch => *last = (*last).max(seq),
-            Some(_) => {}
-            None => state.position = Some((epoch, seq)),
-        }
-        let joined = if is_new { self.announced(state, topic, peer) } else { None };
-        drop(shard);
-        self.after_join(topic, joined);
         Ok((outcome, is_new))
     }
 
@@ -710,6 +778,27 @@ impl Topics {
             self.send_snapshot(topic);
         }
     }
+}
+
+/// A replay's next read: `messages` at most, within a page and the room
+/// the subscriber's queue has.
+fn replay_page(messages: usize, outbox: &Outbox) -> ReadLimit {
+    ReadLimit { messages, bytes: REPLAY_PAGE.min(outbox.room()) }
+}
+
+/// Queues the messages of `page` after `after` up to `last` for `sub`, as
+/// answers; returns the last seq replayed (`last` once the page reaches it).
+fn replay(sub: &Subscriber, after: u64, last: u64, page: &[(u64, crate::engine::MessageText)]) -> u64 {
+    let mut replayed = after;
+    for (seq, frame) in page.iter().filter(|(s, _)| *s > after && *s <= last) {
+        let _ = sub.outbox.push_reserved(frame.frame().clone());
+        replayed = *seq;
+    }
+    // A page that holds no message up to `last` (none retained past it) ends it.
+    if page.last().is_none_or(|(s, _)| *s >= last) {
+        replayed = last;
+    }
+    replayed
 }
 
 fn ack_now(ack: Option<AckTo>, seq: u64) {
@@ -1057,6 +1146,92 @@ mod tests {
         assert!(!join(&topics, &t, "s", sub(16).0, Some(&since(6))).await.recovered);
         let wrong = Since { epoch: "other".into(), seq: 4 };
         assert!(!join(&topics, &t, "u", sub(16).0, Some(&wrong)).await.recovered);
+    }
+
+    async fn publish_big(topics: &Topics, t: &Topic, n: u64) -> u64 {
+        let data = RawValue::from_string(format!(r#"["{}",{n}]"#, "x".repeat(100_000))).unwrap();
+        topics.publish(t, Publication { from: "x", data: &data, ack: None, at: Instant::now() }).await.unwrap()
+    }
+
+    /// What the write loop does while a replay waits: takes what is queued,
+    /// writes it, and comes back (which settles it); until `done`.
+    async fn write_until(rx: &mut OutboxReceiver, done: impl Fn() -> bool) -> Vec<Vec<String>> {
+        let mut batches = Vec::new();
+        while !done() {
+            let batch = texts(rx);
+            if !batch.is_empty() {
+                batches.push(batch);
+            }
+            tokio::task::yield_now().await;
+        }
+        batches.push(texts(rx));
+        batches
+    }
+
+    /// A replay longer than a page is queued a page at a time, each once
+    /// the last is taken; what is published meanwhile follows the last page.
+    #[tokio::test]
+    async fn a_long_replay_goes_a_page_at_a_time_and_live_messages_follow_it() {
+        let topics = topics(100);
+        let t = topic("t");
+        let epoch = join(&topics, &t, "probe", sub(16).0, None).await.epoch;
+        for n in 1..=10 {
+            publish_big(&topics, &t, n).await;
+        }
+        let (s, mut rx) = sub(1 << 10);
+        let since = Since { epoch: epoch.to_string(), seq: 0 };
+        let replaying = tokio::spawn({
+            let topics = Arc::clone(&topics);
+            let t = t.clone();
+            async move { join(&topics, &t, "p", s, Some(&since)).await }
+        });
+        // The first page is queued, and the replay waits for it to be taken.
+        while rx.frames.try_recv().is_none() && !replaying.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!replaying.is_finished(), "the next page waits for the first to be written");
+        let mut first = 1 + texts(&mut rx).len();
+        assert!(first * 100_000 <= REPLAY_PAGE, "{first} messages in the first page");
+        publish_big(&topics, &t, 11).await;
+        let batches = write_until(&mut rx, || replaying.is_finished()).await;
+        assert!(replaying.await.unwrap().recovered);
+        let rest: Vec<String> = batches.into_iter().flatten().collect();
+        first += seqs(&rest).len();
+        assert_eq!(first, 11);
+        let order: Vec<u64> = seqs(&rest).into_iter().map(|(_, s)| s).collect();
+        assert_eq!(order, ((11 - order.len() as u64 + 1)..=11).collect::<Vec<_>>(), "in order, the live one last");
+    }
+
+    /// A later page that no longer reaches (the history moved on meanwhile)
+    /// cannot complete the replay: the peer is closed, never given a gap.
+    #[tokio::test]
+    async fn a_replay_whose_history_is_lost_meanwhile_closes_the_peer() {
+        let topics = topics(5);
+        let t = topic("t");
+        let epoch = join(&topics, &t, "probe", sub(16).0, None).await.epoch;
+        for n in 1..=5 {
+            publish_big(&topics, &t, n).await;
+        }
+        let (s, mut rx) = sub(1 << 10);
+        let since = Since { epoch: epoch.to_string(), seq: 0 };
+        let replaying = tokio::spawn({
+            let topics = Arc::clone(&topics);
+            let t = t.clone();
+            async move { join(&topics, &t, "p", s, Some(&since)).await }
+        });
+        let mut taken = std::collections::VecDeque::new();
+        while rx.frames.take(&mut taken, usize::MAX) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for n in 6..=10 {
+            publish_big(&topics, &t, n).await;
+        }
+        write_until(&mut rx, || replaying.is_finished()).await;
+        replaying.await.unwrap();
+        assert_eq!(rx.closing().map(|c| u16::from(c.frame.code)), Some(crosswire_shared::close_code::SLOW_CONSUMER));
     }
 
     #[tokio::test]

@@ -245,8 +245,15 @@ pub enum ServerFrame {
         epoch: String,
         /// The topic's last seq.
         seq: u64,
-        /// The retained messages asked for, in seq order.
+        /// The retained messages asked for, in seq order: the oldest of the
+        /// window asked for that fit the server's answer size (at least one).
         messages: Vec<HistoryMessage>,
+        /// Present when more is retained after the last message (the answer
+        /// stopped short of the topic's last seq): the seq to ask from next,
+        /// as `since: {epoch, seq: next}`. Absent from servers that do not
+        /// page (and then every answer is whole).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<u64>,
     },
 }
 
@@ -315,6 +322,7 @@ struct Envelope<'a> {
     user: Option<String>,
     exp: Option<u64>,
     messages: Option<Vec<HistoryMessage>>,
+    next: Option<u64>,
 }
 
 /// An optional string that points into the frame unless an escape in it
@@ -626,6 +634,7 @@ impl ServerFrame {
                 epoch: env.epoch.take().ok_or_else(|| env.missing("history", "epoch"))?,
                 seq: env.field("history", "seq", env.seq)?,
                 messages: env.messages.take().ok_or_else(|| env.missing("history", "messages"))?,
+                next: env.next,
             },
             "presence" => ServerFrame::Presence {
                 topic: env.topic("presence")?,
@@ -817,6 +826,7 @@ mod tests {
             r#"{"type":"error","code":"history_unavailable","message":"gone","topic":"a","id":4}"#,
             r#"{"type":"refreshed","id":3,"exp":1700000000}"#,
             r#"{"type":"history","topic":"a","id":4,"epoch":"e","seq":9,"messages":[{"seq":8,"from":"p","data":{"x":1}},{"seq":9,"from":"q","data":null}]}"#,
+            r#"{"type":"history","topic":"a","id":4,"epoch":"e","seq":9,"messages":[{"seq":3,"from":"p","data":1}],"next":3}"#,
         ];
         for text in frames {
             let frame = ServerFrame::decode(text).unwrap();

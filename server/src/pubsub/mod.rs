@@ -19,7 +19,8 @@ use tokio::{task::AbortHandle, time::Instant};
 
 use crate::{
     config::ServerConfig,
-    engine::{EngineError, History, Pending, ReadLimit},
+    engine::{EngineError, History, MessageText, Pending, ReadLimit},
+    frame::Frame,
     hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest},
     limits::TokenBucket,
     message::Message,
@@ -43,6 +44,7 @@ pub struct PubSub {
     publish_burst: u32,
     subscribe_rate: u32,
     subscribe_burst: u32,
+    max_history_answer_bytes: usize,
 }
 
 /// One connection's state under [`PubSub`]: who it is, what it may do, and
@@ -53,8 +55,9 @@ pub struct PubSubContext {
     claims: Mutex<Option<Claims>>,
     user: Option<Arc<str>>,
     bucket: Mutex<TokenBucket>,
-    /// Subscribe, unsubscribe and presence requests: each changes shared
-    /// state or walks a subscriber list, so churn has its own budget.
+    /// Subscribe, unsubscribe, presence, history and refresh requests: each
+    /// changes shared state, walks a subscriber list, reads a history or
+    /// verifies a token, so churn has its own budget.
     churn: Mutex<TokenBucket>,
     expiry: Mutex<Option<AbortHandle>>,
 }
@@ -123,18 +126,28 @@ impl PubSub {
             publish_burst: config.publish_burst,
             subscribe_rate: config.subscribe_rate,
             subscribe_burst: config.subscribe_burst,
+            max_history_answer_bytes: config.max_history_answer_bytes,
         }
     }
 
     async fn handle(&self, peer: &Peer<PubSubContext>, frame: ClientFrame) {
         let session = peer.context();
-        if let ClientFrame::Subscribe { topic, .. }
-        | ClientFrame::Unsubscribe { topic }
-        | ClientFrame::Presence { topic, .. } = &frame
-        {
+        // What costs more than its answer (shared state, a history read, a
+        // token's verification) takes from the churn budget. A `ping` does
+        // not: its answer is all it costs, and answers are bounded by the
+        // peer's turn (see `outbox`).
+        let churn = match &frame {
+            ClientFrame::Subscribe { topic, .. } | ClientFrame::Unsubscribe { topic } => Some((Some(topic), None)),
+            ClientFrame::Presence { topic, id } | ClientFrame::History { topic, id, .. } => Some((Some(topic), *id)),
+            ClientFrame::Refresh { id, .. } => Some((None, *id)),
+            ClientFrame::Publish { .. } | ClientFrame::Ping { .. } => None,
+        };
+        if let Some((topic, id)) = churn {
             let limits = (self.subscribe_rate, self.subscribe_burst);
-            if let Err(message) = take_token(&session.churn, Instant::now(), "subscribe/unsubscribe/presence", limits) {
-                return error(peer, ErrorCode::RateLimited, message, None, Some(topic.clone()));
+            let what = "subscribe/unsubscribe/presence/history/refresh";
+            if let Err(message) = take_token(&session.churn, Instant::now(), what, limits) {
+                let (code, topic) = (ErrorCode::RateLimited, topic.cloned());
+                return reply(peer, ServerFrame::Error { code, message, ack: None, topic, id });
             }
         }
         match frame {
@@ -187,9 +200,14 @@ impl PubSub {
                         ServerFrame::Error { code: ErrorCode::Forbidden, message, ack: None, topic: Some(topic), id },
                     );
                 }
-                let limit = limit.map_or(MAX_HISTORY_LIMIT, |l| (l as usize).min(MAX_HISTORY_LIMIT));
-                let limit = ReadLimit { messages: limit, bytes: usize::MAX };
-                match peer.history(&topic, since.as_ref(), limit).await {
+                let messages = limit.map_or(MAX_HISTORY_LIMIT, |l| (l as usize).min(MAX_HISTORY_LIMIT));
+                // The answer is an answer: counted in the asker's queue,
+                // never a reason to cut it, and within what that queue can
+                // still take (at least one message).
+                let cap = self.max_history_answer_bytes.min(peer.outbox().room());
+                let envelope = HistoryAnswer::envelope(&topic, id, "", 0);
+                let bytes = cap.saturating_sub(envelope + HistoryAnswer::MAX_TAIL);
+                match peer.history(&topic, since.as_ref(), ReadLimit { messages, bytes }).await {
                     Err(e) => {
                         let code = engine_code(&e);
                         reply(
@@ -197,27 +215,9 @@ impl PubSub {
                             ServerFrame::Error { code, message: e.to_string(), ack: None, topic: Some(topic), id },
                         )
                     }
-                    Ok(Some(History { epoch, seq, messages: frames, .. })) => {
-                        // The retained frames are already-encoded `message`
-                        // frames: splice them in rather than decode and re-encode.
-                        let mut text =
-                            String::with_capacity(96 + frames.iter().map(|(_, f)| f.len() + 1).sum::<usize>());
-                        text.push_str(r#"{"type":"history","topic":"#);
-                        text.push_str(&serde_json::to_string(&topic).expect("a topic serializes"));
-                        if let Some(id) = id {
-                            text.push_str(&format!(r#","id":{id}"#));
-                        }
-                        text.push_str(r#","epoch":"#);
-                        text.push_str(&serde_json::to_string(&*epoch).expect("a string serializes"));
-                        text.push_str(&format!(r#","seq":{seq},"messages":["#));
-                        for (i, (_, frame)) in frames.iter().enumerate() {
-                            if i > 0 {
-                                text.push(',');
-                            }
-                            text.push_str(frame.as_str());
-                        }
-                        text.push_str("]}");
-                        let _ = peer.send(text);
+                    Ok(Some(history)) => {
+                        let answer = HistoryAnswer::new(&topic, id, history, cap);
+                        let _ = peer.send_answer(answer.into_frame());
                     }
                     Ok(None) => {
                         let message = match &since {
@@ -301,6 +301,76 @@ impl PubSub {
             }
         }
         reply(peer, ServerFrame::Refreshed { id, exp: Some(exp) });
+    }
+}
+
+/// A `history` answer: `ServerFrame::History`'s JSON, with the retained
+/// `message` frames spliced in as they are (their `type` and `topic` are
+/// ignored by a decoder), not decoded and encoded again, written once into
+/// the frame at its size.
+struct HistoryAnswer {
+    head: String,
+    messages: Vec<(u64, MessageText)>,
+    next: Option<u64>,
+}
+
+impl HistoryAnswer {
+    /// The most bytes the end takes: `],"next":` and a `u64`, and `}`.
+    const MAX_TAIL: usize = 2 + 8 + 20;
+
+    /// The answer to a request with `id`, for the oldest messages of
+    /// `history` that fit `cap` bytes in all (at least one): the rest is
+    /// left for the next page.
+    fn new(topic: &Topic, id: Option<u64>, history: History, cap: usize) -> Self {
+        let next = history.next();
+        let History { epoch, seq, mut messages, .. } = history;
+        let head = Self::head(topic, id, &epoch, seq);
+        let mut this = Self { head, messages: Vec::new(), next };
+        let mut len = this.head.len() + Self::MAX_TAIL + messages.iter().map(|(_, f)| f.len() + 1).sum::<usize>();
+        while len > cap && messages.len() > 1 {
+            let (_, dropped) = messages.pop().expect("more than one");
+            len -= dropped.len() + 1;
+            this.next = messages.last().map(|(s, _)| *s);
+        }
+        this.messages = messages;
+        this
+    }
+
+    /// The bytes of the envelope before the messages.
+    fn envelope(topic: &Topic, id: Option<u64>, epoch: &str, seq: u64) -> usize {
+        Self::head(topic, id, epoch, seq).len()
+    }
+
+    fn head(topic: &Topic, id: Option<u64>, epoch: &str, seq: u64) -> String {
+        let mut head = String::with_capacity(96);
+        head.push_str(r#"{"type":"history","topic":"#);
+        head.push_str(&serde_json::to_string(topic).expect("a topic serializes"));
+        if let Some(id) = id {
+            head.push_str(&format!(r#","id":{id}"#));
+        }
+        head.push_str(r#","epoch":"#);
+        head.push_str(&serde_json::to_string(epoch).expect("a string serializes"));
+        head.push_str(&format!(r#","seq":{seq},"messages":["#));
+        head
+    }
+
+    fn into_frame(self) -> Frame {
+        let tail = match self.next {
+            Some(next) => format!(r#"],"next":{next}}}"#),
+            None => "]}".to_owned(),
+        };
+        let commas = self.messages.len().saturating_sub(1);
+        let len = self.head.len() + self.messages.iter().map(|(_, f)| f.len()).sum::<usize>() + commas + tail.len();
+        Frame::text_in_place(len, |payload| {
+            payload.put(self.head.as_bytes());
+            for (i, (_, frame)) in self.messages.iter().enumerate() {
+                if i > 0 {
+                    payload.put(b",");
+                }
+                payload.put(frame.as_str().as_bytes());
+            }
+            payload.put(tail.as_bytes());
+        })
     }
 }
 
@@ -441,6 +511,38 @@ impl Hooks for PubSub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `history` answer decodes as one, stays within its cap (but for one
+    /// message alone), and says where the rest follows.
+    #[test]
+    fn a_history_answer_stays_within_its_cap_and_says_where_to_go_on() {
+        let topic = Topic::new("room").unwrap();
+        let data = serde_json::value::to_raw_value(&"x".repeat(100)).unwrap();
+        let retained: Vec<_> = (1..=10).map(|seq| (seq, MessageText::encode(&topic, seq, "p", &data))).collect();
+        let history = |messages: &[(u64, MessageText)]| History {
+            epoch: Arc::from("e1"),
+            seq: 12,
+            complete: true,
+            messages: messages.to_vec(),
+        };
+        for (cap, id, kept) in [(usize::MAX, Some(7), 10), (700, None, 3), (1, Some(1), 1)] {
+            let frame = HistoryAnswer::new(&topic, id, history(&retained), cap).into_frame();
+            let text = frame.to_text().unwrap();
+            assert!(text.len() <= cap || kept == 1, "{} bytes over a cap of {cap}", text.len());
+            let ServerFrame::History { topic: t, id: i, epoch, seq, messages, next } =
+                ServerFrame::decode(text).unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!((t, i, epoch.as_str(), seq), (topic.clone(), id, "e1", 12));
+            assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=kept as u64).collect::<Vec<_>>());
+            assert_eq!(next, Some(kept as u64), "more is retained after the last one");
+        }
+        let whole = History { seq: 10, ..history(&retained) };
+        let text = HistoryAnswer::new(&topic, None, whole, usize::MAX).into_frame();
+        let ServerFrame::History { next, .. } = ServerFrame::decode(text.to_text().unwrap()).unwrap() else { panic!() };
+        assert_eq!(next, None, "nothing more retained");
+    }
 
     #[test]
     fn welcome_is_the_derived_encoding() {
