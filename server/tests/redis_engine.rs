@@ -279,6 +279,21 @@ async fn bulk_history_reads_do_not_starve_publishes_on_other_topics() {
         assert_eq!(engine.publish(&archive, publication).await, Ok(i));
     }
 
+    // Paged on the Redis side whatever the bound: a bound across pages
+    // from a `since` is kept, with where the rest follows; a message larger
+    // than the bound is read alone.
+    let epoch = engine.read(&archive, None, ReadLimit { messages: 0, bytes: 0 }, false).await.unwrap().epoch;
+    let since = Since { epoch: epoch.to_string(), seq: 10 };
+    let three_mib = ReadLimit { messages: MESSAGES, bytes: 3 << 20 };
+    let page = engine.read(&archive, Some(&since), three_mib, false).await.unwrap();
+    let bytes: usize = page.messages.iter().map(|(_, frame)| frame.len()).sum();
+    assert!(bytes <= 3 << 20 && bytes + SIZE + 100 > 3 << 20, "as much as fits: {bytes}");
+    assert!(page.messages.iter().map(|(seq, _)| *seq).eq(11..11 + page.messages.len() as u64));
+    assert_eq!(page.next(), Some(10 + page.messages.len() as u64));
+    let one = engine.read(&archive, Some(&since), ReadLimit { messages: MESSAGES, bytes: 1 }, false).await.unwrap();
+    assert_eq!(one.messages.len(), 1);
+    assert_eq!(one.next(), Some(11));
+
     let mut subscriber = Client::connect(server.local_addr()).await;
     subscriber.subscribe("chat").await;
     let mut publisher = Client::connect(server.local_addr()).await;
@@ -445,4 +460,35 @@ async fn a_redis_refusing_writes_fails_publishes_clearly_and_writes_nothing() {
     assert_eq!(publisher.publish("ledger", json!(4), 6).await, 4);
     assert_eq!(seq_of(&sub.recv().await), 4);
     assert!(handle.engine_ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_larger_than_a_page_arrives_whole_and_in_order() {
+    // 2.4 MB missed while the pub/sub connection was down: read back (and a
+    // `since` replayed) page by page, each page at most 1 MiB.
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut sub = Client::connect(a.local_addr()).await;
+    let (epoch, ..) = subscribed(sub.subscribe("large").await);
+    let mut publisher = Client::connect(b.local_addr()).await;
+    let data = "y".repeat(40_000);
+    assert_eq!(publisher.publish("large", json!(data), 1).await, 1);
+    assert_eq!(seq_of(&sub.recv().await), 1);
+    redis.kill_pubsub_clients();
+    for i in 2..=60 {
+        assert_eq!(publisher.publish("large", json!(data), i).await, i);
+    }
+    let ha = a.handle();
+    wait_until("node A subscribed again", || ha.engine_ready()).await;
+    for i in 2..=60 {
+        assert_eq!(seq_of(&sub.recv().await), i, "every message once, in order");
+    }
+    sub.assert_quiet().await;
+    let mut back = Client::connect(a.local_addr()).await;
+    back.send(json!({"type": "subscribe", "topic": "large", "since": Since { epoch: epoch.clone(), seq: 0 }})).await;
+    assert_eq!(subscribed(back.recv().await), (epoch, 60, true));
+    for i in 1..=60 {
+        assert_eq!(seq_of(&back.recv().await), i);
+    }
+    back.assert_quiet().await;
 }

@@ -617,7 +617,9 @@ impl Shared {
                 history.messages.push((seq, frame));
             }
             let Some(&(last, _)) = history.messages.last() else { return Ok(history) };
-            if full || page.entries.is_empty() || last >= history.seq || history.messages.len() >= limit.messages {
+            // (One message may be larger than the whole bound: it is read alone.)
+            let done = full || page.entries.is_empty() || last >= history.seq || bytes >= limit.bytes;
+            if done || history.messages.len() >= limit.messages {
                 return Ok(history);
             }
             let rest = ReadLimit { messages: limit.messages - history.messages.len(), bytes: limit.bytes - bytes };
