@@ -42,8 +42,10 @@
 //!   connections of their own ([`BULK_CONNECTIONS`]), never the one that
 //!   carries publishes and presence, a page of at most [`BULK_PAGE_BYTES`]
 //!   per round trip; at most [`BULK_READS`] reads run at once per node, the
-//!   others wait (up to [`BULK_WAIT`], then `engine_unavailable`). So no
-//!   amount of history traffic makes another topic's publish time out.
+//!   others wait (up to [`BULK_WAIT`], then `engine_unavailable`); a
+//!   catch-up, which live delivery waits for, takes no turn and reads one
+//!   page at a time. So no amount of history traffic makes another topic's
+//!   publish time out.
 //! - **Topic cap.** A node holds at most `--max-topics` topics at once (the
 //!   topics its subscribers hold); a subscribe to one more is refused with
 //!   `topic_limit`.
