@@ -105,6 +105,9 @@ pub(crate) const BULK_PAGE_BYTES: usize = 1 << 20;
 /// The most messages one page of a catch-up carries.
 const CATCH_UP_PAGE_MESSAGES: usize = 1024;
 
+/// Renewals (presence entries, held topics' meta hashes) one round trip carries.
+const RENEW_BATCH: usize = 512;
+
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -977,18 +980,23 @@ impl Shared {
             let held: Vec<Topic> = lock(&self.held).keys().cloned().collect();
             let expires = now_ms() + self.presence_ttl.as_millis() as u64;
             let ttl = self.history_ttl.as_millis() as u64;
-            let _ = self
-                .run(async |mut conn| {
-                    let mut pipe = redis::pipe();
-                    for (topic, peer, user) in &entries {
-                        pipe.hset(presence_key(topic), peer, self.presence_value(expires, user.as_deref())).ignore();
-                    }
-                    for topic in &held {
-                        pipe.pexpire(meta_key(topic), ttl as i64).ignore();
-                    }
-                    pipe.query_async::<()>(&mut conn).await
-                })
-                .await;
+            // A round trip per batch: a node holding many topics does not put
+            // one long pipeline (and its replies) before the publishes that
+            // share the command connection.
+            for batch in entries.chunks(RENEW_BATCH) {
+                let mut pipe = redis::pipe();
+                for (topic, peer, user) in batch {
+                    pipe.hset(presence_key(topic), peer, self.presence_value(expires, user.as_deref())).ignore();
+                }
+                let _ = self.run(async |mut conn| pipe.query_async::<()>(&mut conn).await).await;
+            }
+            for batch in held.chunks(RENEW_BATCH) {
+                let mut pipe = redis::pipe();
+                for topic in batch {
+                    pipe.pexpire(meta_key(topic), ttl as i64).ignore();
+                }
+                let _ = self.run(async |mut conn| pipe.query_async::<()>(&mut conn).await).await;
+            }
             let cutoff = tokio::time::Instant::now().checked_sub(ACK_FORGET);
             if let Some(cutoff) = cutoff {
                 lock(&self.acks).retain(|_, (_, at)| *at > cutoff);
