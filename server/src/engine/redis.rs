@@ -32,14 +32,34 @@
 //!   through one queue, in the order they happened, so the other nodes see
 //!   one publisher's raw messages in its order; the channel keeps it. Being
 //!   unsequenced, a raw message that cannot reach Redis is not recovered.
-//! - **Redis unreachable:** every operation fails within [`COMMAND_TIMEOUT`]
-//!   with [`EngineError::Unavailable`] (publishers get `engine_unavailable`),
-//!   subscribers stay connected, and the node reconnects with backoff.
+//! - **A topic nobody holds retains nothing.** A subscriber's first read
+//!   gives a topic its state in Redis (epoch, seq); a publish to a topic
+//!   without one (nobody anywhere was ever told an epoch of it) reaches
+//!   nobody, writes no key, and is acked with seq 0. It still notifies the
+//!   nodes (`u`): one that holds the topic then knows Redis lost the topic's
+//!   state (an eviction) and resets its subscribers, never a silent gap.
+//! - **Bulk reads** (history answers, subscribe replays, catch-ups) go over
+//!   connections of their own ([`BULK_CONNECTIONS`]), never the one that
+//!   carries publishes and presence, a page of at most [`BULK_PAGE_BYTES`]
+//!   per round trip; at most [`BULK_READS`] reads run at once per node, the
+//!   others wait (up to [`BULK_WAIT`], then `engine_unavailable`); a
+//!   catch-up, which live delivery waits for, takes no turn and reads one
+//!   page at a time. So no amount of history traffic makes another topic's
+//!   publish time out.
+//! - **Topic cap.** A node holds at most `--max-topics` topics at once (the
+//!   topics its subscribers hold); a subscribe to one more is refused with
+//!   `topic_limit`.
+//! - **Redis unreachable, or refusing writes** (`maxmemory` reached under
+//!   `noeviction`): every operation fails within [`COMMAND_TIMEOUT`] with
+//!   [`EngineError::Unavailable`] carrying Redis's reason (publishers get
+//!   `engine_unavailable`), subscribers stay connected, and the node
+//!   reconnects with backoff when the connection itself was lost. A refused
+//!   script writes nothing: Redis refuses its first write, before any other.
 
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -50,7 +70,7 @@ use crosswire_shared::{PresenceEntry, RawValue, Since, Topic};
 use futures_util::StreamExt;
 use prometheus_client::metrics::histogram::Histogram;
 use redis::{aio::ConnectionManager, AsyncCommands, Client, Script};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -63,6 +83,30 @@ pub(crate) const SHARD_CHANNELS: usize = 16;
 
 /// How long one Redis operation may take before it counts as failed.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections of their own for bulk reads (history, replays, catch-ups).
+pub(crate) const BULK_CONNECTIONS: usize = 2;
+
+/// Bulk reads one node runs at once ([`Engine::read`]s: each may hold up to
+/// its `ReadLimit` in memory until answered); more wait for a turn.
+pub(crate) const BULK_READS: usize = 4;
+
+/// How long a bulk read waits for its turn before it fails.
+pub(crate) const BULK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long one page of a bulk read may take before it counts as failed.
+pub(crate) const BULK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most history bytes one round trip carries (always at least one
+/// message): neither Redis nor the node builds a larger reply, whatever
+/// the caller's [`ReadLimit`].
+pub(crate) const BULK_PAGE_BYTES: usize = 1 << 20;
+
+/// The most messages one page of a catch-up carries.
+const CATCH_UP_PAGE_MESSAGES: usize = 1024;
+
+/// Renewals (presence entries, held topics' meta hashes) one round trip carries.
+const RENEW_BATCH: usize = 512;
 
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -82,28 +126,37 @@ const OUTGOING_CAPACITY: usize = 4096;
 const OUTGOING_BATCH: usize = 256;
 
 /// Seq, history append and notification, atomically.
-/// KEYS: meta, history. ARGV: epoch if new, now (ms), ttl (ms), max
-/// messages, max bytes, channel, frame head, frame tail, topic, node,
-/// publish id, from.
+/// KEYS: meta, history. ARGV: now (ms), ttl (ms), max messages, max
+/// bytes, channel, frame head, frame tail, topic, node, publish id, from.
+/// Returns the seq, or 0 when nobody holds the topic.
+///
+/// Only a subscriber's READ gives a topic its meta hash: without one, nobody
+/// anywhere was told an epoch of the topic, so nothing is retained and no
+/// key written; the nodes hear `u` (see `on_message`). Under `maxmemory`
+/// with `noeviction`, Redis refuses the script's first write (HINCRBY)
+/// before anything is written: a refused publish leaves no trace.
 const PUBLISH: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'bytes', 0)
-  redis.call('DEL', KEYS[2])
+  redis.call('PUBLISH', ARGV[5], 'u\n' .. ARGV[8])
+  return 0
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local now = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local entry = ARGV[2] .. '\n' .. ARGV[10] .. '\n' .. ARGV[11] .. '\n' .. ARGV[12] .. '\n' .. ARGV[7] .. seq .. ARGV[8]
-if tonumber(ARGV[4]) > 0 then
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local entry = ARGV[1] .. '\n' .. ARGV[9] .. '\n' .. ARGV[10] .. '\n' .. ARGV[11] .. '\n' .. ARGV[6] .. seq .. ARGV[7]
+if tonumber(ARGV[3]) > 0 then
+  -- A list that expired or was evicted took its bytes with it.
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('HSET', KEYS[1], 'bytes', 0)
+  end
   redis.call('RPUSH', KEYS[2], entry)
   local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', #entry)
   local len = redis.call('LLEN', KEYS[2])
   while len > 0 do
     local head = redis.call('LINDEX', KEYS[2], 0)
     local at = tonumber(string.match(head, '^(%d+)'))
-    if len > tonumber(ARGV[4]) or bytes > tonumber(ARGV[5]) or at < now - ttl then
+    if len > tonumber(ARGV[3]) or bytes > tonumber(ARGV[4]) or at < now - ttl then
       redis.call('LPOP', KEYS[2])
       bytes = redis.call('HINCRBY', KEYS[1], 'bytes', -#head)
       len = len - 1
@@ -114,7 +167,7 @@ if tonumber(ARGV[4]) > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', ARGV[6], 'm\n' .. ARGV[9] .. '\n' .. epoch .. '\n' .. seq .. '\n' .. entry)
+redis.call('PUBLISH', ARGV[5], 'm\n' .. ARGV[8] .. '\n' .. epoch .. '\n' .. seq .. '\n' .. entry)
 return seq
 "#;
 
@@ -227,7 +280,13 @@ struct Shared {
     history_ttl: Duration,
     history_bytes: usize,
     presence_ttl: Duration,
-    connection: watch::Sender<Option<ConnectionManager>>,
+    /// Topics this node's subscribers may hold at once.
+    max_topics: usize,
+    connection: watch::Sender<Option<Connections>>,
+    /// Turns of the bulk reads ([`BULK_READS`]).
+    bulk_reads: Semaphore,
+    /// The bulk connection the next page goes over.
+    next_bulk: AtomicUsize,
     /// The pub/sub connection is subscribed: deliveries flow.
     subscribed: AtomicBool,
     node: OnceLock<Node>,
@@ -250,6 +309,16 @@ struct Shared {
     outgoing: mpsc::Sender<Outgoing>,
     /// The queue's other end, until the engine starts.
     outgoing_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+}
+
+/// This node's connections to Redis, made once; each reconnects by itself.
+#[derive(Clone)]
+struct Connections {
+    /// Publishes, presence, and everything else that is small: what a
+    /// client waits for, never behind a bulk reply.
+    command: ConnectionManager,
+    /// Bulk reads, a page at a time.
+    bulk: Vec<ConnectionManager>,
 }
 
 /// What this node tells the other nodes without waiting for an answer.
@@ -349,7 +418,10 @@ impl RedisEngine {
                 history_ttl: config.history_ttl,
                 history_bytes: config.history_memory_bytes,
                 presence_ttl: config.presence_ttl,
+                max_topics: config.max_topics,
                 connection: watch::channel(None).0,
+                bulk_reads: Semaphore::new(BULK_READS),
+                next_bulk: AtomicUsize::new(0),
                 subscribed: AtomicBool::new(false),
                 node: OnceLock::new(),
                 publish: Script::new(PUBLISH),
@@ -377,8 +449,8 @@ impl RedisEngine {
 }
 
 impl Shared {
-    /// The command connection, waiting (bounded) for the first one.
-    async fn connection(&self) -> Result<ConnectionManager, EngineError> {
+    /// The connections, waiting (bounded) for the first ones.
+    async fn connections(&self) -> Result<Connections, EngineError> {
         // Once made, it is there for good: every command but the first few
         // takes it without a receiver of its own.
         if let Some(conn) = self.connection.borrow().clone() {
@@ -392,8 +464,9 @@ impl Shared {
         }
     }
 
+    /// One operation on the command connection, timed into `/metrics`.
     async fn run<T>(&self, f: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>) -> Result<T, EngineError> {
-        let conn = self.connection().await?;
+        let conn = self.connections().await?.command;
         let started = tokio::time::Instant::now();
         let result = match tokio::time::timeout(COMMAND_TIMEOUT, f(conn)).await {
             Ok(result) => result.map_err(unavailable),
@@ -403,6 +476,21 @@ impl Shared {
             histogram.observe(started.elapsed().as_secs_f64());
         }
         result
+    }
+
+    /// One page of a bulk read, on the next bulk connection, within
+    /// [`BULK_TIMEOUT`]. Not timed into `/metrics`: the round trips there are
+    /// what publishes wait for.
+    async fn run_bulk<T>(
+        &self,
+        f: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>,
+    ) -> Result<T, EngineError> {
+        let bulk = self.connections().await?.bulk;
+        let conn = bulk[self.next_bulk.fetch_add(1, Ordering::Relaxed) % bulk.len()].clone();
+        match tokio::time::timeout(BULK_TIMEOUT, f(conn)).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(EngineError::Unavailable("Redis did not answer a history read in time".into())),
+        }
     }
 
     async fn publish(
@@ -427,7 +515,6 @@ impl Shared {
                 self.publish
                     .key(meta_key(topic))
                     .key(history_key(topic))
-                    .arg(fresh_epoch())
                     .arg(now_ms())
                     .arg(self.history_ttl.as_millis() as u64)
                     .arg(self.history_size)
@@ -448,14 +535,17 @@ impl Shared {
         // catch-up, in seq order with the topic's other messages. Any other
         // is queued by whoever has it first, the delivery or this answer,
         // under the lock of the pending acks: so the acks of one publisher go
-        // out in the order of its publishes. When the publish failed (or we
-        // cannot know), the error frame answers instead and no ack follows.
+        // out in the order of its publishes. Seq 0 (nobody holds the topic)
+        // is delivered nowhere: this answer is its only way back. When the
+        // publish failed (or we cannot know), the error frame answers
+        // instead and no ack follows.
         let mut acks = lock(&self.acks);
         match &result {
             Ok(seq) => {
-                if acks.get(&id).is_some_and(|(ack, _)| !ack.in_order) {
-                    let (ack, _) = acks.remove(&id).expect("just seen");
-                    ack.send(*seq);
+                if *seq == 0 || acks.get(&id).is_some_and(|(ack, _)| !ack.in_order) {
+                    if let Some((ack, _)) = acks.remove(&id) {
+                        ack.send(*seq);
+                    }
                 }
             }
             Err(_) => {
@@ -466,7 +556,8 @@ impl Shared {
         result
     }
 
-    /// The READ script's answer.
+    /// The READ script's answer, on a bulk connection: one page, at most
+    /// [`BULK_PAGE_BYTES`] (or one message) whatever `limit` says.
     async fn read_entries(
         &self,
         topic: &Topic,
@@ -475,7 +566,7 @@ impl Shared {
         create: bool,
     ) -> Result<Entries, EngineError> {
         let (epoch, seq, complete, first, entries): (String, u64, u8, u64, Vec<Bytes>) = self
-            .run(async |mut conn| {
+            .run_bulk(async |mut conn| {
                 self.read
                     .key(meta_key(topic))
                     .key(history_key(topic))
@@ -486,8 +577,7 @@ impl Shared {
                     .arg(fresh_epoch())
                     .arg(now_ms())
                     .arg(self.history_ttl.as_millis() as u64)
-                    // Lua numbers are doubles: past 2^53 a bound means "no bound".
-                    .arg(limit.bytes.min(1 << 53))
+                    .arg(limit.bytes.min(BULK_PAGE_BYTES))
                     .invoke_async(&mut conn)
                     .await
             })
@@ -496,6 +586,8 @@ impl Shared {
         Ok(Entries { epoch: epoch.into(), seq, complete: complete == 1, first, entries })
     }
 
+    /// [`Engine::read`]: page after page of the READ script, as many as
+    /// `limit` takes, in one of the [`BULK_READS`] turns.
     async fn read(
         &self,
         topic: &Topic,
@@ -503,14 +595,53 @@ impl Shared {
         limit: ReadLimit,
         create: bool,
     ) -> Result<History, EngineError> {
-        let Entries { epoch, seq, complete, first, entries } = self.read_entries(topic, since, limit, create).await?;
-        let mut messages = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let parsed = parse_entry(entry).ok_or_else(|| unavailable("a malformed history entry"))?;
-            let frame = MessageText::from_utf8(&parsed.frame).map_err(unavailable)?;
-            messages.push((first + i as u64, frame));
+        // What a read holds until it is answered is bounded by its limit;
+        // the turns bound how many hold it at once.
+        let Ok(Ok(_turn)) = tokio::time::timeout(BULK_WAIT, self.bulk_reads.acquire()).await else {
+            return Err(EngineError::Unavailable("too many history reads under way on this node".into()));
+        };
+        let mut page = self.read_entries(topic, since, limit, create).await?;
+        // The first page fixes the position: every later page reads on from
+        // the last seq read, up to this seq and no further (what follows it
+        // is delivered, as after any read).
+        let mut history =
+            History { epoch: page.epoch.clone(), seq: page.seq, complete: page.complete, messages: Vec::new() };
+        let mut bytes = 0usize;
+        loop {
+            let mut full = false;
+            for (i, entry) in page.entries.iter().enumerate() {
+                let seq = page.first + i as u64;
+                let parsed = parse_entry(entry).ok_or_else(|| unavailable("a malformed history entry"))?;
+                let frame = MessageText::from_utf8(&parsed.frame).map_err(unavailable)?;
+                let over = !history.messages.is_empty() && bytes.saturating_add(frame.len()) > limit.bytes;
+                if seq > history.seq || history.messages.len() >= limit.messages || over {
+                    full = true;
+                    break;
+                }
+                bytes += frame.len();
+                history.messages.push((seq, frame));
+            }
+            let Some(&(last, _)) = history.messages.last() else { return Ok(history) };
+            // (One message may be larger than the whole bound: it is read alone.)
+            let done = full || page.entries.is_empty() || last >= history.seq || bytes >= limit.bytes;
+            if done || history.messages.len() >= limit.messages {
+                return Ok(history);
+            }
+            let rest = ReadLimit { messages: limit.messages - history.messages.len(), bytes: limit.bytes - bytes };
+            let on = Since { epoch: history.epoch.to_string(), seq: last };
+            page = self.read_entries(topic, Some(&on), rest, false).await?;
+            if !page.complete || page.epoch != history.epoch {
+                // The history was trimmed past what was read (or lost) while
+                // it was read: a `since` can no longer be answered whole. The
+                // latest messages (no `since`) are answered as far as read:
+                // `History::next` says more was retained.
+                if since.is_some() {
+                    history.complete = false;
+                    history.messages.clear();
+                }
+                return Ok(history);
+            }
         }
-        Ok(History { epoch, seq, complete, messages })
     }
 
     /// The delivery of one entry (as the scripts write it), with the ack it
@@ -531,56 +662,68 @@ impl Shared {
         Some(Delivery { epoch, seq, from: entry.from, frame, ack })
     }
 
-    /// Fills what this node missed of `topic` after `after` (in `epoch`).
-    /// When that history is gone (a new epoch: Redis lost the topic), the
+    /// Fills what this node missed of `topic` after `after` (in `epoch`),
+    /// a page at a time, each delivered before the next is read, up to the
+    /// topic's seq when it began (what follows comes in the stream). When
+    /// that history is gone (a new epoch: Redis lost the topic), the
     /// subscribers are reset to the new epoch: at its start when all of it
     /// is retained, so they miss nothing of it, else at its last seq.
     async fn catch_up(&self, node: &Node, topic: &Topic, epoch: &Arc<str>, after: u64) {
-        let all = ReadLimit::ALL;
-        let since = Since { epoch: epoch.to_string(), seq: after };
-        let mut read = match self.read_entries(topic, Some(&since), all, true).await {
-            Ok(read) => read,
-            Err(e) => {
-                tracing::warn!(%topic, error = %e, "cannot catch up a topic from Redis; its subscribers get what follows");
+        let page = ReadLimit { messages: CATCH_UP_PAGE_MESSAGES, bytes: BULK_PAGE_BYTES };
+        let (mut epoch, mut after) = (epoch.clone(), after);
+        let mut until = None;
+        loop {
+            let since = Since { epoch: epoch.to_string(), seq: after };
+            let mut read = match self.read_entries(topic, Some(&since), page, true).await {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "cannot catch up a topic from Redis; its subscribers get what follows");
+                    return;
+                }
+            };
+            if *read.epoch == *epoch && read.seq < after {
+                // Redis is behind what this node delivered in the same epoch:
+                // it lost writes, and would hand the same seqs out again. Past
+                // that point the epoch means nothing: a new one, and a reset.
+                tracing::warn!(%topic, "Redis lost acknowledged messages: the topic gets a new epoch");
+                let renewed: Result<String, _> = self
+                    .run(async |mut conn| {
+                        self.new_epoch
+                            .key(meta_key(topic))
+                            .key(history_key(topic))
+                            .arg(&*epoch)
+                            .arg(fresh_epoch())
+                            .invoke_async(&mut conn)
+                            .await
+                    })
+                    .await;
+                if let Ok(renewed) = renewed {
+                    node.reset(topic, renewed.into(), read.seq);
+                }
                 return;
             }
-        };
-        if *read.epoch == **epoch && read.seq < after {
-            // Redis is behind what this node delivered in the same epoch: it
-            // lost writes, and would hand the same seqs out again. Past that
-            // point the epoch means nothing: a new one, and a reset.
-            tracing::warn!(%topic, "Redis lost acknowledged messages: the topic gets a new epoch");
-            let renewed: Result<String, _> = self
-                .run(async |mut conn| {
-                    self.new_epoch
-                        .key(meta_key(topic))
-                        .key(history_key(topic))
-                        .arg(&**epoch)
-                        .arg(fresh_epoch())
-                        .invoke_async(&mut conn)
-                        .await
-                })
-                .await;
-            if let Ok(renewed) = renewed {
-                node.reset(topic, renewed.into(), read.seq);
-            }
-            return;
-        }
-        if !read.complete || *read.epoch != **epoch {
-            tracing::info!(%topic, "history lost in Redis: resetting the topic's subscribers (recovered: false)");
-            let start = Since { epoch: read.epoch.to_string(), seq: 0 };
-            match self.read_entries(topic, Some(&start), all, true).await {
-                Ok(whole) if whole.complete && whole.epoch == read.epoch => {
-                    node.reset(topic, whole.epoch.clone(), 0);
-                    read = whole;
+            if !read.complete || read.epoch != epoch {
+                tracing::info!(%topic, "history lost in Redis: resetting the topic's subscribers (recovered: false)");
+                let start = Since { epoch: read.epoch.to_string(), seq: 0 };
+                match self.read_entries(topic, Some(&start), page, true).await {
+                    Ok(whole) if whole.complete && whole.epoch == read.epoch => {
+                        node.reset(topic, whole.epoch.clone(), 0);
+                        read = whole;
+                    }
+                    _ => return node.reset(topic, read.epoch, read.seq),
                 }
-                _ => return node.reset(topic, read.epoch, read.seq),
             }
-        }
-        for (i, entry) in read.entries.iter().enumerate() {
-            if let Some(delivery) = self.delivery(read.epoch.clone(), read.first + i as u64, entry) {
-                node.deliver(topic, delivery);
+            let until = *until.get_or_insert(read.seq);
+            for (i, entry) in read.entries.iter().enumerate() {
+                if let Some(delivery) = self.delivery(read.epoch.clone(), read.first + i as u64, entry) {
+                    node.deliver(topic, delivery);
+                }
             }
+            let read_to = read.first + read.entries.len() as u64;
+            if read.entries.is_empty() || read_to > until {
+                return;
+            }
+            (epoch, after) = (read.epoch, read_to - 1);
         }
     }
 
@@ -595,6 +738,22 @@ impl Shared {
                 if let Delivered::Gap { epoch, after } = node.deliver(&topic, delivery.clone()) {
                     self.catch_up(node, &topic, &epoch, after).await;
                     node.deliver(&topic, delivery);
+                }
+            }
+            Some(b'u') => {
+                // u \n topic: published where Redis has no state of the topic.
+                let Some(Ok(topic)) = payload.get(2..).map(|t| std::str::from_utf8(t).map(Topic::new)) else { return };
+                let Ok(topic) = topic else { return };
+                if !lock(&self.held).contains_key(&topic) {
+                    return;
+                }
+                // Held here, so Redis lost its state (evicted, or expired
+                // while unreachable): the catch-up gives it a new epoch and
+                // the subscribers a reset, not a silent gap. A subscriber
+                // still reading has no position yet: its read does the same.
+                let position = node.positions().into_iter().find(|(held, ..)| *held == topic);
+                if let Some((topic, epoch, seq)) = position {
+                    self.catch_up(node, &topic, &epoch, seq).await;
                 }
             }
             Some(b'r') => {
@@ -627,17 +786,26 @@ impl Shared {
         }
     }
 
-    /// Keeps the command connection: made once, then ConnectionManager
-    /// reconnects by itself.
+    /// Keeps the command and bulk connections: made once, then each
+    /// ConnectionManager reconnects by itself.
     async fn connect(self: Arc<Self>, shutdown: CancellationToken) {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(COMMAND_TIMEOUT)
-            .set_response_timeout(COMMAND_TIMEOUT)
-            .set_number_of_retries(2)
-            .set_max_delay(BACKOFF_MAX.as_millis() as u64);
+        let config = |response_timeout| {
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(COMMAND_TIMEOUT)
+                .set_response_timeout(response_timeout)
+                .set_number_of_retries(2)
+                .set_max_delay(BACKOFF_MAX.as_millis() as u64)
+        };
         let mut backoff = BACKOFF_MIN;
         loop {
-            let attempt = ConnectionManager::new_with_config(self.client.clone(), config.clone());
+            let attempt = async {
+                let command = ConnectionManager::new_with_config(self.client.clone(), config(COMMAND_TIMEOUT)).await?;
+                let mut bulk = Vec::with_capacity(BULK_CONNECTIONS);
+                for _ in 0..BULK_CONNECTIONS {
+                    bulk.push(ConnectionManager::new_with_config(self.client.clone(), config(BULK_TIMEOUT)).await?);
+                }
+                redis::RedisResult::Ok(Connections { command, bulk })
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 conn = attempt => match conn {
@@ -654,6 +822,18 @@ impl Shared {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+    }
+
+    /// A PING on the command connection and on each bulk one.
+    async fn ping_all(&self) -> Result<(), EngineError> {
+        let Connections { command, bulk } = self.connections().await?;
+        for mut conn in std::iter::once(command).chain(bulk) {
+            match tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<()>(&mut conn)).await {
+                Ok(result) => result.map_err(unavailable)?,
+                Err(_) => return Err(EngineError::Unavailable("Redis did not answer in time".into())),
+            }
+        }
+        Ok(())
     }
 
     /// The pub/sub connection: subscribes to every shard channel, catches up
@@ -674,12 +854,10 @@ impl Shared {
             match pubsub {
                 Ok(Ok(pubsub)) => {
                     backoff = BACKOFF_MIN;
-                    // The command connection too, before the catch-up reads
-                    // and before saying ready: after an outage it reconnects
+                    // The other connections too, before the catch-up reads
+                    // and before saying ready: after an outage each reconnects
                     // on its first use, which should not be a client's publish.
-                    while let Err(e) =
-                        self.run(async |mut conn| redis::cmd("PING").query_async::<()>(&mut conn).await).await
-                    {
+                    while let Err(e) = self.ping_all().await {
                         tracing::debug!(error = %e, "Redis commands not answered yet");
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
@@ -802,18 +980,23 @@ impl Shared {
             let held: Vec<Topic> = lock(&self.held).keys().cloned().collect();
             let expires = now_ms() + self.presence_ttl.as_millis() as u64;
             let ttl = self.history_ttl.as_millis() as u64;
-            let _ = self
-                .run(async |mut conn| {
-                    let mut pipe = redis::pipe();
-                    for (topic, peer, user) in &entries {
-                        pipe.hset(presence_key(topic), peer, self.presence_value(expires, user.as_deref())).ignore();
-                    }
-                    for topic in &held {
-                        pipe.pexpire(meta_key(topic), ttl as i64).ignore();
-                    }
-                    pipe.query_async::<()>(&mut conn).await
-                })
-                .await;
+            // A round trip per batch: a node holding many topics does not put
+            // one long pipeline (and its replies) before the publishes that
+            // share the command connection.
+            for batch in entries.chunks(RENEW_BATCH) {
+                let mut pipe = redis::pipe();
+                for (topic, peer, user) in batch {
+                    pipe.hset(presence_key(topic), peer, self.presence_value(expires, user.as_deref())).ignore();
+                }
+                let _ = self.run(async |mut conn| pipe.query_async::<()>(&mut conn).await).await;
+            }
+            for batch in held.chunks(RENEW_BATCH) {
+                let mut pipe = redis::pipe();
+                for topic in batch {
+                    pipe.pexpire(meta_key(topic), ttl as i64).ignore();
+                }
+                let _ = self.run(async |mut conn| pipe.query_async::<()>(&mut conn).await).await;
+            }
             let cutoff = tokio::time::Instant::now().checked_sub(ACK_FORGET);
             if let Some(cutoff) = cutoff {
                 lock(&self.acks).retain(|_, (_, at)| *at > cutoff);
@@ -863,8 +1046,18 @@ impl Engine for RedisEngine {
         Pending::later(self.shared.read(topic, since, limit, create))
     }
 
+    /// Refuses a topic past `--max-topics` held on this node, as the memory
+    /// engine does when none is idle (a topic nobody holds costs a node
+    /// nothing here, so there is never one to forget).
     fn hold(&self, topic: &Topic) -> Result<(), EngineError> {
-        *lock(&self.shared.held).entry(topic.clone()).or_default() += 1;
+        let mut held = lock(&self.shared.held);
+        if let Some(holders) = held.get_mut(topic) {
+            *holders += 1;
+        } else if held.len() < self.shared.max_topics {
+            held.insert(topic.clone(), 1);
+        } else {
+            return Err(EngineError::TopicLimit { max: self.shared.max_topics });
+        }
         Ok(())
     }
 

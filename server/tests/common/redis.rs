@@ -90,6 +90,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     persistent: bool,
+    /// More `redis-server` arguments (`--maxmemory 16mb`, …), kept for restarts.
+    extra: Vec<String>,
     child: Option<Child>,
     /// Connections this harness opened since the last (re)start, to tell
     /// them from a server's in Redis's own count.
@@ -100,21 +102,28 @@ impl RedisServer {
     /// Without persistence (`--save "" --appendonly no`): a restart loses
     /// everything, as a cache-only Redis does.
     pub async fn start() -> RedisServer {
-        RedisServer::start_with(false).await
+        RedisServer::start_with(false, &[]).await
+    }
+
+    /// Without persistence, with more `redis-server` arguments
+    /// (`["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]`).
+    pub async fn start_configured(extra: &[&str]) -> RedisServer {
+        RedisServer::start_with(false, extra).await
     }
 
     /// With an append-only file fsynced on every write
     /// (`--appendonly yes --appendfsync always`): a restart, even after
     /// SIGKILL, loses nothing that Redis acknowledged.
     pub async fn start_persistent() -> RedisServer {
-        RedisServer::start_with(true).await
+        RedisServer::start_with(true, &[]).await
     }
 
-    async fn start_with(persistent: bool) -> RedisServer {
+    async fn start_with(persistent: bool, extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             port: 0,
             dir: private_dir("redis"),
             persistent,
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
             child: None,
             own_connections: AtomicUsize::new(0),
         };
@@ -155,6 +164,7 @@ impl RedisServer {
         } else {
             args.extend(["--appendonly", "no"]);
         }
+        args.extend(self.extra.iter().map(String::as_str));
         let child = Command::new(redis_server_bin())
             .args(&args)
             .stdin(Stdio::null())
@@ -223,6 +233,12 @@ impl RedisServer {
     /// Runs one command on it and returns the answer (see [`reply`]).
     pub fn command(&self, args: &[&str]) -> String {
         self.reply(args).unwrap_or_else(|| panic!("redis answers {args:?}"))
+    }
+
+    /// How many keys it holds (`DBSIZE`).
+    pub fn dbsize(&self) -> u64 {
+        let answer = self.command(&["DBSIZE"]);
+        answer.strip_prefix(':').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("DBSIZE: {answer}"))
     }
 
     /// Closes every pub/sub connection (`CLIENT KILL TYPE pubsub`), which is
