@@ -259,7 +259,10 @@ pub enum ConfigError {
     BadOrigin(String),
     /// Default topic permissions for tokens were given without a JWT secret,
     /// where there are no tokens and every topic is open.
-    #[error("{0} needs a JWT secret (--jwt-secret): without one every client may use every topic")]
+    #[error(
+        "{0} (--{flag}) needs a JWT secret (--jwt-secret): without one every client may use every topic",
+        flag = .0.replace('_', "-")
+    )]
     DefaultsWithoutSecret(&'static str),
     /// A Redis address that is not a `redis://` (or `rediss://`, `redis+unix://`) URL.
     #[error("redis address {0:?} is not a redis://HOST:PORT[/DB] URL")]

@@ -313,7 +313,7 @@ async fn default_patterns_without_a_secret_are_a_config_error() {
     else {
         panic!("defaults without a secret bound a server");
     };
-    assert!(err.to_string().contains("jwt_default_subscribe needs a JWT secret"), "{err}");
+    assert!(err.to_string().contains("jwt_default_subscribe (--jwt-default-subscribe) needs a JWT secret"), "{err}");
 }
 
 #[tokio::test]

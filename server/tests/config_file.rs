@@ -236,5 +236,5 @@ fn default_topic_patterns_are_lists_of_claim_patterns() {
     // Defaults without a secret would read as a restriction where everything is open.
     let cli: Cli = try_parse_cli_from(["crosswire-server", "--jwt-default-publish", "chat:*"]).unwrap();
     let err = cli.args.into_config().unwrap_err();
-    assert!(err.to_string().contains("jwt_default_publish needs a JWT secret"), "{err}");
+    assert!(err.to_string().contains("jwt_default_publish (--jwt-default-publish) needs a JWT secret"), "{err}");
 }
