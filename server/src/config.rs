@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+use crosswire_shared::TopicPattern;
+
 /// Everything a [`crate::Server`] can be tuned with. `ServerConfig::default()` is a
 /// sensible, documented starting point.
 #[derive(Debug, Clone)]
@@ -81,8 +83,17 @@ pub struct ServerConfig {
     /// resubscribing its topics on reconnect fits.
     pub subscribe_burst: u32,
     /// The HS256 secret tokens are verified with; `None` (the default) turns
-    /// built-in authentication off.
+    /// built-in authentication off: every client may then subscribe and
+    /// publish to every topic.
     pub jwt_secret: Option<String>,
+    /// With a JWT secret: the topic patterns a token without a `subscribe`
+    /// claim may subscribe to (and read the history and presence of). A
+    /// token's own claim replaces these. Default none: a token grants only
+    /// what it says.
+    pub jwt_default_subscribe: Vec<TopicPattern>,
+    /// With a JWT secret: the topic patterns a token without a `publish`
+    /// claim may publish to; a token's own claim replaces these. Default none.
+    pub jwt_default_publish: Vec<TopicPattern>,
     /// Browser origins allowed besides the server's own and loopback ones; `*` allows all.
     pub allowed_origins: Vec<String>,
     /// Topics one peer may be subscribed to at once. Default 100.
@@ -128,9 +139,12 @@ pub struct ServerConfig {
     /// New connections one client address may open in a burst. Default 2000
     /// (a load test opening a couple of thousand connections at once).
     pub connect_burst_per_ip: u32,
-    /// Reverse proxies whose `Forwarded` / `X-Forwarded-For` headers name the
-    /// client address. Default none: those headers are ignored.
+    /// Reverse proxies whose `trusted_proxy_header` names the client address.
+    /// Default none: forwarding headers are ignored.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The one header trusted proxies name the client in; the other is
+    /// ignored, since a client may send it itself. Default `X-Forwarded-For`.
+    pub trusted_proxy_header: ProxyHeader,
     /// The Redis server that carries topics between nodes
     /// (`redis://HOST:PORT[/DB]`); `None` (the default) keeps every topic in
     /// this process, with nothing to install.
@@ -164,6 +178,8 @@ impl Default for ServerConfig {
             subscribe_rate: 50,
             subscribe_burst: 200,
             jwt_secret: None,
+            jwt_default_subscribe: Vec::new(),
+            jwt_default_publish: Vec::new(),
             allowed_origins: Vec::new(),
             max_topics_per_peer: 100,
             max_connections_per_ip: 0,
@@ -177,9 +193,53 @@ impl Default for ServerConfig {
             connect_rate_per_ip: 200,
             connect_burst_per_ip: 2000,
             trusted_proxies: Vec::new(),
+            trusted_proxy_header: ProxyHeader::XForwardedFor,
             redis: None,
             presence_ttl: Duration::from_secs(30),
         }
+    }
+}
+
+/// The header a trusted reverse proxy names the client's address in. Only
+/// this one is read: a proxy appends to the header it sets and passes the
+/// other through as the client sent it, so reading both lets a client pick
+/// its own address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ProxyHeader {
+    /// `X-Forwarded-For: client, proxy1, …` (nginx's `$proxy_add_x_forwarded_for`,
+    /// HAProxy's `option forwardfor`, most load balancers). The default.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+}
+
+impl ProxyHeader {
+    /// The header's name, lowercase.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::XForwardedFor => "x-forwarded-for",
+            Self::Forwarded => "forwarded",
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ProxyHeader {
+    type Err = String;
+
+    /// `x-forwarded-for` or `forwarded`, in any case.
+    fn from_str(text: &str) -> Result<Self, String> {
+        [Self::XForwardedFor, Self::Forwarded]
+            .into_iter()
+            .find(|h| text.trim().eq_ignore_ascii_case(h.name()))
+            .ok_or_else(|| format!("{text:?} is neither x-forwarded-for nor forwarded"))
     }
 }
 
@@ -207,6 +267,13 @@ pub enum ConfigError {
     /// An allowed origin that is not `*` nor `scheme://host[:port]`.
     #[error("allowed origin {0:?} is not `*` nor scheme://host[:port]")]
     BadOrigin(String),
+    /// Default topic permissions for tokens were given without a JWT secret,
+    /// where there are no tokens and every topic is open.
+    #[error(
+        "{0} (--{flag}) needs a JWT secret (--jwt-secret): without one every client may use every topic",
+        flag = .0.replace('_', "-")
+    )]
+    DefaultsWithoutSecret(&'static str),
     /// A Redis address that is not a `redis://` (or `rediss://`, `redis+unix://`) URL.
     #[error("redis address {0:?} is not a redis://HOST:PORT[/DB] URL")]
     BadRedisUrl(String),
@@ -244,6 +311,16 @@ impl ServerConfig {
         }
         if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err(ConfigError::WeakSecret);
+        }
+        if self.jwt_secret.is_none() {
+            for (name, defaults) in [
+                ("jwt_default_subscribe", &self.jwt_default_subscribe),
+                ("jwt_default_publish", &self.jwt_default_publish),
+            ] {
+                if !defaults.is_empty() {
+                    return Err(ConfigError::DefaultsWithoutSecret(name));
+                }
+            }
         }
         if let Some(bad) = self.allowed_origins.iter().find(|o| *o != "*" && crate::origin::Origin::parse(o).is_none())
         {
@@ -332,6 +409,26 @@ pub struct Args {
     /// HS256 secret for JWT authentication (at least 16 bytes); unset means no auth.
     #[arg(long, env = "CROSSWIRE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// A topic pattern (`chat:*`) every token without a `subscribe` claim may
+    /// subscribe to (repeatable; a token's claim replaces them; default none).
+    #[arg(
+        long = "jwt-default-subscribe",
+        env = "CROSSWIRE_JWT_DEFAULT_SUBSCRIBE",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        value_parser = parse_pattern
+    )]
+    pub jwt_default_subscribe: Vec<TopicPattern>,
+    /// A topic pattern every token without a `publish` claim may publish to
+    /// (repeatable; a token's claim replaces them; default none).
+    #[arg(
+        long = "jwt-default-publish",
+        env = "CROSSWIRE_JWT_DEFAULT_PUBLISH",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        value_parser = parse_pattern
+    )]
+    pub jwt_default_publish: Vec<TopicPattern>,
     /// A browser origin allowed to connect besides the server's own and loopback
     /// ones (repeatable; `*` allows every origin).
     #[arg(long = "allowed-origin", env = "CROSSWIRE_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -367,10 +464,14 @@ pub struct Args {
     /// Burst of new connections per client address.
     #[arg(long, env = "CROSSWIRE_CONNECT_BURST_PER_IP", default_value_t = d().connect_burst_per_ip)]
     pub connect_burst_per_ip: u32,
-    /// A reverse proxy (address or CIDR) whose Forwarded / X-Forwarded-For
-    /// headers name the client (repeatable).
+    /// A reverse proxy (address or CIDR) whose --trusted-proxy-header names
+    /// the client (repeatable).
     #[arg(long = "trusted-proxy", env = "CROSSWIRE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header trusted proxies name the client in: `x-forwarded-for` or
+    /// `forwarded` (the other one is ignored).
+    #[arg(long, env = "CROSSWIRE_TRUSTED_PROXY_HEADER", value_name = "HEADER", default_value_t = d().trusted_proxy_header)]
+    pub trusted_proxy_header: ProxyHeader,
     /// The Redis server that carries topics between nodes, as
     /// `redis://HOST:PORT[/DB]`; without it every topic lives in this process.
     #[arg(long, env = "CROSSWIRE_REDIS")]
@@ -398,6 +499,12 @@ fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{text:?} is neither an address nor a CIDR"))
 }
 
+/// A topic pattern as the claims spell it.
+#[cfg(feature = "cli")]
+fn parse_pattern(text: &str) -> Result<TopicPattern, String> {
+    TopicPattern::new(text.trim()).map_err(|e| format!("{text:?} is not a topic pattern: {e}"))
+}
+
 #[cfg(feature = "cli")]
 impl Args {
     /// The configuration these flags describe, validated.
@@ -423,6 +530,8 @@ impl Args {
             subscribe_rate: self.subscribe_rate,
             subscribe_burst: self.subscribe_burst,
             jwt_secret: self.jwt_secret,
+            jwt_default_subscribe: self.jwt_default_subscribe,
+            jwt_default_publish: self.jwt_default_publish,
             allowed_origins: self.allowed_origins,
             max_topics_per_peer: self.max_topics_per_peer,
             max_connections_per_ip: self.max_connections_per_ip,
@@ -435,6 +544,7 @@ impl Args {
             connect_rate_per_ip: self.connect_rate_per_ip,
             connect_burst_per_ip: self.connect_burst_per_ip,
             trusted_proxies: self.trusted_proxies,
+            trusted_proxy_header: self.trusted_proxy_header,
             redis: self.redis,
             presence_ttl: Duration::from_millis(self.presence_ttl_ms),
             ..ServerConfig::default()

@@ -132,7 +132,7 @@ use tokio::net::TcpListener;
 
 #[cfg(feature = "cli")]
 pub use config::Args;
-pub use config::{ConfigError, ServerConfig};
+pub use config::{ConfigError, ProxyHeader, ServerConfig};
 #[cfg(feature = "cli")]
 pub use config_file::{parse_cli, try_parse_cli_from, ConfigFileError};
 pub use crosswire_shared as protocol;

@@ -1,5 +1,6 @@
 //! Per-address connection limits (a rate of new connections, and optionally a
-//! count of open ones), the client address behind trusted reverse proxies, the
+//! count of open ones), the client address behind trusted reverse proxies (read
+//! from the one header the operator names), the
 //! open-file limit, and the per-peer publish rate limit.
 
 use std::{
@@ -14,7 +15,7 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 
 use crate::{
-    config::ServerConfig,
+    config::{ProxyHeader, ServerConfig},
     response::{text_response, HttpResponse},
 };
 
@@ -82,6 +83,8 @@ pub(crate) struct IpLimiter {
     /// How far ahead of now an address's schedule may run: the burst.
     tolerance: Duration,
     proxies: Vec<IpNet>,
+    /// The one header trusted proxies name the client in.
+    header: ProxyHeader,
     entries: Mutex<Entries>,
 }
 
@@ -119,6 +122,7 @@ impl IpLimiter {
             interval,
             tolerance: interval.unwrap_or_default() * config.connect_burst_per_ip.saturating_sub(1),
             proxies: config.trusted_proxies.clone(),
+            header: config.trusted_proxy_header,
             entries: Mutex::new(Entries { map: HashMap::new(), sweep_at: MIN_SWEEP }),
         })
     }
@@ -160,24 +164,18 @@ impl IpLimiter {
     }
 
     /// The client's address: `peer` itself unless it is a trusted proxy, else
-    /// the nearest address in `Forwarded` (or, without it, `X-Forwarded-For`)
-    /// that is not itself a trusted proxy. Walking from the right matters: the
-    /// left end of those lists is whatever the client chose to send.
+    /// the nearest address in the configured header (`X-Forwarded-For` or
+    /// `Forwarded`, never the other: a proxy passes that one on as the client
+    /// wrote it) that is not itself a trusted proxy. Walking from the right
+    /// matters: the left end of the list is whatever the client chose to send.
     pub(crate) fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         if !self.trusts(peer) {
             return peer;
         }
-        let forwarded: Vec<&str> = headers.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
-        let hops: Vec<Option<IpAddr>> = if forwarded.is_empty() {
-            headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|hop| parse_hop(hop.trim()))
-                .collect()
-        } else {
-            forwarded.iter().flat_map(|v| v.split(',')).map(forwarded_for).collect()
+        let values = headers.get_all(self.header.name()).into_iter().filter_map(|v| v.to_str().ok());
+        let hops: Vec<Option<IpAddr>> = match self.header {
+            ProxyHeader::XForwardedFor => values.flat_map(|v| v.split(',')).map(|hop| parse_hop(hop.trim())).collect(),
+            ProxyHeader::Forwarded => values.flat_map(|v| v.split(',')).map(forwarded_for).collect(),
         };
         let mut client = peer;
         for hop in hops.into_iter().rev() {
@@ -296,11 +294,16 @@ mod tests {
     use super::*;
 
     fn limiter(max: usize, rate: u32, burst: u32, proxies: &[&str]) -> Arc<IpLimiter> {
+        limiter_reading(ProxyHeader::XForwardedFor, max, rate, burst, proxies)
+    }
+
+    fn limiter_reading(header: ProxyHeader, max: usize, rate: u32, burst: u32, proxies: &[&str]) -> Arc<IpLimiter> {
         IpLimiter::new(&ServerConfig {
             max_connections_per_ip: max,
             connect_rate_per_ip: rate,
             connect_burst_per_ip: burst,
             trusted_proxies: proxies.iter().map(|p| p.parse().unwrap()).collect(),
+            trusted_proxy_header: header,
             ..ServerConfig::default()
         })
     }
@@ -363,11 +366,44 @@ mod tests {
         h.insert("x-forwarded-for", "6.6.6.6, 203.0.113.5, 10.2.2.2".parse().unwrap());
         assert_eq!(limiter.client_ip(proxy, &h), "203.0.113.5".parse::<IpAddr>().unwrap());
         assert_eq!(limiter.client_ip(outsider, &h), outsider, "only trusted peers are believed");
+        h.append("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        assert_eq!(
+            limiter.client_ip(proxy, &h),
+            "198.51.100.1".parse::<IpAddr>().unwrap(),
+            "the last line is the nearest"
+        );
+        // The client's own Forwarded is passed through by a proxy that sets
+        // X-Forwarded-For: it names nobody.
         h.insert(header::FORWARDED, r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711""#.parse().unwrap());
-        assert_eq!(limiter.client_ip(proxy, &h), "2001:db8::1".parse::<IpAddr>().unwrap(), "Forwarded wins");
+        assert_eq!(limiter.client_ip(proxy, &h), "198.51.100.1".parse::<IpAddr>().unwrap(), "Forwarded ignored");
+        h.remove("x-forwarded-for");
+        assert_eq!(limiter.client_ip(proxy, &h), proxy, "only Forwarded: no client named");
+        assert_eq!(limiter.client_ip(proxy, &HeaderMap::new()), proxy);
+    }
+
+    #[test]
+    fn forwarded_when_configured_and_then_only_it() {
+        let limiter = limiter_reading(ProxyHeader::Forwarded, 0, 0, 1, &["10.0.0.0/8"]);
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::FORWARDED,
+            r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711", for=10.3.3.3"#.parse().unwrap(),
+        );
+        h.insert("x-forwarded-for", "203.0.113.5".parse().unwrap());
+        assert_eq!(limiter.client_ip(proxy, &h), "2001:db8::1".parse::<IpAddr>().unwrap(), "X-Forwarded-For ignored");
         h.insert(header::FORWARDED, "for=unknown".parse().unwrap());
         assert_eq!(limiter.client_ip(proxy, &h), proxy);
-        assert_eq!(limiter.client_ip(proxy, &HeaderMap::new()), proxy);
+        h.remove(header::FORWARDED);
+        assert_eq!(limiter.client_ip(proxy, &h), proxy, "only X-Forwarded-For: no client named");
+    }
+
+    #[test]
+    fn proxy_header_names_parse() {
+        assert_eq!("X-Forwarded-For".parse::<ProxyHeader>(), Ok(ProxyHeader::XForwardedFor));
+        assert_eq!("forwarded".parse::<ProxyHeader>(), Ok(ProxyHeader::Forwarded));
+        assert!("x-real-ip".parse::<ProxyHeader>().is_err());
+        assert_eq!(ProxyHeader::default().to_string(), "x-forwarded-for");
     }
 
     #[tokio::test(start_paused = true)]

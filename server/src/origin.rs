@@ -38,6 +38,13 @@ impl Origin {
     fn is_loopback(&self) -> bool {
         is_loopback_host(&self.host)
     }
+
+    /// Whether this is a web page's origin. A loopback origin of another
+    /// scheme (`foo://127.0.0.1:1`, a browser extension's) is not a local
+    /// development page, and nothing this server serves has one.
+    fn is_web(&self) -> bool {
+        matches!(self.scheme.as_str(), "http" | "https")
+    }
 }
 
 fn default_port(scheme: &str) -> Option<u16> {
@@ -87,14 +94,20 @@ pub(crate) enum OriginRejection {
     /// The `Host` is not one this server answers to (DNS rebinding).
     #[error("this server does not answer to that Host; a page reaching it under another name is refused (see --allowed-host)")]
     Host,
+    /// The `Host` is not a valid `host[:port]`: bytes outside ASCII (a
+    /// name that only looks like an allowed one), or more than one `Host`.
+    #[error("the Host header must be one ASCII host[:port]")]
+    BadHost,
 }
 
 impl OriginRejection {
-    /// 403 for a foreign origin; 421 Misdirected Request for a foreign host.
+    /// 403 for a foreign origin; 421 Misdirected Request for a foreign host;
+    /// 400 for a malformed one (RFC 9112 §3.2).
     pub(crate) fn response(&self) -> HttpResponse {
         let status = match self {
             Self::Origin => StatusCode::FORBIDDEN,
             Self::Host => StatusCode::MISDIRECTED_REQUEST,
+            Self::BadHost => StatusCode::BAD_REQUEST,
         };
         text_response(status, format!("{self}\n"))
     }
@@ -139,24 +152,43 @@ impl OriginPolicy {
         }
     }
 
-    /// The Host check, for every request.
+    /// The Host check, for every request: a malformed `Host` is refused
+    /// whatever the policy, a foreign one when there is a policy.
     pub(crate) fn check_host(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), OriginRejection> {
-        let Some(policy) = &self.hosts else { return Ok(()) };
+        let mut values = headers.get_all(header::HOST).into_iter();
+        let host = match (values.next(), values.next()) {
+            // `to_str` fails on any byte outside visible ASCII: obs-text,
+            // which httparse lets through, would otherwise make the header
+            // unreadable here and the request pass as having no Host at all.
+            (Some(value), None) => Some(value.to_str().map_err(|_| OriginRejection::BadHost)?),
+            (Some(_), Some(_)) => return Err(OriginRejection::BadHost),
+            (None, _) => uri.authority().map(Authority::as_str),
+        };
         // HTTP/1.1 requires Host; a request without one does not come from a
         // browser, and a browser is what a rebinding attack drives.
-        let Some(host) = request_host(uri, headers) else { return Ok(()) };
+        let Some(host) = host else { return Ok(()) };
+        let Some(policy) = &self.hosts else {
+            // Without a policy only the plain form is looked at closely
+            // (`with_host` splits it in place); anything else must parse.
+            return match with_host(host, |_| ()) {
+                Some(()) => Ok(()),
+                None => Err(OriginRejection::BadHost),
+            };
+        };
         let allowed = with_host(host, |name| {
             (policy.loopback && is_loopback_host(name)) || policy.names.iter().any(|n| host_is(name, n))
         });
         match allowed {
             Some(true) => Ok(()),
-            Some(false) | None => Err(OriginRejection::Host),
+            Some(false) => Err(OriginRejection::Host),
+            None => Err(OriginRejection::BadHost),
         }
     }
 
     /// Allowed are: no `Origin` (not a browser), the server's own origin (same
-    /// host and port as `Host`), loopback origins when the server listens on
-    /// loopback or `allow_loopback_origins` says so, and the configured list.
+    /// host and port as `Host`), `http`/`https` loopback origins when the
+    /// server listens on loopback or `allow_loopback_origins` says so, and the
+    /// configured list.
     pub(crate) fn check_origin(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), OriginRejection> {
         let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
         if self.any_origin {
@@ -169,7 +201,10 @@ impl OriginPolicy {
             host_is(host.host(), &origin.host)
                 && host.port_u16().or_else(|| default_port(&origin.scheme)) == Some(origin.port)
         });
-        if same_origin || self.allowed.contains(&origin) || (self.loopback_origins && origin.is_loopback()) {
+        // The server's own pages and loopback development pages are web
+        // pages; the configured list is taken as written.
+        let own_or_loopback = origin.is_web() && (same_origin || (self.loopback_origins && origin.is_loopback()));
+        if own_or_loopback || self.allowed.contains(&origin) {
             Ok(())
         } else {
             Err(OriginRejection::Origin)
@@ -269,6 +304,64 @@ mod tests {
         assert!(!origin_ok(&p, "http://localhost.evil.example", "127.0.0.1:3000"));
         let told = OriginPolicy::new("0.0.0.0:3000".parse().unwrap(), &[], true, &[]);
         assert!(origin_ok(&told, "http://localhost:8080", "ws.example"));
+    }
+
+    #[test]
+    fn loopback_origins_must_be_web_pages() {
+        let told = OriginPolicy::new("0.0.0.0:3000".parse().unwrap(), &[], true, &[]);
+        for p in [policy("127.0.0.1:3000", &[], &[]), told] {
+            for ok in ["http://localhost:8080", "https://127.0.0.1", "HTTPS://[::1]:8443", "http://app.localhost"] {
+                assert!(origin_ok(&p, ok, "127.0.0.1:3000"), "{ok}");
+            }
+            for bad in [
+                "foo://127.0.0.1:1",
+                "ws://localhost:8080",
+                "chrome-extension://127.0.0.1",
+                "chrome-extension://127.0.0.1:1",
+                "file://",
+                "file:///etc/passwd",
+                "file://localhost/x",
+            ] {
+                assert!(!origin_ok(&p, bad, "127.0.0.1:3000"), "{bad}");
+            }
+        }
+        // The server's own origin is a web page's too: the same host and port
+        // under another scheme is not it.
+        let p = policy("0.0.0.0:3000", &[], &[]);
+        assert!(origin_ok(&p, "http://ws.example:3000", "ws.example:3000"));
+        assert!(!origin_ok(&p, "foo://ws.example:3000", "ws.example:3000"));
+        // A listed origin is taken as written.
+        assert!(origin_ok(&policy("0.0.0.0:3000", &["app://local:1"], &[]), "app://local:1", "ws.example"));
+    }
+
+    fn host_bytes(p: &OriginPolicy, host: &[u8]) -> Result<(), OriginRejection> {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, http::HeaderValue::from_bytes(host).unwrap());
+        p.check_host(&Uri::from_static("/_ws"), &h)
+    }
+
+    #[test]
+    fn a_host_outside_ascii_is_malformed_whatever_the_policy() {
+        let policies = [
+            policy("127.0.0.1:3000", &[], &[]),
+            policy("0.0.0.0:3000", &[], &[]),
+            policy("127.0.0.1:3000", &[], &["*"]),
+        ];
+        for p in &policies {
+            for bad in
+                [&b"127.0.0.1\xff:3000"[..], "\u{2113}ocalhost".as_bytes(), "localhost\u{3002}".as_bytes(), b"a b"]
+            {
+                assert_eq!(host_bytes(p, bad), Err(OriginRejection::BadHost), "{:?}", String::from_utf8_lossy(bad));
+            }
+            assert_eq!(host_bytes(p, b"localhost:3000"), Ok(()));
+            let mut two = HeaderMap::new();
+            two.append(header::HOST, "localhost".parse().unwrap());
+            two.append(header::HOST, "evil.example".parse().unwrap());
+            assert_eq!(p.check_host(&Uri::from_static("/_ws"), &two), Err(OriginRejection::BadHost));
+        }
+        assert_eq!(OriginRejection::BadHost.response().status(), StatusCode::BAD_REQUEST);
+        // No Host at all: not a browser, as before.
+        assert_eq!(policies[0].check_host(&Uri::from_static("/_ws"), &HeaderMap::new()), Ok(()));
     }
 
     #[test]

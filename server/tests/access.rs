@@ -9,6 +9,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
+use crosswire_server::ProxyHeader;
 use futures_util::future::join_all;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -28,8 +29,27 @@ fn upgrade(host: &str, origin: Option<&str>) -> String {
 /// The status line of the answer to `request` (the connection may stay open
 /// after a 101, so only the head is read).
 async fn status_of(addr: SocketAddr, request: &str) -> (u16, String) {
+    status_of_bytes(addr, request.as_bytes()).await
+}
+
+/// The status and the whole lowercased answer to a raw request that asks for
+/// `Connection: close`.
+async fn answer_to_bytes(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut buf))
+        .await
+        .expect("answered and closed within the wait")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    (text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), text)
+}
+
+/// [`status_of`] a request given as raw bytes, which need not be UTF-8.
+async fn status_of_bytes(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -184,7 +204,7 @@ async fn a_trusted_proxy_names_the_client() {
     let _b = connect_with(addr, "", &xff("203.0.113.9")).await.unwrap();
     assert_eq!(connect_with(addr, "", &xff("203.0.113.9")).await.err(), Some(429), "that client's rate");
     let _c = connect_with(addr, "", &xff("203.0.113.10")).await.expect("another client");
-    let _d = connect_with(addr, "", &[("forwarded", "for=\"[2001:db8::1]:4711\"")]).await.unwrap();
+    let _d = connect_with(addr, "", &xff("2001:db8::1")).await.unwrap();
     let remotes: Vec<String> = server.handle().peers().iter().map(|p| p.remote_addr.ip().to_string()).collect();
     for ip in ["203.0.113.9", "203.0.113.10", "2001:db8::1"] {
         assert!(remotes.iter().any(|r| r == ip), "{ip} in {remotes:?}");
@@ -195,6 +215,7 @@ async fn a_trusted_proxy_names_the_client() {
 async fn ipv6_clients_are_limited_per_64() {
     let mut config = config();
     config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    config.trusted_proxy_header = ProxyHeader::Forwarded;
     config.max_connections_per_ip = 1;
     let server = start_pubsub(config).await;
     let addr = server.local_addr();
@@ -202,6 +223,119 @@ async fn ipv6_clients_are_limited_per_64() {
     let _a = connect_with(addr, "", &fwd("for=\"[2001:db8:0:1::1]\"")).await.unwrap();
     assert_eq!(connect_with(addr, "", &fwd("for=\"[2001:db8:0:1::ffff]\"")).await.err(), Some(429), "same /64");
     let _b = connect_with(addr, "", &fwd("for=\"[2001:db8:0:2::1]\"")).await.expect("another /64");
+}
+
+/// Behind a proxy that sets one forwarding header and passes the other on as
+/// the client wrote it, a client rotating its own copy of the other header
+/// gets no new address: the per-address count holds.
+async fn the_other_forwarding_header_picks_no_address(header: ProxyHeader) {
+    let mut config = config();
+    config.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    config.max_connections_per_ip = 2;
+    config.trusted_proxy_header = header;
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let (proxy_says, client_says): (_, fn(usize) -> String) = match header {
+        ProxyHeader::XForwardedFor => {
+            (("x-forwarded-for", "203.0.113.9".to_owned()), |i| format!("for=198.51.100.{i}"))
+        }
+        _ => (("forwarded", "for=203.0.113.9".to_owned()), |i| format!("198.51.100.{i}")),
+    };
+    let other = match header {
+        ProxyHeader::XForwardedFor => "forwarded",
+        _ => "x-forwarded-for",
+    };
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 1..=6 {
+        let mine = client_says(i);
+        match connect_with(addr, "", &[(proxy_says.0, &proxy_says.1), (other, &mine)]).await {
+            Ok(client) => accepted.push(client),
+            Err(status) => {
+                assert_eq!(status, 429, "connection {i}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((accepted.len(), refused), (2, 4), "{header}");
+    let remotes: Vec<String> = server.handle().peers().iter().map(|p| p.remote_addr.ip().to_string()).collect();
+    assert_eq!(remotes, ["203.0.113.9", "203.0.113.9"], "every peer counted under the address the proxy named");
+    let metrics = server.handle().metrics_text();
+    assert!(
+        metrics.contains("crosswire_upgrades_rejected_total{reason=\"too_many_connections_per_ip\"} 4"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_cannot_pick_its_address_with_its_own_forwarded_header() {
+    the_other_forwarding_header_picks_no_address(ProxyHeader::XForwardedFor).await;
+}
+
+#[tokio::test]
+async fn a_client_cannot_pick_its_address_with_its_own_x_forwarded_for_header() {
+    the_other_forwarding_header_picks_no_address(ProxyHeader::Forwarded).await;
+}
+
+#[tokio::test]
+async fn a_host_outside_ascii_is_refused_with_400() {
+    let mut config = config();
+    config.allowed_hosts = vec!["localhost".into()];
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let port = addr.port();
+    let hosts: [Vec<u8>; 3] = [
+        [b"127.0.0.1\xff:".as_slice(), port.to_string().as_bytes()].concat(),
+        format!("\u{2113}ocalhost:{port}").into_bytes(),
+        // A fullwidth dot: the name of an allowed host to a reader, not to the check.
+        format!("localhost\u{ff0e}:{port}").into_bytes(),
+    ];
+    for host in &hosts {
+        let upgrade = [
+            b"GET /_ws HTTP/1.1\r\nHost: ".as_slice(),
+            host,
+            format!("\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                .as_bytes(),
+        ]
+        .concat();
+        let (status, text) = status_of_bytes(addr, &upgrade).await;
+        assert_eq!(status, 400, "{:?}: {text}", String::from_utf8_lossy(host));
+        let healthz = [b"GET /healthz HTTP/1.1\r\nHost: ".as_slice(), host, b"\r\nConnection: close\r\n\r\n"].concat();
+        let (status, text) = answer_to_bytes(addr, &healthz).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("host header must be one ascii host"), "a text body says why: {text}");
+    }
+    // Two Hosts: which one is meant depends on who reads them.
+    let two = format!("GET /_ws HTTP/1.1\r\nHost: localhost:{port}\r\nHost: evil.example\r\nConnection: close\r\n\r\n");
+    assert_eq!(answer_to_bytes(addr, two.as_bytes()).await.0, 400);
+    assert!(server.handle().peers().is_empty());
+    // Counted under the Host check, once per WebSocket request.
+    let metrics = server.handle().metrics_text();
+    assert!(metrics.contains("crosswire_upgrades_rejected_total{reason=\"host\"} 4"), "{metrics}");
+    // A good Host still gets through.
+    assert_eq!(status_of(addr, &upgrade(&format!("localhost:{port}"), None)).await.0, 101);
+}
+
+#[tokio::test]
+async fn a_loopback_origin_must_be_http_or_https() {
+    let server = start_pubsub(config()).await;
+    let addr = server.local_addr();
+    let mut allowing = config();
+    allowing.addr = "0.0.0.0:0".parse().unwrap();
+    allowing.allow_loopback_origins = true;
+    let told = start_pubsub(allowing).await;
+    let told_addr: SocketAddr = format!("127.0.0.1:{}", told.local_addr().port()).parse().unwrap();
+    for addr in [addr, told_addr] {
+        let host = format!("127.0.0.1:{}", addr.port());
+        for bad in ["foo://127.0.0.1:1", "file://", "chrome-extension://127.0.0.1", format!("foo://{host}").as_str()] {
+            let (status, text) = status_of(addr, &upgrade(&host, Some(bad))).await;
+            assert_eq!(status, 403, "{bad}: {text}");
+        }
+        for good in ["http://localhost:8080", "https://127.0.0.1", format!("http://{host}").as_str()] {
+            let (status, text) = status_of(addr, &upgrade(&host, Some(good))).await;
+            assert_eq!(status, 101, "{good}: {text}");
+        }
+    }
 }
 
 #[tokio::test]

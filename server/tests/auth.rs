@@ -6,7 +6,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
-use crosswire_shared::{close_code, ErrorCode, ServerFrame};
+use crosswire_shared::{close_code, ErrorCode, ServerFrame, TopicPattern};
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
@@ -95,7 +95,8 @@ async fn topic_permissions_from_claims() {
     let addr = server.local_addr();
     let limited = token("carol", json!({"subscribe": ["chat:*"], "publish": ["chat:general"]}));
     let mut carol = try_connect(addr, &format!("?token={limited}"), &[]).await.unwrap();
-    let mut admin = try_connect(addr, &format!("?token={}", token("root", json!({}))), &[]).await.unwrap();
+    let root = token("root", json!({"subscribe": ["*"], "publish": ["*"]}));
+    let mut admin = try_connect(addr, &format!("?token={root}"), &[]).await.unwrap();
     admin.subscribe("chat:general").await;
     admin.subscribe("admin").await;
 
@@ -215,6 +216,104 @@ async fn publish_rate_limit() {
         }
     }
     assert_eq!((acks, limited), (vec![1, 2, 3], vec![4, 5]));
+}
+
+/// Expects `error` `forbidden` (for `topic`) as the next frame.
+async fn forbidden(client: &mut Client, topic: &str) {
+    match client.recv().await {
+        ServerFrame::Error { code: ErrorCode::Forbidden, topic: Some(t), .. } => assert_eq!(t.as_str(), topic),
+        other => panic!("expected forbidden for {topic}, got {other:?}"),
+    }
+}
+
+/// Tries every topic operation on `topic`: subscribe, publish, history and
+/// presence; returns after the last answer.
+async fn try_everything(client: &mut Client, topic: &str) -> Vec<ServerFrame> {
+    client.send(json!({"type": "subscribe", "topic": topic})).await;
+    client.send(json!({"type": "publish", "topic": topic, "data": "x", "ack": 1})).await;
+    client.send(json!({"type": "history", "topic": topic, "id": 2})).await;
+    client.send(json!({"type": "presence", "topic": topic, "id": 3})).await;
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(client.recv().await);
+    }
+    answers
+}
+
+fn all_forbidden(answers: &[ServerFrame]) -> bool {
+    answers.iter().all(|a| matches!(a, ServerFrame::Error { code: ErrorCode::Forbidden, .. }))
+}
+
+#[tokio::test]
+async fn a_token_without_topic_claims_grants_no_topic() {
+    let server = start_pubsub(auth_config()).await;
+    let addr = server.local_addr();
+    // A token signed with the same secret for some other purpose: sub and exp only.
+    let bare = token_with(SECRET, &json!({"sub": "mallory", "exp": now() + 3600}));
+    let mut mallory = try_connect(addr, &format!("?token={bare}"), &[]).await.expect("a valid token connects");
+    let mut root =
+        try_connect(addr, &format!("?token={}", token("root", json!({"subscribe": ["*"]}))), &[]).await.unwrap();
+    root.subscribe("admin:secret").await;
+    let answers = try_everything(&mut mallory, "admin:secret").await;
+    assert!(all_forbidden(&answers), "{answers:?}");
+    for topic in ["chat:x", "anything"] {
+        let answers = try_everything(&mut mallory, topic).await;
+        assert!(all_forbidden(&answers), "{topic}: {answers:?}");
+    }
+    // The server's own accounting: mallory holds no topic, and nothing was published.
+    let peers = server.handle().peers();
+    assert!(peers.iter().find(|p| p.id == mallory.peer).unwrap().topics.is_empty());
+    root.assert_quiet().await;
+    assert_eq!(
+        server.handle().metrics_text().lines().find(|l| l.starts_with("crosswire_publishes_total ")),
+        Some("crosswire_publishes_total 0")
+    );
+}
+
+#[tokio::test]
+async fn default_patterns_open_topics_to_tokens_without_the_claim() {
+    let mut config = auth_config();
+    config.jwt_default_subscribe = vec![TopicPattern::new("chat:*").unwrap()];
+    config.jwt_default_publish = vec![TopicPattern::new("chat:lobby").unwrap()];
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let bare = token_with(SECRET, &json!({"sub": "ann", "exp": now() + 3600}));
+    let mut ann = try_connect(addr, &format!("?token={bare}"), &[]).await.unwrap();
+    ann.subscribe("chat:x").await;
+    ann.publish("chat:lobby", json!("hi"), 1).await;
+    let answers = try_everything(&mut ann, "admin:secret").await;
+    assert!(all_forbidden(&answers), "{answers:?}");
+    ann.send(json!({"type": "publish", "topic": "chat:x", "data": 1, "ack": 2})).await;
+    forbidden(&mut ann, "chat:x").await;
+
+    // A claim present replaces the default (it does not add to it); the
+    // other, absent, still gets its default.
+    let own = token("ben", json!({"subscribe": ["news:*"]}));
+    let mut ben = try_connect(addr, &format!("?token={own}"), &[]).await.unwrap();
+    ben.subscribe("news:a").await;
+    ben.send(json!({"type": "subscribe", "topic": "chat:x"})).await;
+    forbidden(&mut ben, "chat:x").await;
+    ben.publish("chat:lobby", json!("hello"), 1).await;
+    let narrowed = token("cy", json!({"subscribe": [], "publish": []}));
+    let mut cy = try_connect(addr, &format!("?token={narrowed}"), &[]).await.unwrap();
+    let answers = try_everything(&mut cy, "chat:lobby").await;
+    assert!(all_forbidden(&answers), "an empty claim narrows below the defaults: {answers:?}");
+
+    let topics = |id: &str| server.handle().peers().into_iter().find(|p| p.id == id).unwrap().topics;
+    assert_eq!(topics(&ann.peer).iter().map(|t| t.as_str()).collect::<Vec<_>>(), ["chat:x"]);
+    assert_eq!(topics(&ben.peer).iter().map(|t| t.as_str()).collect::<Vec<_>>(), ["news:a"]);
+    assert!(topics(&cy.peer).is_empty());
+}
+
+#[tokio::test]
+async fn default_patterns_without_a_secret_are_a_config_error() {
+    let mut config = config();
+    config.jwt_default_subscribe = vec![TopicPattern::new("chat:*").unwrap()];
+    let Err(err) = crosswire_server::Server::new(config.clone(), crosswire_server::PubSub::new(&config)).bind().await
+    else {
+        panic!("defaults without a secret bound a server");
+    };
+    assert!(err.to_string().contains("jwt_default_subscribe (--jwt-default-subscribe) needs a JWT secret"), "{err}");
 }
 
 #[tokio::test]

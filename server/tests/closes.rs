@@ -63,7 +63,9 @@ async fn an_expired_token_publishes_nothing_more() {
     let handle = server.handle();
     let addr = server.local_addr();
     let now = now();
-    let mint = |sub: &str, exp: u64| token_with(SECRET, &json!({"sub": sub, "exp": exp}));
+    let mint = |sub: &str, exp: u64| {
+        token_with(SECRET, &json!({"sub": sub, "exp": exp, "subscribe": ["news"], "publish": ["news"]}))
+    };
     let connect = |token: String| async move {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/_ws?token={token}")).await.unwrap();
         let mut client = Client { ws, peer: String::new() };

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::{ArgAction, CommandFactory, Parser};
-use crosswire_server::{try_parse_cli_from, Args, ConfigFileError, ServerConfig};
+use crosswire_server::{try_parse_cli_from, Args, ConfigFileError, ProxyHeader, ServerConfig};
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -198,4 +198,43 @@ fn the_example_file_loads_as_the_defaults() {
     let from_file = parse(&["--config", example_path().to_str().unwrap()]).unwrap();
     let defaults = parse(&[]).unwrap();
     assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+}
+
+#[test]
+fn the_trusted_proxy_header_is_one_of_two_and_a_bad_one_names_the_flag() {
+    let _env = lock();
+    assert_eq!(parse(&[]).unwrap().trusted_proxy_header, ProxyHeader::XForwardedFor);
+    assert_eq!(parse(&["--trusted-proxy-header", "Forwarded"]).unwrap().trusted_proxy_header, ProxyHeader::Forwarded);
+    let err = parse(&["--trusted-proxy-header", "x-real-ip"]).unwrap_err().to_string();
+    assert!(err.contains("--trusted-proxy-header") && err.contains("x-real-ip"), "{err}");
+    let path = file("proxy-header", "trusted-proxy-header = \"x-real-ip\"\n");
+    let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+    assert!(matches!(&err, ConfigFileError::BadValue { key, .. } if key == "trusted-proxy-header"), "{err:?}");
+}
+
+#[test]
+fn default_topic_patterns_are_lists_of_claim_patterns() {
+    let _env = lock();
+    let config = parse(&[
+        "--jwt-secret",
+        "0123456789abcdef0123",
+        "--jwt-default-subscribe",
+        "chat:*,news:*",
+        "--jwt-default-subscribe",
+        "help",
+        "--jwt-default-publish",
+        "chat:lobby",
+    ])
+    .unwrap();
+    let text = |list: &[crosswire_server::protocol::TopicPattern]| {
+        list.iter().map(|p| p.as_str().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(text(&config.jwt_default_subscribe), ["chat:*", "news:*", "help"]);
+    assert_eq!(text(&config.jwt_default_publish), ["chat:lobby"]);
+    let err = parse(&["--jwt-default-subscribe", "chat room"]).unwrap_err().to_string();
+    assert!(err.contains("--jwt-default-subscribe"), "{err}");
+    // Defaults without a secret would read as a restriction where everything is open.
+    let cli: Cli = try_parse_cli_from(["crosswire-server", "--jwt-default-publish", "chat:*"]).unwrap();
+    let err = cli.args.into_config().unwrap_err();
+    assert!(err.to_string().contains("jwt_default_publish (--jwt-default-publish) needs a JWT secret"), "{err}");
 }

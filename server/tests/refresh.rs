@@ -13,6 +13,11 @@ fn token(claims: Value) -> String {
     token_with(SECRET, &claims)
 }
 
+/// A token for `sub` until `exp` that may subscribe and publish anywhere.
+fn open_token(sub: &str, exp: u64) -> String {
+    token(json!({"sub": sub, "exp": exp, "subscribe": ["*"], "publish": ["*"]}))
+}
+
 async fn connect_with(addr: SocketAddr, token: &str) -> Client {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/_ws?token={token}"))
         .await
@@ -35,17 +40,17 @@ async fn refresh(client: &mut Client, token: &str, id: u64) -> ServerFrame {
 async fn a_refreshed_token_moves_the_expiry_without_dropping_anything() {
     let server = start_pubsub(auth_config()).await;
     let addr = server.local_addr();
-    let short = |sub: &str| token(json!({"sub": sub, "exp": now() + 20}));
+    let short = |sub: &str| open_token(sub, now() + 20);
     let mut alice = connect_with(addr, &short("alice")).await;
     // The control: the same kind of token, never refreshed.
     let mut bob = connect_with(addr, &short("bob")).await;
-    let mut carol = connect_with(addr, &token(json!({"sub": "carol", "exp": now() + 3600}))).await;
+    let mut carol = connect_with(addr, &open_token("carol", now() + 3600)).await;
     alice.subscribe("room").await;
     carol.publish("room", json!(1), 1).await;
     assert_eq!(message_data(&alice.recv().await).0, 1);
 
     let exp = now() + 3600;
-    let answer = refresh(&mut alice, &token(json!({"sub": "alice", "exp": exp})), 7).await;
+    let answer = refresh(&mut alice, &open_token("alice", exp), 7).await;
     assert!(matches!(answer, ServerFrame::Refreshed { id: Some(7), exp: Some(e) } if e == exp), "{answer:?}");
 
     // Paused time: the clock jumps past the first token's expiry. Bob's
@@ -62,7 +67,7 @@ async fn a_refreshed_token_moves_the_expiry_without_dropping_anything() {
 async fn a_bad_refresh_is_refused_and_the_old_token_stays() {
     let server = start_pubsub(auth_config()).await;
     let addr = server.local_addr();
-    let mut alice = connect_with(addr, &token(json!({"sub": "alice", "exp": now() + 3600}))).await;
+    let mut alice = connect_with(addr, &open_token("alice", now() + 3600)).await;
     let expired = token(json!({"sub": "alice", "exp": now() - 3600}));
     let someone_else = token(json!({"sub": "mallory", "exp": now() + 3600}));
     for (bad, id) in [("garbage", 1), (expired.as_str(), 2), (someone_else.as_str(), 3)] {
@@ -85,7 +90,7 @@ async fn a_bad_refresh_is_refused_and_the_old_token_stays() {
 async fn narrower_permissions_end_the_subscriptions_they_no_longer_allow() {
     let server = start_pubsub(auth_config()).await;
     let addr = server.local_addr();
-    let mut alice = connect_with(addr, &token(json!({"sub": "alice", "exp": now() + 3600}))).await;
+    let mut alice = connect_with(addr, &open_token("alice", now() + 3600)).await;
     alice.subscribe("chat:a").await;
     alice.subscribe("admin:x").await;
     let narrow = token(json!({"sub": "alice", "exp": now() + 7200, "subscribe": ["chat:*"], "publish": ["chat:*"]}));
@@ -98,11 +103,57 @@ async fn narrower_permissions_end_the_subscriptions_they_no_longer_allow() {
     // The new permissions apply to what follows.
     alice.send(json!({"type": "publish", "topic": "admin:x", "data": 1, "ack": 9})).await;
     assert!(matches!(alice.recv().await, ServerFrame::Error { code: ErrorCode::Forbidden, ack: Some(9), .. }));
-    let mut bob = connect_with(addr, &token(json!({"sub": "bob", "exp": now() + 3600}))).await;
+    let mut bob = connect_with(addr, &open_token("bob", now() + 3600)).await;
     bob.publish("admin:x", json!("secret"), 1).await;
     bob.publish("chat:a", json!("hello"), 2).await;
     let (seq, _, data) = message_data(&alice.recv().await);
     assert_eq!((seq, data), (1, json!("hello")), "admin:x is no longer delivered");
+}
+
+/// Reads the `forbidden` errors of a refresh up to its `refreshed`; returns
+/// the topics they name, sorted.
+async fn revoked_until_refreshed(client: &mut Client, id: u64) -> Vec<String> {
+    let mut revoked = Vec::new();
+    loop {
+        match client.recv().await {
+            ServerFrame::Error { code: ErrorCode::Forbidden, topic: Some(t), .. } => {
+                revoked.push(t.as_str().to_owned())
+            }
+            ServerFrame::Refreshed { id: Some(got), .. } if got == id => break,
+            other => panic!("expected forbidden errors then refreshed, got {other:?}"),
+        }
+    }
+    revoked.sort();
+    revoked
+}
+
+#[tokio::test]
+async fn a_refresh_to_a_token_without_claims_ends_what_the_defaults_do_not_allow() {
+    let mut config = auth_config();
+    config.jwt_default_subscribe = vec![crosswire_shared::TopicPattern::new("chat:*").unwrap()];
+    let server = start_pubsub(config).await;
+    let addr = server.local_addr();
+    let mut alice = connect_with(addr, &open_token("alice", now() + 3600)).await;
+    for topic in ["chat:a", "admin:x", "news"] {
+        alice.subscribe(topic).await;
+    }
+    let bare = token(json!({"sub": "alice", "exp": now() + 7200}));
+    alice.send(json!({"type": "refresh", "token": bare, "id": 1})).await;
+    assert_eq!(revoked_until_refreshed(&mut alice, 1).await, ["admin:x", "news"]);
+    let topics = server.handle().peers().into_iter().find(|p| p.id == alice.peer).unwrap().topics;
+    assert_eq!(topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(), ["chat:a"]);
+    // No default publish: the bare token publishes nowhere, not even where it reads.
+    alice.send(json!({"type": "publish", "topic": "chat:a", "data": 1, "ack": 2})).await;
+    assert!(matches!(alice.recv().await, ServerFrame::Error { code: ErrorCode::Forbidden, ack: Some(2), .. }));
+
+    // Without defaults, a bare token keeps nothing.
+    let server = start_pubsub(auth_config()).await;
+    let mut bob = connect_with(server.local_addr(), &open_token("bob", now() + 3600)).await;
+    bob.subscribe("chat:a").await;
+    bob.subscribe("admin:x").await;
+    bob.send(json!({"type": "refresh", "token": token(json!({"sub": "bob", "exp": now() + 7200})), "id": 3})).await;
+    assert_eq!(revoked_until_refreshed(&mut bob, 3).await, ["admin:x", "chat:a"]);
+    assert!(server.handle().peers()[0].topics.is_empty());
 }
 
 #[tokio::test]

@@ -409,7 +409,8 @@ async function main() {
     const secret = 'crosswire-e2e-test-secret'; // the server wants at least 16 bytes
     const auth = await startServer(0, ['--jwt-secret', secret]);
     const exp = Math.floor(Date.now() / 1000) + 600;
-    const good = jwt({ sub: 'alice', exp }, secret);
+    // Topic claims: a token without them may use no topic (the demo joins `test`).
+    const good = jwt({ sub: 'alice', exp, subscribe: ['test'], publish: ['test'] }, secret);
     const bad = jwt({ sub: 'mallory', exp }, 'not-the-secret');
     const context = await browser.newContext({ viewport: { width: 1000, height: 720 } });
     const p = await context.newPage();

@@ -1,7 +1,11 @@
 //! Built-in authentication: an HS256 JWT from the `token` query parameter, an
 //! `Authorization: Bearer` header or the `crosswire_token` cookie, checked
 //! before any upgrade. The token's claims carry the user id and the topic
-//! patterns the peer may subscribe and publish to.
+//! patterns the peer may subscribe and publish to. Permissions fail closed: a
+//! token without a `subscribe` or `publish` claim gets the configured
+//! defaults (`--jwt-default-subscribe`, `--jwt-default-publish`; none unless
+//! set), never every topic, so a token signed with the same secret for some
+//! other purpose grants nothing here.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,13 +29,15 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, in seconds since the Unix epoch.
     pub exp: u64,
-    /// Topic patterns the holder may subscribe to; `None` (the claim absent)
-    /// allows any topic. A `null` claim is refused as malformed rather than read
-    /// as absent: an issuer that meant "nothing" must not grant everything.
+    /// Topic patterns the holder may subscribe to (and read the history and
+    /// presence of). `None` (the claim absent) allows no topic; [`JwtAuth`]
+    /// fills an absent claim with its configured defaults, so the claims of a
+    /// verified token say what the holder may do. A `null` claim is refused
+    /// as malformed rather than read as absent.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patterns_not_null")]
     pub subscribe: Option<Vec<TopicPattern>>,
-    /// Topic patterns the holder may publish to; `None` allows any topic, and
-    /// `null` is refused as for `subscribe`.
+    /// Topic patterns the holder may publish to; `None` allows no topic (and
+    /// is filled with the defaults as for `subscribe`), `null` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "patterns_not_null")]
     pub publish: Option<Vec<TopicPattern>>,
 }
@@ -64,7 +70,7 @@ fn patterns_not_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ve
 }
 
 fn allowed(patterns: &Option<Vec<TopicPattern>>, topic: &Topic) -> bool {
-    patterns.as_ref().is_none_or(|list| list.iter().any(|p| p.matches(topic)))
+    patterns.as_ref().is_some_and(|list| list.iter().any(|p| p.matches(topic)))
 }
 
 /// Why a request was not authenticated; every variant answers HTTP 401.
@@ -106,6 +112,10 @@ impl AuthError {
 pub struct JwtAuth {
     key: DecodingKey,
     validation: Validation,
+    /// What a token without a `subscribe` claim may subscribe to.
+    default_subscribe: Vec<TopicPattern>,
+    /// What a token without a `publish` claim may publish to.
+    default_publish: Vec<TopicPattern>,
 }
 
 impl std::fmt::Debug for JwtAuth {
@@ -124,7 +134,23 @@ impl JwtAuth {
         // default minute. The same leeway applies to `nbf`.
         validation.leeway = 5;
         validation.validate_nbf = true;
-        Self { key: DecodingKey::from_secret(secret), validation }
+        Self {
+            key: DecodingKey::from_secret(secret),
+            validation,
+            default_subscribe: Vec::new(),
+            default_publish: Vec::new(),
+        }
+    }
+
+    /// The topic patterns a token without a `subscribe` (or `publish`)
+    /// claim gets; without this, such a token may do nothing. A token that
+    /// has the claim gets exactly what it says: the claim replaces the
+    /// defaults rather than adding to them, so an issuer can always narrow a
+    /// token below what every user gets.
+    pub fn with_defaults(mut self, subscribe: Vec<TopicPattern>, publish: Vec<TopicPattern>) -> Self {
+        self.default_subscribe = subscribe;
+        self.default_publish = publish;
+        self
     }
 
     /// Also requires the `aud` claim to be (or contain) `audience`.
@@ -136,7 +162,8 @@ impl JwtAuth {
 
     /// The authentication `config` asks for: `None` without a JWT secret.
     pub fn from_config(config: &crate::ServerConfig) -> Option<Self> {
-        let auth = Self::new(config.jwt_secret.as_deref()?.as_bytes());
+        let auth = Self::new(config.jwt_secret.as_deref()?.as_bytes())
+            .with_defaults(config.jwt_default_subscribe.clone(), config.jwt_default_publish.clone());
         Some(match &config.jwt_audience {
             Some(audience) => auth.with_audience(audience),
             None => auth,
@@ -158,17 +185,21 @@ impl JwtAuth {
         self.verify(token)
     }
 
-    /// Checks one token.
+    /// Checks one token; its claims come back with absent topic claims
+    /// filled with the configured defaults.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map(|data| data.claims).map_err(|e| match e
-            .kind()
-        {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-            ErrorKind::InvalidAudience => AuthError::WrongAudience,
-            ErrorKind::InvalidSignature => AuthError::BadSignature,
-            _ => AuthError::Malformed(e.to_string()),
-        })
+        let mut claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                _ => AuthError::Malformed(e.to_string()),
+            })?;
+        claims.subscribe.get_or_insert_with(|| self.default_subscribe.clone());
+        claims.publish.get_or_insert_with(|| self.default_publish.clone());
+        Ok(claims)
     }
 }
 
@@ -182,6 +213,47 @@ fn bearer(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sign(claims: serde_json::Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET);
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    }
+
+    const SECRET: &[u8] = b"unit-test-secret-0123";
+
+    fn patterns(list: &[&str]) -> Vec<TopicPattern> {
+        list.iter().map(|p| TopicPattern::new(p).unwrap()).collect()
+    }
+
+    fn topic(name: &str) -> Topic {
+        Topic::new(name).unwrap()
+    }
+
+    #[test]
+    fn absent_topic_claims_grant_the_defaults_and_nothing_else() {
+        let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 600;
+        let bare = sign(serde_json::json!({"sub": "u", "exp": exp}));
+        let claims = JwtAuth::new(SECRET).verify(&bare).unwrap();
+        assert_eq!((claims.subscribe.as_deref(), claims.publish.as_deref()), (Some(&[][..]), Some(&[][..])));
+        assert!(!claims.may_subscribe(&topic("admin:secret")) && !claims.may_publish(&topic("admin:secret")));
+
+        let auth = JwtAuth::new(SECRET).with_defaults(patterns(&["chat:*"]), patterns(&["chat:lobby"]));
+        let claims = auth.verify(&bare).unwrap();
+        assert!(claims.may_subscribe(&topic("chat:x")) && !claims.may_subscribe(&topic("admin:secret")));
+        assert!(claims.may_publish(&topic("chat:lobby")) && !claims.may_publish(&topic("chat:x")));
+
+        // A claim present replaces the default, even an empty one.
+        let own = sign(serde_json::json!({"sub": "u", "exp": exp, "subscribe": ["news:*"], "publish": []}));
+        let claims = auth.verify(&own).unwrap();
+        assert!(claims.may_subscribe(&topic("news:a")) && !claims.may_subscribe(&topic("chat:x")));
+        assert!(!claims.may_publish(&topic("chat:lobby")));
+    }
+
+    #[test]
+    fn claims_without_topic_patterns_allow_nothing() {
+        let claims = Claims { sub: "u".into(), exp: 0, subscribe: None, publish: None };
+        assert!(!claims.may_subscribe(&topic("t")) && !claims.may_publish(&topic("t")));
+    }
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
