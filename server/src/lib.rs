@@ -119,6 +119,7 @@ pub mod pubsub;
 mod response;
 mod routes;
 mod service;
+mod shares;
 mod shutdown;
 mod state;
 mod statics;
@@ -138,7 +139,7 @@ pub use config_file::{parse_cli, try_parse_cli_from, ConfigFileError};
 pub use crosswire_shared as protocol;
 pub use engine::{
     AckTo, Delivered, Delivery, Engine, EngineError, History, MemoryEngine, MemoryLimits, MessageText, Node, Pending,
-    Publication, ReadLimit, RedisEngine,
+    Publication, ReadLimit, RedisEngine, ShareHolder,
 };
 pub use hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest};
 pub use message::{Message, Utf8Bytes};
@@ -438,6 +439,19 @@ impl ServerHandle {
     /// with Redis, those this node's subscribers hold.
     pub fn topic_count(&self) -> usize {
         self.state.topics.len()
+    }
+
+    /// How many distinct topics peers from `ip` hold on this node (counted
+    /// per /64 for IPv6; behind a trusted proxy, under the client address
+    /// it names): what [`ServerConfig::topic_share`] bounds.
+    pub fn topics_held_by_ip(&self, ip: std::net::IpAddr) -> usize {
+        self.state.topics.held_by_address(ip)
+    }
+
+    /// How many distinct topics peers authenticated as `user` (the token's
+    /// `sub`) hold on this node: what [`ServerConfig::topic_share`] bounds.
+    pub fn topics_held_by_user(&self, user: &str) -> usize {
+        self.state.topics.held_by_user(user)
     }
 
     /// Live bytes queued for peers now, server-wide, as the queues reserved

@@ -22,7 +22,7 @@ use crate::{
 /// an IPv6 one, since one subscriber is routinely handed a whole /64 and could
 /// otherwise open connections from 2^64 "different" addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum IpKey {
+pub(crate) enum IpKey {
     V4(Ipv4Addr),
     V6Prefix(u64),
 }

@@ -18,6 +18,7 @@ const ORDER: &[&str] = &[
     "peer",
     "state",
     "topics",
+    "shares",
     "engine",
     "engine::memory",
     "engine::redis",
