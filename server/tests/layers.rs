@@ -21,6 +21,7 @@ const ORDER: &[&str] = &[
     "shares",
     "engine",
     "engine::memory",
+    "engine::idle",
     "engine::redis",
     "limits",
     "config",

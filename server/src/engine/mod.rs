@@ -38,6 +38,7 @@ use tokio::time::Instant;
 
 use crate::{frame::Frame, outbox::Outbox};
 
+mod idle;
 mod memory;
 mod redis;
 
