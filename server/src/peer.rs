@@ -153,7 +153,7 @@ impl<C> Peer<C> {
         if ip.is_unspecified() {
             sub
         } else {
-            sub.from_address(ip)
+            sub.counted_under(ip)
         }
     }
 

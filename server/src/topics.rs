@@ -166,7 +166,7 @@ impl Subscriber {
     }
 
     /// Counted under `address`'s share of the topic table (and its user's).
-    pub(crate) fn from_address(self, address: IpAddr) -> Self {
+    pub(crate) fn counted_under(self, address: IpAddr) -> Self {
         Self { address: Some(address), ..self }
     }
 
