@@ -264,3 +264,28 @@ async fn raw_subscribes_of_the_hooks_api_are_held_to_the_share() {
     settled(&handle, ip(1), 0).await;
     assert_eq!(handle.topics_held_by_ip(ip(2)), 1);
 }
+
+/// Behind a trusted proxy, the share is the forwarded client's, not the
+/// proxy's: two clients through one proxy each have their own.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_share_is_the_forwarded_clients() {
+    let config = ServerConfig { trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()], ..shares_config(100, 2) };
+    let server = start_pubsub(config).await;
+    let (addr, handle) = (server.local_addr(), server.handle());
+    let client: IpAddr = "203.0.113.7".parse().unwrap();
+    let neighbour: IpAddr = "203.0.113.8".parse().unwrap();
+    let mut a = connect_with(addr, "", &[("x-forwarded-for", "203.0.113.7")]).await.unwrap();
+    let mut b = connect_with(addr, "", &[("x-forwarded-for", "203.0.113.7")]).await.unwrap();
+    try_subscribe(&mut a, "a1").await.unwrap();
+    try_subscribe(&mut b, "b1").await.unwrap();
+    let (code, message) = try_subscribe(&mut a, "a2").await.unwrap_err();
+    assert_eq!(
+        (code, message.as_str()),
+        (ErrorCode::TopicLimit, "this address holds as many topics as one address may (2)")
+    );
+    let mut c = connect_with(addr, "", &[("x-forwarded-for", "203.0.113.8")]).await.unwrap();
+    try_subscribe(&mut c, "c1").await.unwrap();
+    try_subscribe(&mut c, "c2").await.unwrap();
+    assert_eq!((handle.topics_held_by_ip(client), handle.topics_held_by_ip(neighbour)), (2, 2));
+    assert_eq!(handle.topics_held_by_ip(ip(1)), 0, "the proxy's own address holds nothing");
+}
