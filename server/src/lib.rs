@@ -36,7 +36,9 @@
 //! 9. **topics**: this node's subscribers and the fan-out: one encoded
 //!    frame per message shared by every subscriber, what a connection's poll
 //!    publishes to a topic queued as one run, presence events, and the merge
-//!    of a history read with live deliveries that makes recovery exact.
+//!    of a history read with live deliveries that makes recovery exact. Each
+//!    subscription takes its part of its address's and user's fair share of
+//!    the topic table (`shares`, just below it), whatever the engine.
 //! 10. **engine** ([`Engine`]): the broker: each topic's seq, epoch and
 //!     bounded history, delivery to every node, cluster presence. The
 //!     embedded [`MemoryEngine`] is the default; [`RedisEngine`] (`redis` in
