@@ -73,6 +73,13 @@ pub struct ServerConfig {
     /// is forgotten to make room, and only when none is idle is a new one
     /// refused (`topic_limit`). Default 100 000.
     pub max_topics: usize,
+    /// Topics one client address (IPv6: one /64; behind a trusted proxy, the
+    /// client it names) may hold at once, and, with JWT, one user: the
+    /// distinct topics its peers are subscribed to on this node. Past it a
+    /// subscribe is refused (`topic_limit`), so that one address can never
+    /// take the whole table from the others. Default 0: derived, see
+    /// [`ServerConfig::topic_share`].
+    pub max_topics_per_ip: usize,
     /// Entries a presence list holds at most (in peer-id order). Default 1000.
     pub max_presence_list: usize,
     /// Subscribe, unsubscribe, presence, history and refresh requests per
@@ -174,6 +181,7 @@ impl Default for ServerConfig {
             history_memory_bytes: 64 * 1024 * 1024,
             max_history_answer_bytes: 1024 * 1024,
             max_topics: 100_000,
+            max_topics_per_ip: 0,
             max_presence_list: 1000,
             subscribe_rate: 50,
             subscribe_burst: 200,
@@ -280,6 +288,18 @@ pub enum ConfigError {
 }
 
 impl ServerConfig {
+    /// Topics one address (and one user) may hold: `max_topics_per_ip` when
+    /// set, else a twentieth of `max_topics` but at least
+    /// `max_topics_per_peer` (one connection may always hold all it may
+    /// subscribe to); never more than `max_topics`. By default 5 000.
+    pub fn topic_share(&self) -> usize {
+        let share = match self.max_topics_per_ip {
+            0 => (self.max_topics / 20).max(self.max_topics_per_peer),
+            set => set,
+        };
+        share.clamp(1, self.max_topics.max(1))
+    }
+
     /// Checks the values that would otherwise fail later and less clearly.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.path.starts_with('/') {
@@ -397,6 +417,10 @@ pub struct Args {
     /// Topics that may exist at once, server-wide.
     #[arg(long, env = "CROSSWIRE_MAX_TOPICS", default_value_t = d().max_topics)]
     pub max_topics: usize,
+    /// Topics one address (IPv6 per /64), and one JWT user, may hold at once
+    /// (0: a twentieth of --max-topics, at least --max-topics-per-peer).
+    #[arg(long, env = "CROSSWIRE_MAX_TOPICS_PER_IP", default_value_t = d().max_topics_per_ip)]
+    pub max_topics_per_ip: usize,
     /// Entries a presence list holds at most.
     #[arg(long, env = "CROSSWIRE_MAX_PRESENCE_LIST", default_value_t = d().max_presence_list)]
     pub max_presence_list: usize,
@@ -526,6 +550,7 @@ impl Args {
             history_memory_bytes: self.history_memory_bytes,
             max_history_answer_bytes: self.max_history_answer_bytes,
             max_topics: self.max_topics,
+            max_topics_per_ip: self.max_topics_per_ip,
             max_presence_list: self.max_presence_list,
             subscribe_rate: self.subscribe_rate,
             subscribe_burst: self.subscribe_burst,

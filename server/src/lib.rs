@@ -36,7 +36,9 @@
 //! 9. **topics**: this node's subscribers and the fan-out: one encoded
 //!    frame per message shared by every subscriber, what a connection's poll
 //!    publishes to a topic queued as one run, presence events, and the merge
-//!    of a history read with live deliveries that makes recovery exact.
+//!    of a history read with live deliveries that makes recovery exact. Each
+//!    subscription takes its part of its address's and user's fair share of
+//!    the topic table (`shares`, just below it), whatever the engine.
 //! 10. **engine** ([`Engine`]): the broker: each topic's seq, epoch and
 //!     bounded history, delivery to every node, cluster presence. The
 //!     embedded [`MemoryEngine`] is the default; [`RedisEngine`] (`redis` in
@@ -119,6 +121,7 @@ pub mod pubsub;
 mod response;
 mod routes;
 mod service;
+mod shares;
 mod shutdown;
 mod state;
 mod statics;
@@ -138,7 +141,7 @@ pub use config_file::{parse_cli, try_parse_cli_from, ConfigFileError};
 pub use crosswire_shared as protocol;
 pub use engine::{
     AckTo, Delivered, Delivery, Engine, EngineError, History, MemoryEngine, MemoryLimits, MessageText, Node, Pending,
-    Publication, ReadLimit, RedisEngine,
+    Publication, ReadLimit, RedisEngine, ShareHolder,
 };
 pub use hooks::{CloseDetails, Hooks, PeerError, UpgradeRequest};
 pub use message::{Message, Utf8Bytes};
@@ -446,6 +449,19 @@ impl ServerHandle {
     /// with Redis, those this node's subscribers hold.
     pub fn topic_count(&self) -> usize {
         self.state.topics.len()
+    }
+
+    /// How many distinct topics peers from `ip` hold on this node (counted
+    /// per /64 for IPv6; behind a trusted proxy, under the client address
+    /// it names): what [`ServerConfig::topic_share`] bounds.
+    pub fn topics_held_by_ip(&self, ip: std::net::IpAddr) -> usize {
+        self.state.topics.held_by_address(ip)
+    }
+
+    /// How many distinct topics peers authenticated as `user` (the token's
+    /// `sub`) hold on this node: what [`ServerConfig::topic_share`] bounds.
+    pub fn topics_held_by_user(&self, user: &str) -> usize {
+        self.state.topics.held_by_user(user)
     }
 
     /// Bytes queued for peers now (live traffic and answers), server-wide,

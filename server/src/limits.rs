@@ -4,7 +4,7 @@
 //! open-file limit, and the per-peer publish rate limit.
 
 use std::{
-    collections::HashMap,
+    collections::{hash_map, HashMap, VecDeque},
     net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -23,7 +23,7 @@ use crate::{
 /// an IPv6 one, since one subscriber is routinely handed a whole /64 and could
 /// otherwise open connections from 2^64 "different" addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum IpKey {
+pub(crate) enum IpKey {
     V4(Ipv4Addr),
     V6Prefix(u64),
 }
@@ -91,9 +91,14 @@ pub(crate) struct IpLimiter {
 #[derive(Debug, Default)]
 struct Entries {
     map: HashMap<IpKey, Entry>,
-    /// The map size at which idle entries are next swept out: double the size
-    /// that survived the last sweep, so sweeping costs O(1) per connection.
-    sweep_at: usize,
+    /// Every key of `map`, once, in the order a sweeping hand visits them:
+    /// each admission looks at the next [`SWEEP_STEP`], forgetting those
+    /// that no longer limit anything and putting the others back. A new key
+    /// is one more per admission and the hand passes two, so the map stays
+    /// within about twice the addresses that matter (open connections, or a
+    /// schedule ahead of now), at O(1) per connection: no connection pays
+    /// for a sweep of the whole map.
+    hand: VecDeque<IpKey>,
 }
 
 /// One address's state: open connections and its GCRA schedule (the time its
@@ -112,7 +117,9 @@ pub(crate) struct IpSlot {
     counted: bool,
 }
 
-const MIN_SWEEP: usize = 1024;
+/// Entries the sweeping hand looks at per admission: more than the one an
+/// admission may add.
+const SWEEP_STEP: usize = 2;
 
 impl IpLimiter {
     pub(crate) fn new(config: &ServerConfig) -> Arc<Self> {
@@ -123,7 +130,7 @@ impl IpLimiter {
             tolerance: interval.unwrap_or_default() * config.connect_burst_per_ip.saturating_sub(1),
             proxies: config.trusted_proxies.clone(),
             header: config.trusted_proxy_header,
-            entries: Mutex::new(Entries { map: HashMap::new(), sweep_at: MIN_SWEEP }),
+            entries: Mutex::new(Entries::default()),
         })
     }
 
@@ -135,11 +142,23 @@ impl IpLimiter {
         }
         let now = Instant::now();
         let mut entries = self.entries.lock().expect("ip limiter lock");
-        if entries.map.len() >= entries.sweep_at {
-            entries.map.retain(|_, e| e.open > 0 || e.due > now);
-            entries.sweep_at = (entries.map.len() * 2).max(MIN_SWEEP);
+        let Entries { map, hand } = &mut *entries;
+        for _ in 0..SWEEP_STEP {
+            let Some(seen) = hand.pop_front() else { break };
+            match map.get(&seen) {
+                Some(e) if e.open > 0 || e.due > now => hand.push_back(seen),
+                _ => {
+                    map.remove(&seen);
+                }
+            }
         }
-        let entry = entries.map.entry(key).or_insert(Entry { open: 0, due: now });
+        let entry = match map.entry(key) {
+            hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            hash_map::Entry::Vacant(vacant) => {
+                hand.push_back(key);
+                vacant.insert(Entry { open: 0, due: now })
+            }
+        };
         if self.max > 0 && entry.open >= self.max {
             return Err(IpRejection::Count);
         }
@@ -215,12 +234,11 @@ impl Drop for IpSlot {
         if !self.counted {
             return;
         }
+        // The entry stays for the sweeping hand to forget: a key is in the
+        // map exactly while it is in the hand's queue.
         let mut entries = self.limiter.entries.lock().expect("ip limiter lock");
         if let Some(entry) = entries.map.get_mut(&self.key) {
             entry.open -= 1;
-            if entry.open == 0 && entry.due <= Instant::now() {
-                entries.map.remove(&self.key);
-            }
         }
     }
 }
@@ -350,11 +368,34 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_addresses_are_forgotten() {
         let limiter = limiter(0, 1000, 1, &[]);
-        for i in 0..(MIN_SWEEP as u32 * 4) {
+        for i in 0..4096 {
             let _ = limiter.try_acquire(IpAddr::V4(Ipv4Addr::from(i)));
             tokio::time::advance(Duration::from_millis(1)).await;
         }
-        assert!(limiter.entries.lock().unwrap().map.len() <= MIN_SWEEP * 2);
+        let entries = limiter.entries.lock().unwrap();
+        assert!(entries.map.len() <= 4, "{} entries for one address that matters", entries.map.len());
+        assert_eq!(entries.hand.len(), entries.map.len());
+    }
+
+    /// Addresses holding connections are kept (their counts must stay
+    /// true) while thousands of others come and go around them; the map
+    /// stays within about twice the addresses that matter.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_keeps_what_counts_and_stays_near_it() {
+        let limiter = limiter(1, 1000, 1, &[]);
+        let held: Vec<IpSlot> = (0..100).map(|i| limiter.try_acquire(IpAddr::from([10, 0, 0, i])).unwrap()).collect();
+        for i in 0..10_000u32 {
+            drop(limiter.try_acquire(IpAddr::V4(Ipv4Addr::from(0xC000_0000 + i))).unwrap());
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let len = limiter.entries.lock().unwrap().map.len();
+            assert!(len <= 2 * 100 + 8, "{len} entries");
+        }
+        for i in 0..100 {
+            let ip = IpAddr::from([10, 0, 0, i]);
+            assert_eq!(limiter.try_acquire(ip).err(), Some(IpRejection::Count), "{ip}'s open connection still counts");
+        }
+        drop(held);
+        assert!(limiter.try_acquire(IpAddr::from([10, 0, 0, 7])).is_ok());
     }
 
     #[test]

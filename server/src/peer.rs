@@ -152,12 +152,22 @@ impl<C> Peer<C> {
 
     fn subscriber(&self, presence: bool) -> Subscriber {
         let core = &self.inner.core;
-        Subscriber::new(core.outbox.clone(), core.user.get().cloned(), presence, Arc::clone(&core.topics))
+        // Counted under the client's address (behind a trusted proxy, the
+        // one it forwarded) and user: their shares of the topic table. An
+        // app's listener that gives no address (0.0.0.0) leaves the user's.
+        let sub = Subscriber::new(core.outbox.clone(), core.user.get().cloned(), presence, Arc::clone(&core.topics));
+        let ip = core.remote.ip();
+        if ip.is_unspecified() {
+            sub
+        } else {
+            sub.counted_under(ip)
+        }
     }
 
     /// Subscribes to `topic` for raw messages; `Ok(false)` if already
-    /// subscribed. Fails only when the topic would be one more than the
-    /// server's topic cap allows.
+    /// subscribed. Fails when the topic would be one more than the server's
+    /// topic cap allows, or than this peer's address (or user) may hold
+    /// ([`EngineError::TopicShare`]).
     pub fn subscribe(&self, topic: &Topic) -> Result<bool, EngineError> {
         self.inner.state.topics.subscribe_raw(topic, &self.inner.core.id, self.subscriber(false))
     }

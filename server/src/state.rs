@@ -73,7 +73,7 @@ impl ServerState {
         metrics: Metrics,
     ) -> Self {
         Self {
-            topics: Arc::new(Topics::new(engine, config.history_size, config.max_presence_list)),
+            topics: Arc::new(Topics::new(engine, config.history_size, config.max_presence_list, config.topic_share())),
             peers: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             per_ip: limits::IpLimiter::new(&config),

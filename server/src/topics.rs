@@ -49,6 +49,7 @@
 use std::{
     collections::{hash_map::Entry, BTreeSet, HashMap},
     future::Future,
+    net::IpAddr,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -65,6 +66,7 @@ use crate::{
     frame::Frame,
     limits::TokenBucket,
     outbox::Outbox,
+    shares::{Share, Shares},
 };
 
 const SHARDS: usize = 32;
@@ -105,6 +107,8 @@ pub(crate) struct Topics {
     /// Messages queued for subscribers here, for `/metrics`: one relaxed add
     /// per message, whatever the subscriber count.
     deliveries: AtomicU64,
+    /// Each address's and user's share of the topic table.
+    shares: Shares,
 }
 
 struct TopicState {
@@ -167,11 +171,20 @@ pub(crate) struct Subscriber {
     /// While its history is being read: the live deliveries held back, to
     /// follow the replay.
     pending: Option<Vec<(u64, Frame)>>,
+    /// The client address its share of the topic table is counted under.
+    address: Option<IpAddr>,
+    /// Its part of its address's and user's shares, given back as it drops.
+    share: Option<Share>,
 }
 
 impl Subscriber {
     pub(crate) fn new(outbox: Outbox, user: Option<Arc<str>>, presence: bool, memberships: Memberships) -> Self {
-        Self { outbox, user, presence, memberships, pending: None }
+        Self { outbox, user, presence, memberships, pending: None, address: None, share: None }
+    }
+
+    /// Counted under `address`'s share of the topic table (and its user's).
+    pub(crate) fn counted_under(self, address: IpAddr) -> Self {
+        Self { address: Some(address), ..self }
     }
 
     fn presence_entry(&self, id: &str) -> PresenceEntry {
@@ -335,7 +348,8 @@ impl TopicState {
 }
 
 impl Topics {
-    pub(crate) fn new(engine: Arc<dyn Engine>, replay_limit: usize, presence_list: usize) -> Self {
+    /// `topic_share`: topics one address (and one user) may hold here.
+    pub(crate) fn new(engine: Arc<dyn Engine>, replay_limit: usize, presence_list: usize, topic_share: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
             hasher: RandomState::new(),
@@ -344,6 +358,7 @@ impl Topics {
             presence_list,
             me: OnceLock::new(),
             deliveries: AtomicU64::new(0),
+            shares: Shares::new(topic_share),
         }
     }
 
@@ -410,10 +425,16 @@ impl Topics {
 
     /// Subscribes `peer` for raw messages (no epoch, no replay); false if it
     /// already was.
-    pub(crate) fn subscribe_raw(&self, topic: &Topic, peer: &Arc<str>, sub: Subscriber) -> Result<bool, EngineError> {
+    pub(crate) fn subscribe_raw(
+        &self,
+        topic: &Topic,
+        peer: &Arc<str>,
+        mut sub: Subscriber,
+    ) -> Result<bool, EngineError> {
         if lock_index(&sub.memberships).contains(topic) {
             return Ok(false);
         }
+        self.take_share(topic, &mut sub)?;
         self.engine.hold(topic)?;
         let mut shard = self.shard(topic);
         let state = shard.entry(topic.clone()).or_insert_with(TopicState::new);
@@ -452,6 +473,7 @@ impl Topics {
         let outbox = sub.outbox.clone();
         let is_new = !lock_index(&memberships).contains(topic);
         if is_new {
+            self.take_share(topic, &mut sub)?;
             self.engine.hold(topic)?;
         }
         sub.pending = Some(Vec::new());
@@ -565,6 +587,26 @@ impl Topics {
             }
         }
         Ok((outcome, is_new))
+    }
+
+    /// Counts a new subscription against its address's and user's shares of
+    /// the topic table, or refuses it. The share goes back when `sub` is
+    /// dropped, however the subscription ends (or fails to begin).
+    fn take_share(&self, topic: &Topic, sub: &mut Subscriber) -> Result<(), EngineError> {
+        if sub.address.is_some() || sub.user.is_some() {
+            sub.share = Some(self.shares.take(topic, sub.address, sub.user.as_ref())?);
+        }
+        Ok(())
+    }
+
+    /// The distinct topics peers from `ip` (its /64 for IPv6) hold here.
+    pub(crate) fn held_by_address(&self, ip: IpAddr) -> usize {
+        self.shares.held_by_address(ip)
+    }
+
+    /// The distinct topics `user`'s peers hold here.
+    pub(crate) fn held_by_user(&self, user: &str) -> usize {
+        self.shares.held_by_user(user)
     }
 
     /// Tells local watchers that `peer` joined; its entry, and whether a
@@ -1033,7 +1075,8 @@ mod tests {
     }
 
     fn topics_with(limits: MemoryLimits, presence_list: usize) -> Arc<Topics> {
-        let topics = Arc::new(Topics::new(Arc::new(MemoryEngine::new(limits)), limits.history_size, presence_list));
+        let engine = Arc::new(MemoryEngine::new(limits));
+        let topics = Arc::new(Topics::new(engine, limits.history_size, presence_list, limits.max_topics));
         Topics::start(&topics, tokio_util::sync::CancellationToken::new());
         topics
     }

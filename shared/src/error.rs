@@ -29,7 +29,9 @@ pub enum ErrorCode {
     /// The peer is subscribed to as many topics as it may be.
     TooManyTopics,
     /// The server holds as many topics as it may, none of them idle: the
-    /// subscribe or publish would have created one more.
+    /// subscribe or publish would have created one more. Or the subscribe
+    /// would take the peer's address (or user) past its fair share of the
+    /// topic table; the message says which.
     TopicLimit,
     /// The server failed in a way that is not the client's fault.
     Internal,

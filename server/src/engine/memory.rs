@@ -11,12 +11,23 @@
 //!
 //! Memory is bounded whatever clients do: at most `max_topics` topics exist
 //! (an idle one, held by no subscriber, is forgotten to make room for a new
-//! one; only when none is idle is a new topic refused), and at most
+//! one, the longest-idle first; only when none is idle is a new topic
+//! refused), and at most
 //! `history_bytes` of history is retained server-wide (the oldest retained
 //! messages go first). History is kept only for topics whose epoch someone
 //! was told: publishing to a topic nobody ever subscribed to retains
 //! nothing, since nobody could ask for it. Evicting history never makes a
 //! gap silent: a `since` it no longer reaches reads as incomplete.
+//!
+//! Making room costs O(1), whatever the table holds: the idle topics are
+//! kept in an engine-wide [`IdleList`], oldest first, so the longest-idle
+//! one is its front, and a refusal (none idle) is one look at it. A publish
+//! to an existing topic takes no lock but its shard's (see `idle.rs`).
+//!
+//! Lock order: a shard, then the idle list. The list's lock is a leaf:
+//! nothing is locked while it is held. No path holds one shard lock while
+//! asking for another but [`MemoryEngine::evict_history`], which takes them
+//! all in index order (and not the list's).
 
 use std::{
     cmp::Reverse,
@@ -34,9 +45,19 @@ use tokio::time::Instant;
 
 use crate::config::ServerConfig;
 
-use super::{Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication, ReadLimit};
+use super::{
+    idle::{IdleList, Slot},
+    Delivery, Engine, EngineError, History, MessageText, Node, Pending, Publication, ReadLimit,
+};
 
 const SHARDS: usize = 32;
+
+/// Fronts of the idle list one eviction looks at, at most: the ones it finds
+/// touched since they were listed go to the back (at most
+/// [`SECOND_CHANCES`]), or changed under it by another thread (skipped).
+/// Bounds the work of one eviction whatever was published meanwhile.
+const EVICTION_TRIES: usize = 64;
+const SECOND_CHANCES: usize = 8;
 
 /// What bounds the engine.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +100,10 @@ pub struct MemoryEngine {
     retained: AtomicUsize,
     /// Held by the one eviction round under way.
     evicting: Mutex<()>,
+    /// The topics nobody holds, longest-idle first. A topic is listed
+    /// exactly while its `holders` is 0, and listed or unlisted only under
+    /// its shard's lock: whoever holds that lock may trust its [`Slot`].
+    idle: Mutex<IdleList>,
 }
 
 impl std::fmt::Debug for MemoryEngine {
@@ -102,6 +127,8 @@ struct TopicState {
     /// for the history TTL, so a subscriber that was its only one can still
     /// come back and recover what was published meanwhile.
     touched: Instant,
+    /// Its place in the idle list: `Some` exactly while `holders` is 0.
+    idle: Option<Slot>,
 }
 
 struct Retained {
@@ -119,6 +146,7 @@ impl TopicState {
             handed_out: false,
             holders: 0,
             touched: now,
+            idle: None,
         }
     }
 
@@ -167,6 +195,7 @@ impl MemoryEngine {
             count: AtomicUsize::new(0),
             retained: AtomicUsize::new(0),
             evicting: Mutex::new(()),
+            idle: Mutex::new(IdleList::default()),
         }
     }
 
@@ -178,70 +207,103 @@ impl MemoryEngine {
         lock(&self.shards[self.shard_index(topic)])
     }
 
+    fn idle_list(&self) -> MutexGuard<'_, IdleList> {
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The shard of `topic`, locked, with the topic in it: created if need
     /// be within the topic cap. At the cap, the longest-idle topic nobody
-    /// holds is forgotten to make room (it loses its recoverability, never
-    /// silently): one in the same shard if there is one, else one in another
-    /// shard (taken with the first lock released: one lock at a time).
+    /// holds is forgotten and its place handed to the new one (it loses its
+    /// recoverability, never silently); only when none is idle is the topic
+    /// refused. Either costs O(1): see [`Self::forget_longest_idle`].
     fn lock_creating(&self, topic: &Topic, now: Instant) -> Result<MutexGuard<'_, Shard>, EngineError> {
-        let mut shard = self.shard(topic);
-        if self.ensure(&mut shard, topic, now) {
+        let index = self.shard_index(topic);
+        let mut shard = lock(&self.shards[index]);
+        if shard.contains_key(topic) {
             return Ok(shard);
         }
-        drop(shard);
-        if self.forget_idle_elsewhere(self.shard_index(topic)) {
-            // The room made is ours unless another creation takes it first.
-            let mut shard = self.shard(topic);
-            if self.ensure(&mut shard, topic, now) {
+        let max = self.limits.max_topics;
+        if self.count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_err() {
+            // The idle topic may be in any shard: one shard lock at a time.
+            drop(shard);
+            if !self.forget_longest_idle() {
+                return Err(EngineError::TopicLimit { max });
+            }
+            shard = lock(&self.shards[index]);
+            if shard.contains_key(topic) {
+                // Created meanwhile by another caller: the place made is not needed.
+                self.count.fetch_sub(1, Ordering::Relaxed);
                 return Ok(shard);
             }
         }
-        Err(EngineError::TopicLimit { max: self.limits.max_topics })
+        self.insert(&mut shard, index, topic, now);
+        Ok(shard)
     }
 
-    /// Makes sure `topic` is in `shard`, within the cap; false if there is no room.
-    fn ensure(&self, shard: &mut Shard, topic: &Topic, now: Instant) -> bool {
-        if shard.contains_key(topic) {
+    /// Inserts `topic` as a new topic nobody holds yet (so listed idle),
+    /// into `shard` (index `index`), whose place under the cap is counted.
+    fn insert(&self, shard: &mut Shard, index: usize, topic: &Topic, now: Instant) {
+        let mut state = TopicState::new(now);
+        state.idle = Some(self.idle_list().push_back(topic.clone(), index, now));
+        shard.insert(topic.clone(), state);
+    }
+
+    /// Forgets the longest-idle topic (its retained bytes leave the count),
+    /// leaving its place under the cap to the caller: the topic count is
+    /// not lowered. False if no topic is idle. O(1): the front of the idle
+    /// list, with at most [`EVICTION_TRIES`] looks when other threads change
+    /// it meanwhile or fronts were touched since they were listed.
+    fn forget_longest_idle(&self) -> bool {
+        let mut second_chances = 0;
+        for _ in 0..EVICTION_TRIES {
+            let Some((slot, topic, index)) = self.idle_list().front().map(|(s, t, i, _)| (s, t.clone(), i)) else {
+                return false;
+            };
+            // The front is read and its shard locked one after the other
+            // (the lock order is shard, then list): it may have changed
+            // meanwhile, which its slot tells.
+            let mut shard = lock(&self.shards[index]);
+            let Some(state) = shard.get_mut(&topic) else { continue };
+            if state.idle != Some(slot) {
+                continue;
+            }
+            debug_assert_eq!(state.holders, 0, "only idle topics are listed");
+            let mut idle = self.idle_list();
+            if second_chances < SECOND_CHANCES && idle.since(slot) < state.touched {
+                // Published to since it was listed: not the longest idle.
+                idle.move_to_back(slot, state.touched);
+                second_chances += 1;
+                continue;
+            }
+            idle.remove(slot);
+            drop(idle);
+            let mut gone = shard.remove(&topic).expect("just found");
+            while gone.pop_oldest(&self.retained).is_some() {}
             return true;
         }
-        let max = self.limits.max_topics;
-        let room = self.count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
-        // At the cap, an idle topic's place is handed over to the new one.
-        if room.is_err() && !self.forget_longest_idle(shard) {
-            return false;
-        }
-        shard.insert(topic.clone(), TopicState::new(now));
-        true
-    }
-
-    /// Forgets one idle topic in a shard other than `except`, freeing its
-    /// place under the cap; false if no shard has one.
-    fn forget_idle_elsewhere(&self, except: usize) -> bool {
-        for i in (1..SHARDS).map(|k| (except + k) % SHARDS) {
-            if self.forget_longest_idle(&mut lock(&self.shards[i])) {
-                self.count.fetch_sub(1, Ordering::Relaxed);
-                return true;
-            }
-        }
         false
-    }
-
-    /// Removes the shard's longest-idle topic nobody holds, and its retained
-    /// bytes from the count; false if every topic is held. The topic count
-    /// is the caller's to adjust.
-    fn forget_longest_idle(&self, shard: &mut Shard) -> bool {
-        let idle = shard.iter().filter(|(_, s)| s.holders == 0).min_by_key(|(_, s)| s.touched).map(|(t, _)| t.clone());
-        let Some(idle) = idle else { return false };
-        let mut gone = shard.remove(&idle).expect("just found");
-        while gone.pop_oldest(&self.retained).is_some() {}
-        true
     }
 
     /// Forgets a topic its caller found dead in the state at hand (no
     /// second lookup: this runs once per publish).
     fn forget_dead(&self, shard: &mut Shard, topic: &Topic) {
-        shard.remove(topic);
+        if let Some(gone) = shard.remove(topic) {
+            self.unlist(&gone);
+        }
         self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Takes a topic being forgotten (under its shard's lock) off the idle list.
+    fn unlist(&self, gone: &TopicState) {
+        if let Some(slot) = gone.idle {
+            self.idle_list().remove(slot);
+        }
+    }
+
+    /// Topics listed as idle now.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle_list().len()
     }
 
     fn publish_now(&self, topic: &Topic, publication: Publication<'_>) -> Result<u64, EngineError> {
@@ -395,6 +457,9 @@ impl Engine for MemoryEngine {
         let now = Instant::now();
         let mut shard = self.lock_creating(topic, now)?;
         let state = shard.get_mut(topic).expect("lock_creating leaves it there");
+        if let Some(slot) = state.idle.take() {
+            self.idle_list().remove(slot);
+        }
         state.holders += 1;
         state.touched = now;
         Ok(())
@@ -402,12 +467,15 @@ impl Engine for MemoryEngine {
 
     fn release(&self, topic: &Topic) {
         let now = Instant::now();
-        let mut shard = self.shard(topic);
+        let index = self.shard_index(topic);
+        let mut shard = lock(&self.shards[index]);
         let Some(state) = shard.get_mut(topic) else { return };
         state.holders = state.holders.saturating_sub(1);
         state.touched = now;
         if state.is_dead(now, &self.limits) {
             self.forget_dead(&mut shard, topic);
+        } else if state.holders == 0 && state.idle.is_none() {
+            state.idle = Some(self.idle_list().push_back(topic.clone(), index, now));
         }
     }
 
@@ -431,7 +499,11 @@ impl Engine for MemoryEngine {
             let before = shard.len();
             shard.retain(|_, state| {
                 state.expire(now, self.limits.history_ttl, &self.retained);
-                !state.is_dead(now, &self.limits)
+                let dead = state.is_dead(now, &self.limits);
+                if dead {
+                    self.unlist(state);
+                }
+                !dead
             });
             self.count.fetch_sub(before - shard.len(), Ordering::Relaxed);
         }
@@ -450,4 +522,118 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard lock would be a bug in this module; the
     // map is still consistent at every await-free step, so keep serving.
     shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use crosswire_shared::RawValue;
+
+    use super::*;
+
+    fn engine(max_topics: usize) -> Arc<MemoryEngine> {
+        Arc::new(MemoryEngine::new(MemoryLimits {
+            history_size: 8,
+            history_ttl: Duration::from_secs(60),
+            max_topics,
+            history_bytes: usize::MAX,
+        }))
+    }
+
+    fn topic(name: &str) -> Topic {
+        Topic::new(name).unwrap()
+    }
+
+    fn publish(engine: &MemoryEngine, topic: &Topic) -> Result<u64, EngineError> {
+        let data = RawValue::from_string("1".to_owned()).unwrap();
+        engine.publish_now(topic, Publication { from: "p", data: &data, ack: None, at: Instant::now() })
+    }
+
+    fn exists(engine: &MemoryEngine, topic: &Topic) -> bool {
+        engine.shard(topic).contains_key(topic)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_the_longest_idle_goes_a_held_one_never_and_a_touched_one_moves_back() {
+        let engine = engine(3);
+        let (held, old, young) = (topic("held"), topic("old"), topic("young"));
+        engine.hold(&held).unwrap();
+        engine.hold(&old).unwrap();
+        // Told its epoch: `old` retains what is published to it.
+        engine.read_now(&old, None, ReadLimit::ALL, true).unwrap();
+        engine.release(&old);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        engine.hold(&young).unwrap();
+        engine.release(&young);
+        assert_eq!((engine.topic_count(), engine.idle_count()), (3, 2));
+        // Published to while idle: `old` is now touched after `young`.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        publish(&engine, &old).unwrap();
+        assert!(engine.retained_bytes() > 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        engine.hold(&topic("new1")).unwrap();
+        assert!(!exists(&engine, &young), "the longest idle went");
+        assert!(exists(&engine, &old), "touched since it was listed: moved back, kept");
+        engine.hold(&topic("new2")).unwrap();
+        assert!(!exists(&engine, &old));
+        assert_eq!(engine.retained_bytes(), 0, "its retained bytes left the count with it");
+        assert_eq!((engine.topic_count(), engine.idle_count()), (3, 0));
+        // Nothing idle: refused, and the held topic stays.
+        assert_eq!(engine.hold(&topic("new3")), Err(EngineError::TopicLimit { max: 3 }));
+        assert_eq!(publish(&engine, &topic("new3")), Err(EngineError::TopicLimit { max: 3 }));
+        assert!(exists(&engine, &held));
+        engine.release(&held);
+        assert_eq!(engine.idle_count(), 1, "released: listed again");
+        engine.hold(&topic("new3")).unwrap();
+        assert!(!exists(&engine, &held));
+        assert_eq!(engine.topic_count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_list_follows_holds_releases_and_the_sweep() {
+        let engine = engine(100);
+        let t = topic("t");
+        engine.hold(&t).unwrap();
+        engine.hold(&t).unwrap();
+        assert_eq!(engine.idle_count(), 0);
+        engine.release(&t);
+        assert_eq!(engine.idle_count(), 0, "still held once");
+        engine.release(&t);
+        assert_eq!(engine.idle_count(), 1);
+        engine.release(&t);
+        assert_eq!(engine.idle_count(), 1, "released once too often: listed once");
+        for n in 0..10 {
+            publish(&engine, &topic(&format!("p{n}"))).unwrap();
+        }
+        assert_eq!((engine.topic_count(), engine.idle_count()), (11, 11));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        engine.sweep();
+        assert_eq!((engine.topic_count(), engine.idle_count()), (0, 0), "the sweep unlists what it forgets");
+    }
+
+    /// Making room at the cap locks the shard of the topic made and the
+    /// shard of the one forgotten, and no other: with every other shard
+    /// locked elsewhere, it still completes (a scan would wait forever).
+    #[test]
+    fn making_room_does_not_visit_the_other_shards() {
+        let engine = engine(2);
+        let (idle, held) = (topic("idle"), topic("held"));
+        engine.hold(&held).unwrap();
+        engine.hold(&idle).unwrap();
+        engine.release(&idle);
+        let index = |t: &Topic| engine.shard_index(t);
+        let fresh = (0..).map(|n| topic(&format!("fresh{n}"))).find(|t| index(t) != index(&idle)).unwrap();
+        let spared = [index(&idle), index(&fresh)];
+        let others: Vec<MutexGuard<'_, Shard>> =
+            (0..SHARDS).filter(|i| !spared.contains(i)).map(|i| lock(&engine.shards[i])).collect();
+        let (done, made) = mpsc::channel();
+        let maker = Arc::clone(&engine);
+        std::thread::spawn(move || done.send(maker.hold(&fresh)).unwrap());
+        let answer = made.recv_timeout(Duration::from_secs(10)).expect("made room without waiting on other shards");
+        drop(others);
+        assert_eq!(answer, Ok(()));
+        assert!(!exists(&engine, &idle));
+        assert_eq!(engine.topic_count(), 2);
+    }
 }

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 
 use crate::{frame::Frame, outbox::Outbox};
 
+mod idle;
 mod memory;
 mod redis;
 
@@ -57,6 +58,35 @@ pub enum EngineError {
     /// The broker cannot be reached (or did not answer in time).
     #[error("the message broker is unavailable: {0}")]
     Unavailable(String),
+    /// The subscriber's address (or user) holds as many topics as one may:
+    /// its share of the topic table (`max_topics_per_ip`). Not the broker's
+    /// refusal but the node's, so that it holds whatever the engine.
+    #[error("this {holder} holds as many topics as one {holder} may ({max})")]
+    TopicShare {
+        /// Whose share is used up.
+        holder: ShareHolder,
+        /// The share.
+        max: usize,
+    },
+}
+
+/// Who holds a share of the topic table (see [`EngineError::TopicShare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShareHolder {
+    /// One client address (IPv6: one /64).
+    Address,
+    /// One authenticated user (the token's `sub`).
+    User,
+}
+
+impl fmt::Display for ShareHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Address => "address",
+            Self::User => "user",
+        })
+    }
 }
 
 /// The answer of an engine operation: at once (the memory engine never

@@ -411,7 +411,7 @@ fn error(
 /// The error code telling a client why the engine did not do what it asked.
 fn engine_code(e: &EngineError) -> ErrorCode {
     match e {
-        EngineError::TopicLimit { .. } => ErrorCode::TopicLimit,
+        EngineError::TopicLimit { .. } | EngineError::TopicShare { .. } => ErrorCode::TopicLimit,
         EngineError::Unavailable(_) => ErrorCode::EngineUnavailable,
     }
 }
