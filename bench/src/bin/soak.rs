@@ -574,10 +574,10 @@ async fn phase_history_flood(addr: SocketAddr, seconds: u64) -> anyhow::Result<S
                     continue;
                 }
                 pages.fetch_add(1, Ordering::Relaxed);
-                since = match answer.get("next").and_then(|n| n.as_u64()) {
-                    Some(next) => Some(json!({"epoch": answer["epoch"], "seq": next})),
-                    None => None,
-                };
+                since = answer
+                    .get("next")
+                    .and_then(|n| n.as_u64())
+                    .map(|next| json!({"epoch": answer["epoch"], "seq": next}));
             }
             "still connected".to_owned()
         }));
