@@ -23,16 +23,7 @@ fn ip(last: u8) -> IpAddr {
 async fn connect_from(addr: SocketAddr, from: IpAddr, query: &str) -> Client {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(from, 0)).expect("binds a loopback address");
-    let stream = socket.connect(addr).await.expect("connects");
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/_ws{query}"), MaybeTlsStream::Plain(stream))
-        .await
-        .expect("upgrades");
-    let mut client = Client { ws, peer: String::new() };
-    match client.recv().await {
-        ServerFrame::Welcome { peer, .. } => client.peer = peer,
-        other => panic!("expected welcome, got {other:?}"),
-    }
-    client
+    connect_socket(addr, socket, query).await
 }
 
 /// Subscribes to `topic`: `Ok` once subscribed, or the error frame's code and message.

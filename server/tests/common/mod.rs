@@ -279,8 +279,14 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 pub async fn connect_small_buffer(addr: SocketAddr) -> Client {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
+    connect_socket(addr, socket, "").await
+}
+
+/// A protocol client over `socket` (set up as the test needs: bound to
+/// another loopback address, a small buffer), to `/_ws{query}`.
+pub async fn connect_socket(addr: SocketAddr, socket: tokio::net::TcpSocket, query: &str) -> Client {
     let stream = socket.connect(addr).await.expect("connects");
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/_ws"), MaybeTlsStream::Plain(stream))
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/_ws{query}"), MaybeTlsStream::Plain(stream))
         .await
         .expect("upgrades");
     let mut client = Client { ws, peer: String::new() };
